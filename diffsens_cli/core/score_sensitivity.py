@@ -1,0 +1,62 @@
+"""Score sensitivity (paper Eq. 1): ``g_t = nu_t / rho_t (s^nu_t - s^rho_t)``, in log space.
+
+The weight ``nu_t / rho_t`` under- or overflows in image dimensions, so it is formed as
+``exp(log nu - log rho)`` with an optional clamp; clamped and non-finite weights are
+counted (never silently passed on) and reported in the run's summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class WeightStats:
+    """Running counts of how the weights ``nu_t / rho_t`` were treated (kept on device)."""
+
+    total: int = 0
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, mask: torch.Tensor) -> None:
+        n = mask.sum()
+        self.counts[name] = self.counts[name] + n if name in self.counts else n
+
+    def merge(self, other: "WeightStats") -> None:
+        self.total += other.total
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts[k] + v.to(self.counts[k].device) if k in self.counts else v
+
+    def as_dict(self) -> dict[str, int]:
+        out = {"evaluated": self.total}
+        for k in ("clamped_low", "clamped_high", "nonfinite"):
+            out[k] = int(self.counts[k].item()) if k in self.counts else 0
+        return out
+
+
+def log_weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, float] | None,
+               stats: WeightStats | None = None) -> torch.Tensor:
+    """``log(nu_t / rho_t)``, clamped to ``log clamp`` if given; non-finite values become
+    ``-inf`` (zero forcing) and are counted."""
+    lw = log_nu - log_rho
+    bad = torch.isnan(lw) | (lw == math.inf)
+    if stats is not None:
+        stats.total += lw.numel()
+        stats.add("nonfinite", bad)
+    lw = torch.where(bad, torch.full_like(lw, -math.inf), lw)
+    if clamp is not None:
+        lo, hi = math.log(clamp[0]), math.log(clamp[1])
+        if stats is not None:
+            stats.add("clamped_low", (lw < lo) & ~bad)
+            stats.add("clamped_high", lw > hi)
+        lw = torch.where(bad, lw, lw.clamp(lo, hi))
+    return lw
+
+
+def score_sensitivity(log_nu: torch.Tensor, s_nu: torch.Tensor, log_rho: torch.Tensor, s_rho: torch.Tensor,
+                      clamp: tuple[float, float] | None = None, stats: WeightStats | None = None) -> torch.Tensor:
+    """Paper Eq. 1 for a batch: log-densities [B], scores [B, *event]."""
+    w = log_weight(log_nu, log_rho, clamp, stats).exp()
+    return w.view(-1, *([1] * (s_rho.ndim - 1))) * (s_nu - s_rho)

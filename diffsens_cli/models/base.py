@@ -1,0 +1,49 @@
+"""The score-model interface the engine integrates against.
+
+A score model gives ``s_t(z)`` at paper time ``t`` (a 0-d tensor) for a batch
+``z`` [B, *event]; the engine asks it for the score together with ``J_z s`` applied to
+several tangents in one call.  The default does that with one ``torch.func.jvp``
+vmapped over the tangents, so the primal is computed once and shared; closed-form
+models override it with exact formulas.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch.func import jvp, vmap
+
+from diffsens_cli.core.schedule import Schedule
+
+
+class ScoreModel(ABC):
+    """Black-box access to a score ``s_t(z) = grad log rho_t(z)`` and its JVPs."""
+
+    schedule: Schedule
+
+    @abstractmethod
+    def score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The score at a batch of points."""
+
+    def score_and_jvp(self, z: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s_t(z), J_z s_t(z) v)`` for every ``v`` in ``tangents`` [n, B, *event]."""
+
+        def along(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return jvp(lambda x: self.score(x, t), (z,), (v,))
+
+        return vmap(along, out_dims=(None, 0))(tangents)
+
+    def score_trace(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Exact ``tr J_z s`` from the full Jacobian (one tangent per coordinate): small ``d`` only."""
+        d = z[0].numel()
+        basis = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
+        _, cols = self.score_and_jvp(z, t, basis)
+        return cols.reshape(d, z.shape[0], d).diagonal(dim1=0, dim2=2).sum(-1)
+
+    @property
+    def has_log_density(self) -> bool:
+        return False
+
+    def log_density(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form density; use solver.density=ccov")
