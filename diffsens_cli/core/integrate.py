@@ -168,6 +168,7 @@ class Integrator:
         stacked = (torch.stack(path), torch.stack(psi_path) if psi is not None else None) if path else (None, None)
         return z, logp, psi, weights, stacked, times[path_idx].cpu() if path else None
 
+    @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
     def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None) -> IntegrationResult:
         """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to ``base_log_density``."""
         start = time.perf_counter()
@@ -211,8 +212,12 @@ class Integrator:
         """The configured batch size, or the largest that fits in about half of free memory."""
         if self.cfg.batch_size is not None:
             return int(self.cfg.batch_size)
-        copies = 4 + 2 * (self.num_probes + (self.perturbation is not None))
-        per_sample = z0[0].numel() * z0.element_size() * copies * getattr(self.model, "memory_factor", 8)
+        numel, itemsize = z0[0].numel(), z0.element_size()
+        tangents = self.num_probes + (self.perturbation is not None)
+        per_sample = self.model.memory_per_sample(numel, tangents, itemsize)
+        per_sample += itemsize * numel * (6 + 2 * tangents)  # the state, its derivatives, probes
+        if self.perturbation is not None:
+            per_sample += self.perturbation.measure.memory_per_sample(0, itemsize)
         return max(1, min(z0.shape[0], int(0.5 * _free_memory(z0.device) // per_sample)))
 
 

@@ -49,6 +49,11 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    def memory_per_sample(self, num_tangents: int, itemsize: int) -> int:
+        """Bytes of the intermediates one point needs in ``diffused``."""
+        k = min(self.chunk_size, self.means.shape[0])
+        return itemsize * (self.dim + k) * (num_tangents + 4)
+
     @classmethod
     def empirical(cls, points: torch.Tensor, chunk_size: int = 2048) -> "GaussianMixture":
         """The uniform empirical measure on the rows of ``points`` (flattened)."""
@@ -93,69 +98,63 @@ class GaussianMixture:
         """Log-density and score of the measure diffused to ``alpha X + sigma eps`` at ``z``.
 
         ``tangents`` [n, B, d] asks for ``J_z s`` applied to each; ``trace`` for ``tr J_z s``.
-        A second pass over the components (only when asked for) uses the exact
-        responsibilities to form the centred second moments.
+        Passes over the component chunks: the log-normaliser, then the score from exact
+        responsibilities, then (only when asked) the centred second moments.  With a
+        single chunk the component terms are computed once and reused.
         """
         b, d = z.shape
         z2 = (z * z).sum(-1, keepdim=True)  # [B, 1]
-        m_run = torch.full((b, 1), -math.inf, dtype=z.dtype, device=z.device)
-        s0 = torch.zeros(b, 1, dtype=z.dtype, device=z.device)
-        s_inv = torch.zeros(b, 1, dtype=z.dtype, device=z.device)
-        s_mu = torch.zeros(b, d, dtype=z.dtype, device=z.device)
-        chunks = []
-        for start in range(0, self.means.shape[0], self.chunk_size):
-            amu, c, logit = self._chunk_logits(z, z2, alpha, sigma, start)
-            chunks.append(start)
-            m_new = torch.maximum(m_run, logit.max(-1, keepdim=True).values)
-            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            scale = torch.exp(m_run - m_safe)
-            e = torch.exp(logit - m_safe)  # [B, Kc]
-            s0 = s0 * scale + e.sum(-1, keepdim=True)
-            s_inv = s_inv * scale + (e / c).sum(-1, keepdim=True)
-            s_mu = s_mu * scale + (e / c) @ amu
-            m_run = m_new
-        log_density = (m_run + torch.log(s0)).squeeze(-1)
-        score = (s_mu - z * s_inv) / s0
-        stats = DiffusedStats(log_density=log_density, score=score)
+        starts = range(0, self.means.shape[0], self.chunk_size)
+        cached = self._chunk(z, z2, alpha, sigma, 0) if len(starts) == 1 else None
+
+        def chunks():
+            for start in starts:
+                yield cached if cached is not None else self._chunk(z, z2, alpha, sigma, start)
+
+        lse = None
+        for _, _, logit, _ in chunks():
+            part = torch.logsumexp(logit, -1, keepdim=True)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        rc_sum, weighted = 0, 0
+        for amu, c, logit, _ in chunks():
+            rc = torch.exp(logit - lse) / c  # r_k / C_k
+            rc_sum = rc_sum + rc.sum(-1, keepdim=True)
+            weighted = weighted + rc @ amu
+        score = weighted - z * rc_sum
+        stats = DiffusedStats(log_density=lse.squeeze(-1), score=score)
         if tangents is None and not trace:
             return stats
 
-        # Second pass: centred moments with exact responsibilities r_k.
-        lse = log_density[:, None]
-        s_dot_s = (score * score).sum(-1, keepdim=True)
-        sum_r_inv = torch.zeros(b, 1, dtype=z.dtype, device=z.device)
-        centred_sq = torch.zeros(b, 1, dtype=z.dtype, device=z.device)
+        # Centred second moments: sum_k r_k (s_k - s)(s_k - s)^T with s_k = (alpha mu_k - z) / C_k.
+        if trace:
+            centred_sq = torch.zeros(b, 1, dtype=z.dtype, device=z.device)
+            z_s = (z * score).sum(-1, keepdim=True)
+            s_s = (score * score).sum(-1, keepdim=True)
         if tangents is not None:
             zv = (tangents * z).sum(-1, keepdim=True)  # [n, B, 1]
-            sv = (tangents * score).sum(-1, keepdim=True)  # [n, B, 1]
+            sv = (tangents * score).sum(-1, keepdim=True)
             acc = torch.zeros_like(tangents)
-        for start in chunks:
-            amu, c, logit = self._chunk_logits(z, z2, alpha, sigma, start)
+        for amu, c, logit, sq in chunks():
             r = torch.exp(logit - lse)  # [B, Kc]
-            sum_r_inv = sum_r_inv + (r / c).sum(-1, keepdim=True)
             if trace:
-                # |s_k - s|^2 with s_k = (alpha mu_k - z) / C_k.
-                sq = (z2 - 2 * z @ amu.T + (amu * amu).sum(-1)).clamp_min(0)
-                sk_s = (score @ amu.T - (z * score).sum(-1, keepdim=True)) / c
-                centred_sq = centred_sq + (r * (sq / c**2 - 2 * sk_s + s_dot_s)).sum(-1, keepdim=True)
+                sk_s = (score @ amu.T - z_s) / c
+                centred_sq = centred_sq + (r * (sq / c**2 - 2 * sk_s + s_s)).sum(-1, keepdim=True)
             if tangents is not None:
-                # (s_k - s) . v and sum_k r_k ((s_k - s) . v) (s_k - s).
-                dv = (tangents @ amu.T - zv) / c - sv  # [n, B, Kc]
-                w = r * dv
+                w = r * ((tangents @ amu.T - zv) / c - sv)  # r_k (s_k - s).v  [n, B, Kc]
                 wc = w / c
                 acc = acc + wc @ amu - z * wc.sum(-1, keepdim=True) - score * w.sum(-1, keepdim=True)
         if tangents is not None:
-            stats.jvp = acc - sum_r_inv * tangents
+            stats.jvp = acc - rc_sum * tangents
         if trace:
-            stats.trace = (centred_sq - d * sum_r_inv).squeeze(-1)
+            stats.trace = (centred_sq - d * rc_sum).squeeze(-1)
         return stats
 
-    def _chunk_logits(self, z, z2, alpha, sigma, start):
-        """Scaled means, variances and log-weighted component log-densities of one chunk."""
+    def _chunk(self, z, z2, alpha, sigma, start):
+        """Scaled means, variances, log-weighted log-densities and squared distances of
+        one chunk of components."""
         stop = start + self.chunk_size
         amu = alpha * self.means[start:stop]  # [Kc, d]
         c = alpha**2 * self.stds[start:stop] ** 2 + sigma**2  # [Kc]
         sq = (z2 - 2 * z @ amu.T + (amu * amu).sum(-1)).clamp_min(0)  # [B, Kc]
-        d = z.shape[1]
-        logit = self.log_weights[start:stop] - sq / (2 * c) - 0.5 * d * torch.log(2 * math.pi * c)
-        return amu, c, logit
+        logit = self.log_weights[start:stop] - sq / (2 * c) - 0.5 * z.shape[1] * torch.log(2 * math.pi * c)
+        return amu, c, logit, sq

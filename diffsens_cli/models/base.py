@@ -41,6 +41,12 @@ class ScoreModel(ABC):
         _, cols = self.score_and_jvp(z, t, basis)
         return cols.reshape(d, z.shape[0], d).diagonal(dim1=0, dim2=2).sum(-1)
 
+    def memory_per_sample(self, numel: int, num_tangents: int, itemsize: int) -> int:
+        """Rough bytes one sample needs in one ``score_and_jvp`` call, for choosing chunk
+        sizes.  A network's activations are unknown here: this guesses 32 sample-sized
+        buffers per tangent, and the engine halves the chunk if memory still runs out."""
+        return itemsize * numel * (num_tangents + 1) * 32
+
     @property
     def has_log_density(self) -> bool:
         return False

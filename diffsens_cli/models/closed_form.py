@@ -16,9 +16,13 @@ class MixtureScore(ScoreModel):
     def __init__(self, measure: GaussianMixture, schedule: Schedule):
         self.measure = measure
         self.schedule = schedule
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _ab(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.schedule.alpha(t), self.schedule.sigma(t)
+        """alpha_t, sigma_t, memoised for the tensor ``t`` (one step asks several times)."""
+        if self._last is None or self._last[0] is not t:
+            self._last = (t, (self.schedule.alpha(t), self.schedule.sigma(t)))
+        return self._last[1]
 
     def score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.measure.diffused(z.flatten(1), *self._ab(t)).score.view_as(z)
@@ -29,6 +33,9 @@ class MixtureScore(ScoreModel):
 
     def score_trace(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.measure.diffused(z.flatten(1), *self._ab(t), trace=True).trace
+
+    def memory_per_sample(self, numel: int, num_tangents: int, itemsize: int) -> int:
+        return self.measure.memory_per_sample(num_tangents, itemsize)
 
     @property
     def has_log_density(self) -> bool:

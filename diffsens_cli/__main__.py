@@ -1,0 +1,3 @@
+from diffsens_cli.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""Command line: ``diffsens run [experiment=NAME] [KEY=VALUE ...]`` (a Hydra app).
+
+Before Hydra starts a run, the overrides are composed and every value checked, so a
+typo or a bad value ends with one line naming the key and what is allowed, exit
+status 2, and no run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.resources import files
+
+import hydra
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+from diffsens_cli.errors import DiffsensError
+
+CONFIG_MODULE = "diffsens_cli.configs"
+USAGE = """\
+usage: diffsens run [experiment=NAME] [GROUP=OPTION] [KEY=VALUE ...] [HYDRA FLAGS]
+
+Runs one experiment into outputs/NAME/DATE_TIME (hydra.run.dir=PATH to choose).
+  diffsens run experiment=gmm_first_order      paper Fig. 3 (the default)
+  diffsens run experiment=toy2d                paper Figs. 1-2
+  diffsens run experiment=bench_engine         engine cost benchmark
+  diffsens run --help                          config groups and Hydra flags
+  diffsens run experiment=toy2d --cfg job      print the composed config
+  diffsens run -m solver.step_size=1e-3,5e-3   a sweep (multirun)
+"""
+
+
+def fail(message: str) -> None:
+    print(f"diffsens: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command != "run":
+        fail(f"unknown command {command!r}; the commands are: run")
+    if not any(a.startswith("-") for a in rest):  # --help, --cfg, -m ...: Hydra's own
+        precheck(rest)
+    sys.argv = ["diffsens run", *rest]
+    _hydra_app()
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose ``overrides`` and build every component; one clear line on failure."""
+    from diffsens_cli.builders import Components
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        fail(str(e).splitlines()[0])
+    if any(o.is_sweep_override() for o in parsed):
+        return  # each job of a sweep is checked when it runs
+    root = files(CONFIG_MODULE)
+    groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    is_choice = [o.key_or_group.lstrip("/").split("/")[0] in groups for o in parsed]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        try:
+            base = compose("config", overrides=[o.input_line for o, c in zip(parsed, is_choice) if c])
+        except MissingConfigException as e:
+            group = (e.missing_cfg_file or "").split("/")[0]
+            chosen = next((o.value() for o in parsed if o.key_or_group.lstrip("/") == group), None)
+            fail(f"{group}={chosen}: no such {group}; choose from: {', '.join(e.options or [])}")
+        except HydraException as e:
+            fail(str(e).splitlines()[0])
+        for o, choice in zip(parsed, is_choice):
+            key = o.key_or_group
+            if choice or o.is_add() or o.is_delete() or key.startswith("hydra"):
+                continue
+            if OmegaConf.select(base, key, default=_MISSING) is _MISSING:
+                parent = key.rpartition(".")[0]
+                node = OmegaConf.select(base, parent) if parent else base
+                known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "(none)"
+                fail(f"{key}: no such key; {parent or 'the top level'} has: {known}")
+        try:
+            cfg = compose("config", overrides=overrides)
+        except HydraException as e:
+            fail(str(e).splitlines()[0])
+    GlobalHydra.instance().clear()
+    try:
+        Components(cfg)
+    except DiffsensError as e:
+        fail(str(e))
+
+
+_MISSING = object()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://" + CONFIG_MODULE, config_name="config")
+def _hydra_app(cfg: DictConfig) -> None:
+    from diffsens_cli.pipelines import run_task
+
+    try:
+        run_task(cfg, HydraConfig.get().runtime.output_dir)
+    except DiffsensError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

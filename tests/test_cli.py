@@ -1,0 +1,129 @@
+"""The command line as a user meets it: every experiment composes and runs tiny, bad
+input fails in one line, and the configs ship inside a non-editable install."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from diffsens_cli.builders import Components
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+# Tiny settings per experiment (smoke-sized runs of the real pipelines).
+TINY = {
+    "gmm_first_order": ["dataset.dim=5", "first_order.num_samples=16", "first_order.etas=[0.1,0.01]",
+                        "first_order.ode_step_sizes=[0.05]", "first_order.sde_step_sizes=[0.05]",
+                        "first_order.hutchinson_step_size=0.05", "first_order.hutchinson_samples=[1]",
+                        "first_order.hutchinson_probes=[gaussian]"],
+    "toy2d": ["solver.step_size=0.05", "toy2d.num_paths=8", "toy2d.grid_size=5", "dataset.num_points=50",
+              "solver.record_every=5"],
+    "bench_engine": ["dataset.dim=8", "model.hidden=16", "model.num_frequencies=8", "bench.batch_size=4",
+                     "bench.repeats=1", "solver.num_steps=3", "perturbation.from_dataset=3"],
+}
+
+
+def diffsens(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffsens_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}, timeout=600)
+
+
+def test_every_experiment_has_tiny_settings():
+    assert set(EXPERIMENTS) == set(TINY)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_config_composes_and_builds(experiment):
+    with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"])
+    assert cfg.name == experiment and cfg.task
+    Components(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path):
+    """Smoke test of each pipeline end to end, plus checks on what it wrote."""
+    out = tmp_path / "run"
+    r = diffsens("run", f"experiment={experiment}", f"hydra.run.dir={out}", "solver.progress=false",
+                 *TINY[experiment], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"] and summary["versions"]["torch"]
+    assert "name: " + experiment in (out / "config.yaml").read_text()
+    for fig in summary.get("figures", []):
+        assert (out / fig).stat().st_size > 1000
+    assert not list(out.rglob("*.tmp"))
+    if experiment != "bench_engine":
+        with np.load(out / "arrays.npz") as arrays:
+            for key in ("z0", "samples", "psi", "logp"):
+                assert np.isfinite(arrays[key]).all(), key
+        assert summary["weights"]["nonfinite"] == 0
+    else:
+        assert summary["metrics"]["ratio_sensitivity_vs_likelihood"] > 0
+
+
+def test_first_order_restart_reuses_finished_stages(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", f"hydra.run.dir={out}", "solver.progress=false", *TINY["gmm_first_order"]]
+    assert diffsens(*args, cwd=tmp_path).returncode == 0
+    stages = sorted(out.glob("stages/*.npz"))
+    assert len(stages) == 3  # ode, sde, hutchinson (the exact-density curve shares the ode stage)
+    mtimes = [p.stat().st_mtime_ns for p in stages]
+    (out / "summary.json").unlink()
+    assert diffsens(*args, cwd=tmp_path).returncode == 0
+    assert [p.stat().st_mtime_ns for p in stages] == mtimes
+    assert (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
+    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, gmm_first_order, toy2d"),
+    (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
+    (["perturbation.mean=[1,2,3]"], "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),
+    (["solver.method=sde", "solver.density=ccov"], "solver.density: CCoV log-densities hold along ODE paths only"),
+    (["solver.method=euler"], "solver.method: 'euler' is not one of ode, sde"),
+])
+def test_bad_input_is_one_clear_line(args, expected, tmp_path):
+    r = diffsens("run", *args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffsens: error: " + expected), r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cfg_job_and_help(tmp_path):
+    r = diffsens("run", "experiment=toy2d", "--cfg", "job", cwd=tmp_path)
+    assert r.returncode == 0 and "task: toy2d" in r.stdout
+    r = diffsens("run", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "experiment: bench_engine, gmm_first_order, toy2d" in r.stdout
+    assert diffsens("--help", cwd=tmp_path).returncode == 0
+
+
+def test_configs_ship_in_a_non_editable_install(tmp_path):
+    """Build the wheel, install it into a plain folder, and compose from there."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=600)
+    wheel = next(wheel_dir.glob("diffsens-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for exp in EXPERIMENTS:
+        assert f"diffsens_cli/configs/experiment/{exp}.yaml" in names
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    code = ("import diffsens_cli, sys; from pathlib import Path; "
+            f"assert Path(diffsens_cli.__file__).is_relative_to({str(target)!r}), diffsens_cli.__file__; "
+            "from diffsens_cli.cli import main; sys.argv=['diffsens','run','experiment=toy2d','--cfg','job']; main()")
+    # -S: skip site's .pth files (the editable install's finder); the venv's packages via PYTHONPATH.
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{site}"}, timeout=600)
+    assert r.returncode == 0 and "task: toy2d" in r.stdout, r.stderr[-2000:]
