@@ -127,3 +127,18 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
     r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{site}"}, timeout=600)
     assert r.returncode == 0 and "task: toy2d" in r.stdout, r.stderr[-2000:]
+
+
+def test_synthetic_problem_is_configurable_from_overrides():
+    """dataset.means/weights/std and perturbation.mean/std as a user types them."""
+    overrides = ["dataset.dim=3", "dataset.means=[-2,0,[1,2,3]]", "dataset.weights=[1,1,2]", "dataset.std=[0.1,0.2,0.3]",
+                 "perturbation.mean=0.5", "perturbation.std=0.25", "perturbation.direction=remove"]
+    with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
+        comp = Components(compose("config", overrides=overrides))
+    rho, nu = comp.target, comp.perturbation.measure
+    np.testing.assert_allclose(rho.means.numpy(), [[-2, -2, -2], [0, 0, 0], [1, 2, 3]])
+    np.testing.assert_allclose(rho.log_weights.exp().numpy(), [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(rho.stds.numpy(), [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(nu.means.numpy(), [[0.5, 0.5, 0.5]])
+    np.testing.assert_allclose(nu.stds.numpy(), [0.25])
+    assert comp.perturbation.sign == -1.0

@@ -180,3 +180,16 @@ def test_chunked_integration_equals_one_batch_and_survives_out_of_memory(monkeyp
     out = integ.run(z0)
     assert sizes[:4] == [40, 20, 10, 10] and max(sizes[2:]) <= 10
     torch.testing.assert_close(out.psi, whole.psi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ode", "sde"])
+def test_a_family_of_etas_in_one_batch_equals_one_run_per_eta(method):
+    """rho.mix(nu, [eta_1..eta_R]) integrated as R replicas of z0 (chunked, too) gives
+    each eta's own run: same paths, same Wiener increments."""
+    rho, nu, z0 = _setup(d=6, n=12)
+    etas = [0.5, 0.1, 1e-3]
+    s = SolverSettings(method=method, num_steps=40, density="closed_form", progress=False, batch_size=5)
+    family = Integrator(MixtureScore(rho.mix(nu, etas), SCHED), s).run(z0.repeat(len(etas), 1), replicas=len(etas))
+    for r, eta in enumerate(etas):
+        single = Integrator(MixtureScore(rho.mix(nu, eta), SCHED), s).run(z0)
+        torch.testing.assert_close(family.samples[r * 12:(r + 1) * 12], single.samples, rtol=1e-12, atol=1e-12)

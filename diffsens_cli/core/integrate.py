@@ -37,7 +37,9 @@ class SolverSettings:
     hutchinson_samples: int = 1
     probe: str = "gaussian"  # gaussian | rademacher
     weight_clamp: tuple[float, float] | None = None
-    batch_size: int | None = None  # None: as large as memory allows
+    # Paths integrated at once (in each replica group); None: as many as memory allows.
+    # SDE noise is drawn per chunk, so runs compared path by path need equal batch sizes.
+    batch_size: int | None = None
     seed: int = 0
     progress: bool = True
     record_every: int | None = None  # keep every k-th state of the path
@@ -97,20 +99,12 @@ class Integrator:
 
     # -- one evaluation of the augmented vector field -------------------------------
     def _field(self, t: torch.Tensor, co: Coefficients, z, logp, psi, probes, weights: WeightStats):
-        tangents = ([psi[None]] if psi is not None else []) + ([probes] if probes is not None else [])
-        if tangents:
-            s, jt = self.model.score_and_jvp(z, t, torch.cat(tangents))
-        else:
-            s, jt = self.model.score(z, t), None
+        s, jpsi, quad = self.model.score_with_derivatives(z, t, psi, probes)
         dz = dynamics.drift(co, z, s, self.gain)
 
         dlogp = None
         if self.ccov:
-            if self.num_probes:
-                jp = jt[-self.num_probes:]
-                tr = (probes * jp).flatten(2).sum(-1).mean(0)
-            else:
-                tr = self.model.score_trace(z, t)
+            tr = quad.mean(0) if self.num_probes else self.model.score_trace(z, t)
             dlogp = -dynamics.velocity_divergence(co, z[0].numel(), tr)
 
         dpsi = None
@@ -118,19 +112,23 @@ class Integrator:
             log_rho = self.model.log_density(z, t) if self.needs_rho else logp
             nu = self.perturbation.measure.diffused(z.flatten(1), co.alpha, co.sigma)
             g = score_sensitivity(nu.log_density, nu.score.view_as(z), log_rho, s, self.cfg.weight_clamp, weights)
-            dpsi = self.psi_gain * co.c * self.perturbation.sign * g + dynamics.drift_jvp(co, psi, jt[0], self.psi_gain)
+            dpsi = self.psi_gain * co.c * self.perturbation.sign * g + dynamics.drift_jvp(co, psi, jpsi, self.psi_gain)
         return dz, dlogp, dpsi
 
-    def _probes(self, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+    def _probes(self, z: torch.Tensor, gen: torch.Generator, replicas: int = 1) -> torch.Tensor | None:
+        """Hutchinson probes for the batch ``z``; replicas share theirs."""
         if not self.num_probes:
             return None
-        shape = (self.num_probes, *z.shape)
+        shape = (self.num_probes, z.shape[0] // replicas, *z.shape[1:])
+        e = torch.empty(shape, device=z.device, dtype=z.dtype)
         if self.cfg.probe == "rademacher":
-            return torch.randint(0, 2, shape, generator=gen, device=z.device).to(z.dtype) * 2 - 1
-        return torch.randn(shape, generator=gen, device=z.device, dtype=z.dtype)
+            e.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+        else:
+            e.normal_(generator=gen)
+        return e if replicas == 1 else e.repeat(1, replicas, *([1] * (z.ndim - 1)))
 
     # -- the fused loop over one chunk -------------------------------------------------
-    def _chunk(self, z: torch.Tensor, logp: torch.Tensor | None, chunk_index: int, desc: str):
+    def _chunk(self, z: torch.Tensor, logp: torch.Tensor | None, chunk_index: int, desc: str, replicas: int):
         cfg = self.cfg
         t0, t1, n = cfg.grid()
         times = torch.linspace(t0, t1, n + 1, dtype=z.dtype, device=z.device)
@@ -152,7 +150,7 @@ class Integrator:
         for k in tqdm(range(n), desc=desc, disable=not cfg.progress, leave=False):
             t = times[k]
             co = _coefficients_at(co_all, k)
-            probes = self._probes(z, probe_gen)
+            probes = self._probes(z, probe_gen, replicas)
             dz, dlogp, dpsi = self._field(t, co, z, logp, psi, probes, weights)
             if cfg.integrator == "heun":
                 z2, logp2, psi2 = _step(h, z, logp, psi, dz, dlogp, dpsi)
@@ -162,28 +160,41 @@ class Integrator:
             else:
                 z, logp, psi = _step(h, z, logp, psi, dz, dlogp, dpsi)
             if cfg.method == "sde":
-                xi = torch.randn(z.shape, generator=noise_gen, device=z.device, dtype=z.dtype)
-                z = z + dynamics.diffusion(co) * math.sqrt(h) * xi
+                xi = torch.randn((z.shape[0] // replicas, *z.shape[1:]), generator=noise_gen, device=z.device,
+                                 dtype=z.dtype)
+                z = z + dynamics.diffusion(co) * math.sqrt(h) * xi.repeat(replicas, *([1] * (z.ndim - 1)))
             record(k + 1)
         stacked = (torch.stack(path), torch.stack(psi_path) if psi is not None else None) if path else (None, None)
         return z, logp, psi, weights, stacked, times[path_idx].cpu() if path else None
 
     @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
-    def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None) -> IntegrationResult:
-        """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to ``base_log_density``."""
+    def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None, replicas: int = 1) -> IntegrationResult:
+        """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to ``base_log_density``.
+
+        ``replicas = R`` says that ``z0`` is ``R`` equal, consecutive groups of paths (a
+        model family such as ``GaussianMixture.mix`` with several etas): chunks keep the
+        groups aligned, and the groups share Wiener increments and Hutchinson probes.
+        """
         start = time.perf_counter()
         t0, t1, n = self.cfg.grid()
+        if z0.shape[0] % replicas:
+            raise ValueError(f"a batch of {z0.shape[0]} is not {replicas} equal groups")
         if self.ccov and logp0 is None:
             logp0 = base_log_density(self.model, z0, torch.tensor(t0, dtype=z0.dtype, device=z0.device))
-        chunk = self._chunk_size(z0)
+        inner = z0.shape[0] // replicas
+
+        def rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+            return None if x is None else x.view(replicas, inner, *x.shape[1:])[:, sl].reshape(-1, *x.shape[1:])
+
+        chunk = self.cfg.batch_size or max(1, self._auto_chunk_size(z0) // replicas)
         outs, weights = [], WeightStats()
         begin, index = 0, 0
-        while begin < z0.shape[0]:
+        while begin < inner:
             sl = slice(begin, begin + chunk)
-            num = math.ceil(z0.shape[0] / chunk)
+            num = math.ceil(inner / chunk)
             desc = f"integrate {index + 1}/{num}" if num > 1 else "integrate"
             try:
-                out = self._chunk(z0[sl], logp0[sl] if self.ccov else None, index, desc)
+                out = self._chunk(rows(z0, sl), rows(logp0, sl) if self.ccov else None, index, desc, replicas)
             except torch.OutOfMemoryError:
                 if self.cfg.batch_size is not None or chunk == 1:
                     raise
@@ -193,13 +204,22 @@ class Integrator:
             weights.merge(out[3])
             begin, index = begin + chunk, index + 1
 
+        outs = [tuple(_to_host(x) for x in o[:3]) + o[3:] for o in outs]
+        if z0.device.type == "cuda":
+            torch.cuda.synchronize(z0.device)  # the non-blocking copies above
+
+        def merge(parts: list, dim: int = 0) -> torch.Tensor | None:
+            """Chunks of replica-major rows back into one replica-major batch."""
+            if parts[0] is None:
+                return None
+            grouped = [p.unflatten(dim, (replicas, -1)) for p in parts]
+            return torch.cat(grouped, dim + 1).flatten(dim, dim + 1)
+
         def cat(i):
-            parts = [o[i] for o in outs]
-            return None if parts[0] is None else torch.cat([p.cpu() for p in parts])
+            return merge([o[i] for o in outs])
 
         def cat_path(j):
-            parts = [o[4][j] for o in outs]
-            return None if parts[0] is None else torch.cat(parts, dim=1)
+            return merge([o[4][j] for o in outs], dim=1)
 
         return IntegrationResult(
             z0=z0.cpu(), samples=cat(0), logp=cat(1), psi=cat(2),
@@ -208,10 +228,8 @@ class Integrator:
             weights=weights, wall_time_s=time.perf_counter() - start,
         )
 
-    def _chunk_size(self, z0: torch.Tensor) -> int:
-        """The configured batch size, or the largest that fits in about half of free memory."""
-        if self.cfg.batch_size is not None:
-            return int(self.cfg.batch_size)
+    def _auto_chunk_size(self, z0: torch.Tensor) -> int:
+        """The largest number of rows that fits in about half of the free memory."""
         numel, itemsize = z0[0].numel(), z0.element_size()
         tangents = self.num_probes + (self.perturbation is not None)
         per_sample = self.model.memory_per_sample(numel, tangents, itemsize)
@@ -219,6 +237,15 @@ class Integrator:
         if self.perturbation is not None:
             per_sample += self.perturbation.measure.memory_per_sample(0, itemsize)
         return max(1, min(z0.shape[0], int(0.5 * _free_memory(z0.device) // per_sample)))
+
+
+def _to_host(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A non-blocking copy into pinned host memory (a pageable copy costs more than
+    several integration steps on a GPU); the caller synchronises."""
+    if x is None or x.device.type != "cuda":
+        return None if x is None else x.cpu()
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
 
 
 def _coefficients_at(co: Coefficients, k: int) -> Coefficients:

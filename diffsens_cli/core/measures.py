@@ -27,6 +27,7 @@ class DiffusedStats:
     score: torch.Tensor  # [B, d]
     jvp: torch.Tensor | None = None  # [n, B, d]
     trace: torch.Tensor | None = None  # [B]
+    quadratic: torch.Tensor | None = None  # [h, B]: e^T J_z s e
 
 
 class GaussianMixture:
@@ -41,6 +42,7 @@ class GaussianMixture:
         if (weights < 0).any() or weights.sum() <= 0:
             raise ValueError("mixture weights must be non-negative with a positive sum")
         self.means = means
+        self.sq_norms = (means * means).sum(-1)
         self.stds = stds
         self.log_weights = torch.log(weights / weights.sum())
         self.chunk_size = chunk_size
@@ -64,20 +66,26 @@ class GaussianMixture:
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "GaussianMixture":
         out = GaussianMixture.__new__(GaussianMixture)
         out.means = self.means.to(device=device, dtype=dtype)
+        out.sq_norms = self.sq_norms.to(device=device, dtype=dtype)
         out.stds = self.stds.to(device=device, dtype=dtype)
         out.log_weights = self.log_weights.to(device=device, dtype=dtype)
         out.chunk_size = self.chunk_size
         return out
 
-    def mix(self, other: "GaussianMixture", eta: float) -> "GaussianMixture":
-        """The mixture ``(1 - eta) self + eta other`` (paper's ``rho^eta``)."""
+    def mix(self, other: "GaussianMixture", eta: float | list[float]) -> "GaussianMixture":
+        """The mixture ``(1 - eta) self + eta other`` (paper's ``rho^eta``).
+
+        A list of ``R`` values gives a family of ``R`` mixtures that share components:
+        its log-weights are ``[R, K]`` and it evaluates a batch as ``R`` equal,
+        consecutive groups of points, group ``r`` under mixture ``r``.
+        """
+        etas = torch.as_tensor(eta, dtype=self.means.dtype, device=self.means.device)
         out = GaussianMixture.__new__(GaussianMixture)
         out.means = torch.cat([self.means, other.means])
+        out.sq_norms = torch.cat([self.sq_norms, other.sq_norms])
         out.stds = torch.cat([self.stds, other.stds])
-        with torch.no_grad():
-            lw = [self.log_weights + math.log1p(-eta) if eta < 1 else torch.full_like(self.log_weights, -math.inf),
-                  other.log_weights + math.log(eta) if eta > 0 else torch.full_like(other.log_weights, -math.inf)]
-        out.log_weights = torch.cat(lw)
+        e = etas[..., None]
+        out.log_weights = torch.cat([self.log_weights + torch.log1p(-e), other.log_weights + torch.log(e)], -1)
         out.chunk_size = min(self.chunk_size, other.chunk_size)
         return out
 
@@ -94,10 +102,12 @@ class GaussianMixture:
         sigma: torch.Tensor,
         tangents: torch.Tensor | None = None,
         trace: bool = False,
+        quadratic: torch.Tensor | None = None,
     ) -> DiffusedStats:
         """Log-density and score of the measure diffused to ``alpha X + sigma eps`` at ``z``.
 
-        ``tangents`` [n, B, d] asks for ``J_z s`` applied to each; ``trace`` for ``tr J_z s``.
+        ``tangents`` [n, B, d] asks for ``J_z s`` applied to each; ``trace`` for ``tr J_z s``;
+        ``quadratic`` [h, B, d] for ``e^T J_z s e`` of each (Hutchinson's terms).
         Passes over the component chunks: the log-normaliser, then the score from exact
         responsibilities, then (only when asked) the centred second moments.  With a
         single chunk the component terms are computed once and reused.
@@ -116,13 +126,13 @@ class GaussianMixture:
             part = torch.logsumexp(logit, -1, keepdim=True)
             lse = part if lse is None else torch.logaddexp(lse, part)
         rc_sum, weighted = 0, 0
-        for amu, c, logit, _ in chunks():
+        for mu, c, logit, _ in chunks():
             rc = torch.exp(logit - lse) / c  # r_k / C_k
             rc_sum = rc_sum + rc.sum(-1, keepdim=True)
-            weighted = weighted + rc @ amu
-        score = weighted - z * rc_sum
+            weighted = weighted + rc @ mu
+        score = alpha * weighted - z * rc_sum
         stats = DiffusedStats(log_density=lse.squeeze(-1), score=score)
-        if tangents is None and not trace:
+        if tangents is None and not trace and quadratic is None:
             return stats
 
         # Centred second moments: sum_k r_k (s_k - s)(s_k - s)^T with s_k = (alpha mu_k - z) / C_k.
@@ -134,15 +144,23 @@ class GaussianMixture:
             zv = (tangents * z).sum(-1, keepdim=True)  # [n, B, 1]
             sv = (tangents * score).sum(-1, keepdim=True)
             acc = torch.zeros_like(tangents)
-        for amu, c, logit, sq in chunks():
+        if quadratic is not None:
+            ze, se = torch.einsum("hbd,bjd->hbj", quadratic, torch.stack([z, score], 1)).split(1, -1)  # [h, B, 1]
+            quad = -rc_sum[..., 0] * torch.linalg.vector_norm(quadratic, dim=-1) ** 2
+        for mu, c, logit, sq in chunks():  # alpha mu_k . x is computed as alpha (mu_k . x)
             r = torch.exp(logit - lse)  # [B, Kc]
             if trace:
-                sk_s = (score @ amu.T - z_s) / c
+                sk_s = (alpha * (score @ mu.T) - z_s) / c
                 centred_sq = centred_sq + (r * (sq / c**2 - 2 * sk_s + s_s)).sum(-1, keepdim=True)
             if tangents is not None:
-                w = r * ((tangents @ amu.T - zv) / c - sv)  # r_k (s_k - s).v  [n, B, Kc]
+                w = r * ((alpha * (tangents @ mu.T) - zv) / c - sv)  # r_k (s_k - s).v  [n, B, Kc]
                 wc = w / c
-                acc = acc + wc @ amu - z * wc.sum(-1, keepdim=True) - score * w.sum(-1, keepdim=True)
+                acc = acc + alpha * (wc @ mu) - z * wc.sum(-1, keepdim=True) - score * w.sum(-1, keepdim=True)
+            if quadratic is not None:
+                de = (alpha * (quadratic @ mu.T) - ze) / c - se  # (s_k - s).e  [h, B, Kc]
+                quad = quad + (r * de * de).sum(-1)
+        if quadratic is not None:
+            stats.quadratic = quad
         if tangents is not None:
             stats.jvp = acc - rc_sum * tangents
         if trace:
@@ -150,11 +168,16 @@ class GaussianMixture:
         return stats
 
     def _chunk(self, z, z2, alpha, sigma, start):
-        """Scaled means, variances, log-weighted log-densities and squared distances of
-        one chunk of components."""
+        """Means, variances, log-weighted log-densities and squared distances
+        ``|z - alpha mu_k|^2`` of one chunk of components."""
         stop = start + self.chunk_size
-        amu = alpha * self.means[start:stop]  # [Kc, d]
+        mu = self.means[start:stop]  # [Kc, d]
         c = alpha**2 * self.stds[start:stop] ** 2 + sigma**2  # [Kc]
-        sq = (z2 - 2 * z @ amu.T + (amu * amu).sum(-1)).clamp_min(0)  # [B, Kc]
-        logit = self.log_weights[start:stop] - sq / (2 * c) - 0.5 * z.shape[1] * torch.log(2 * math.pi * c)
-        return amu, c, logit, sq
+        sq = (z2 - 2 * alpha * (z @ mu.T) + alpha**2 * self.sq_norms[start:stop]).clamp_min(0)  # [B, Kc]
+        logit = -sq / (2 * c) - 0.5 * z.shape[1] * torch.log(2 * math.pi * c)
+        lw = self.log_weights[..., start:stop]
+        if lw.ndim == 2:  # a family: R consecutive groups of points, one mixture each
+            logit = (logit.view(lw.shape[0], -1, logit.shape[-1]) + lw[:, None]).view_as(logit)
+        else:
+            logit = logit + lw
+        return mu, c, logit, sq

@@ -34,6 +34,18 @@ class ScoreModel(ABC):
 
         return vmap(along, out_dims=(None, 0))(tangents)
 
+    def score_with_derivatives(self, z: torch.Tensor, t: torch.Tensor, psi: torch.Tensor | None = None,
+                               probes: torch.Tensor | None = None):
+        """What one integration step needs, from one evaluation: ``s``, ``J_z s psi`` and
+        the Hutchinson terms ``e^T J_z s e`` [h, B] for the probes ``e`` [h, B, *event].
+        Here: one vmapped JVP over psi and the probes together, sharing the primal."""
+        parts = ([psi[None]] if psi is not None else []) + ([probes] if probes is not None else [])
+        if not parts:
+            return self.score(z, t), None, None
+        s, jt = self.score_and_jvp(z, t, torch.cat(parts))
+        quad = (probes * jt[-probes.shape[0]:]).flatten(2).sum(-1) if probes is not None else None
+        return s, jt[0] if psi is not None else None, quad
+
     def score_trace(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Exact ``tr J_z s`` from the full Jacobian (one tangent per coordinate): small ``d`` only."""
         d = z[0].numel()

@@ -39,20 +39,23 @@ def variants(fo: DictConfig, solver: SolverSettings) -> list[tuple[str, str, Sol
 
 
 def remainder_curve(comp: Components, settings: SolverSettings, z0: torch.Tensor, etas: list[float]) -> dict:
-    """Sensitivities, then median ``|R(eta)|/eta`` over samples for each ``eta``."""
+    """Sensitivities, then median ``|R(eta)|/eta`` over samples for each ``eta``.
+
+    The perturbed targets for all etas are integrated as one batch of replicas of
+    ``z0``, sharing its Wiener increments; one chunk layout for both runs."""
+    n, r = z0.shape[0], len(etas)
+    settings = replace(settings, batch_size=settings.batch_size or n)
     base = Integrator(comp.model, settings, comp.perturbation).run(z0)
-    medians = []
-    for eta in etas:
-        quiet = replace(settings, progress=False)
-        perturbed = Integrator(MixtureScore(comp.target.mix(comp.perturbation.measure, eta), comp.schedule), quiet).run(z0)
-        r = perturbed.samples - base.samples - eta * base.psi
-        medians.append((r.flatten(1).norm(dim=1) / eta).median().item())
+    family = MixtureScore(comp.target.mix(comp.perturbation.measure, etas), comp.schedule)
+    perturbed = Integrator(family, replace(settings, progress=False)).run(z0.repeat(r, 1), replicas=r).samples
+    eta = torch.tensor(etas, dtype=base.psi.dtype)[:, None, None]
+    rem = perturbed.view(r, n, -1) - base.samples.flatten(1) - eta * base.psi.flatten(1)
+    medians = (rem.norm(dim=-1) / eta[..., 0]).median(dim=1).values.tolist()
     t1 = torch.tensor(settings.grid()[1], dtype=z0.dtype, device=z0.device)
     logp = base.logp if base.logp is not None else comp.model.log_density(base.samples.to(z0.device), t1).cpu()
-    w = base.weights.as_dict()
+    weights = {f"weights/{k}": np.array(v) for k, v in base.weights.as_dict().items()}
     return {"samples": base.samples.numpy(), "psi": base.psi.numpy(), "logp": logp.numpy(),
-            "remainder_over_eta": np.array(medians), "weights": np.array([w[k] for k in sorted(w)]),
-            "wall_time_s": np.array(base.wall_time_s)}
+            "remainder_over_eta": np.array(medians), "wall_time_s": np.array(base.wall_time_s), **weights}
 
 
 def run(cfg: DictConfig, run: RunDir) -> None:
@@ -71,8 +74,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     z0 = comp.schedule.alpha(t0) * comp.target.sample(n, gen) + comp.schedule.sigma(t0) * torch.randn(
         n, comp.target.dim, generator=gen, dtype=comp.dtype, device=comp.device)
 
-    depends = OmegaConf.to_container(cfg, resolve=True)
-    depends.pop("first_order")
+    depends = OmegaConf.to_container(cfg, resolve=True)  # what a curve depends on, less display
+    del depends["first_order"], depends["solver"]["progress"]
     depends["etas"], depends["num_samples"] = etas, n
     curves, reference = [], None
     for panel, label, settings in tqdm(variants(fo, comp.solver), desc="first_order", disable=not comp.solver.progress):
@@ -93,7 +96,6 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     })
     figures = run.save_figure(plots.remainder_panels(etas, curves), "fig3_remainders")
 
-    weight_keys = sorted(["evaluated", "clamped_low", "clamped_high", "nonfinite"])
     metrics = {
         f"{p}/{lab}": {
             "median_remainder_over_eta": dict(zip(map(str, etas), a["remainder_over_eta"].tolist())),
@@ -102,7 +104,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         }
         for p, lab, a in curves
     }
-    weights = {k: int(sum(a["weights"][i] for _, _, a in curves)) for i, k in enumerate(weight_keys)}
+    weights = {k.split("/")[1]: int(sum(a[k] for _, _, a in curves)) for k in curves[0][2] if k.startswith("weights/")}
     run.write_summary(metrics, weights=weights, device=str(comp.device), dtype=str(comp.dtype),
                       num_samples=n, figures=figures)
 
