@@ -122,10 +122,11 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
     code = ("import diffsens_cli, sys; from pathlib import Path; "
             f"assert Path(diffsens_cli.__file__).is_relative_to({str(target)!r}), diffsens_cli.__file__; "
             "from diffsens_cli.cli import main; sys.argv=['diffsens','run','experiment=toy2d','--cfg','job']; main()")
-    # -S: skip site's .pth files (the editable install's finder); the venv's packages via PYTHONPATH.
-    site = next(p for p in sys.path if p.endswith("site-packages"))
+    # -S: skip site's .pth files (the editable install's finder); other packages via PYTHONPATH.
+    path = [str(target), *os.environ.get("PYTHONPATH", "").split(os.pathsep),
+            *(p for p in sys.path if p.endswith("site-packages"))]
     r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{site}"}, timeout=600)
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}, timeout=600)
     assert r.returncode == 0 and "task: toy2d" in r.stdout, r.stderr[-2000:]
 
 
