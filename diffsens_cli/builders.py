@@ -123,7 +123,8 @@ def _empirical_points(cfg: DictConfig, target: GaussianMixture, seed: int) -> to
         require(pts.shape[1] == dim, "perturbation.path", f"{path} holds points of dimension {pts.shape[1]}, "
                 f"but the dataset has dim {dim}")
         return pts
-    require(cfg.get("points") is not None, "perturbation.points", "an empirical perturbation needs points, path or from_dataset")
+    require(cfg.get("points") is not None, "perturbation.points",
+            "an empirical perturbation needs points, path or from_dataset")
     return _points(cfg.points, dim, "perturbation.points")
 
 
@@ -156,7 +157,8 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
         require(density != "closed_form" or model.has_log_density, "solver.density",
                 f"closed_form needs a model with a closed-form density; {type(model).__name__} has none (use ccov)")
     divergence = one_of(cfg.divergence, ["exact", "hutchinson"], "solver.divergence")
-    require(int(cfg.hutchinson_samples) >= 1, "solver.hutchinson_samples", f"must be >= 1, got {cfg.hutchinson_samples}")
+    require(int(cfg.hutchinson_samples) >= 1, "solver.hutchinson_samples",
+            f"must be >= 1, got {cfg.hutchinson_samples}")
     clamp = _plain(cfg.weight_clamp)
     if clamp is not None:
         require(isinstance(clamp, list) and len(clamp) == 2 and 0 < clamp[0] < clamp[1], "solver.weight_clamp",
@@ -204,7 +206,7 @@ class Components:
         self.model = build_model(cfg.model, self.target, self.schedule)
         self.solver = solver_settings(cfg.solver, self.model)
 
-    def on_device(self) -> "Components":
+    def on_device(self) -> Components:
         """Move measures and model to the run's device and dtype."""
         self.target = self.target.to(self.device, self.dtype)
         self.perturbation.measure = self.perturbation.measure.to(self.device, self.dtype)

@@ -132,7 +132,8 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
 
 def test_synthetic_problem_is_configurable_from_overrides():
     """dataset.means/weights/std and perturbation.mean/std as a user types them."""
-    overrides = ["dataset.dim=3", "dataset.means=[-2,0,[1,2,3]]", "dataset.weights=[1,1,2]", "dataset.std=[0.1,0.2,0.3]",
+    overrides = ["dataset.dim=3", "dataset.means=[-2,0,[1,2,3]]", "dataset.weights=[1,1,2]",
+                 "dataset.std=[0.1,0.2,0.3]",
                  "perturbation.mean=0.5", "perturbation.std=0.25", "perturbation.direction=remove"]
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
         comp = Components(compose("config", overrides=overrides))

@@ -1,6 +1,5 @@
 """Closed-form mixture scores, JVPs and traces against autograd and full Jacobians."""
 
-import math
 
 import pytest
 import torch
@@ -48,8 +47,10 @@ def test_log_density_score_jvp_trace_against_autograd(std, chunk):
     grad = torch.autograd.grad(reference_log_density(m, zr, alpha, sigma).sum(), zr)[0]
     torch.testing.assert_close(st.score, grad, rtol=1e-10, atol=1e-10)
 
-    hess = torch.stack([torch.autograd.functional.hessian(lambda x: reference_log_density(m, x[None], alpha, sigma)[0], zi)
-                        for zi in z])  # [B, d, d]
+    def log_density_at(x):
+        return reference_log_density(m, x[None], alpha, sigma)[0]
+
+    hess = torch.stack([torch.autograd.functional.hessian(log_density_at, zi) for zi in z])  # [B, d, d]
     torch.testing.assert_close(st.jvp, torch.einsum("bij,nbj->nbi", hess, v), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(st.trace, hess.diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(st.quadratic, torch.einsum("nbi,bij,nbj->nb", v, hess, v), rtol=1e-9, atol=1e-9)

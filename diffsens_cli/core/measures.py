@@ -57,13 +57,13 @@ class GaussianMixture:
         return itemsize * (self.dim + k) * (num_tangents + 4)
 
     @classmethod
-    def empirical(cls, points: torch.Tensor, chunk_size: int = 2048) -> "GaussianMixture":
+    def empirical(cls, points: torch.Tensor, chunk_size: int = 2048) -> GaussianMixture:
         """The uniform empirical measure on the rows of ``points`` (flattened)."""
         points = points.flatten(1)
         k = points.shape[0]
         return cls(points, torch.zeros(k, dtype=points.dtype), torch.ones(k, dtype=points.dtype), chunk_size)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "GaussianMixture":
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> GaussianMixture:
         out = GaussianMixture.__new__(GaussianMixture)
         out.means = self.means.to(device=device, dtype=dtype)
         out.sq_norms = self.sq_norms.to(device=device, dtype=dtype)
@@ -72,7 +72,7 @@ class GaussianMixture:
         out.chunk_size = self.chunk_size
         return out
 
-    def mix(self, other: "GaussianMixture", eta: float | list[float]) -> "GaussianMixture":
+    def mix(self, other: GaussianMixture, eta: float | list[float]) -> GaussianMixture:
         """The mixture ``(1 - eta) self + eta other`` (paper's ``rho^eta``).
 
         A list of ``R`` values gives a family of ``R`` mixtures that share components:

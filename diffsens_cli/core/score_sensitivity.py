@@ -24,7 +24,7 @@ class WeightStats:
         n = mask.sum()
         self.counts[name] = self.counts[name] + n if name in self.counts else n
 
-    def merge(self, other: "WeightStats") -> None:
+    def merge(self, other: WeightStats) -> None:
         self.total += other.total
         for k, v in other.counts.items():
             self.counts[k] = self.counts[k] + v.to(self.counts[k].device) if k in self.counts else v

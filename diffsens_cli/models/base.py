@@ -26,7 +26,8 @@ class ScoreModel(ABC):
     def score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The score at a batch of points."""
 
-    def score_and_jvp(self, z: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_and_jvp(self, z: torch.Tensor, t: torch.Tensor,
+                      tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s_t(z), J_z s_t(z) v)`` for every ``v`` in ``tangents`` [n, B, *event]."""
 
         def along(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

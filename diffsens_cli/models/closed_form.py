@@ -27,7 +27,8 @@ class MixtureScore(ScoreModel):
     def score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.measure.diffused(z.flatten(1), *self._ab(t)).score.view_as(z)
 
-    def score_and_jvp(self, z: torch.Tensor, t: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_and_jvp(self, z: torch.Tensor, t: torch.Tensor,
+                      tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.measure.diffused(z.flatten(1), *self._ab(t), tangents=tangents.flatten(2))
         return st.score.view_as(z), st.jvp.view_as(tangents)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig

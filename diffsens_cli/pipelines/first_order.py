@@ -26,7 +26,8 @@ from diffsens_cli.rundir import RunDir
 def variants(fo: DictConfig, solver: SolverSettings) -> list[tuple[str, str, SolverSettings]]:
     """(panel, label, settings) for every curve of the figure."""
     exact = dict(density="closed_form", num_steps=None)
-    out = [("ode", f"step {h:g}", replace(solver, method="ode", step_size=float(h), **exact)) for h in fo.ode_step_sizes]
+    out = [("ode", f"step {h:g}", replace(solver, method="ode", step_size=float(h), **exact))
+           for h in fo.ode_step_sizes]
     out += [("sde", f"step {h:g}", replace(solver, method="sde", step_size=float(h), integrator="euler", **exact))
             for h in fo.sde_step_sizes]
     hh = float(fo.hutchinson_step_size)
@@ -65,7 +66,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
             "first_order compares against the mixture (1 - eta) rho + eta nu: use direction=add")
     require(comp.model.has_log_density, "model.kind", "first_order needs closed-form perturbed targets: closed_form")
     etas = sorted(float(e) for e in fo.etas)
-    require(len(etas) >= 2 and 0 < etas[0] and etas[-1] <= 1, "first_order.etas", f"needs >= 2 values in (0, 1], got {etas}")
+    require(len(etas) >= 2 and etas[0] > 0 and etas[-1] <= 1, "first_order.etas",
+            f"needs >= 2 values in (0, 1], got {etas}")
     require(int(fo.num_samples) >= 1, "first_order.num_samples", f"must be >= 1, got {fo.num_samples}")
 
     gen = torch.Generator(comp.device).manual_seed(int(cfg.seed))
