@@ -2,9 +2,10 @@
 
 One loop over time steps integrates, for a whole batch at once on its device, the state
 ``(z, log rho, psi)``: the sample path (PF-ODE or reverse SDE), the CCoV log-density
-and the sample sensitivity.  Each step makes one score evaluation with one vmapped JVP
-call that covers the sensitivity tangent and every Hutchinson probe.  Batches larger
-than memory are split into chunks, each integrated by the same loop.
+and the sample sensitivity.  Each step makes one model call for the score, its JVP with
+the sensitivity and the Hutchinson terms (for a network: one vmapped JVP covering the
+tangent and every probe).  Batches larger than memory are split into chunks, each
+integrated by the same loop, its results sent to the host as it finishes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -73,6 +75,16 @@ class IntegrationResult:
     path_times: torch.Tensor | None = None
     weights: WeightStats = field(default_factory=WeightStats)
     wall_time_s: float = 0.0
+
+
+class _ChunkResult(NamedTuple):
+    z: torch.Tensor
+    logp: torch.Tensor | None
+    psi: torch.Tensor | None
+    weights: WeightStats
+    path: torch.Tensor | None
+    psi_path: torch.Tensor | None
+    path_times: torch.Tensor | None
 
 
 def base_log_density(model: ScoreModel, z0: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
@@ -164,8 +176,12 @@ class Integrator:
                                  dtype=z.dtype)
                 z = z + dynamics.diffusion(co) * math.sqrt(h) * xi.repeat(replicas, *([1] * (z.ndim - 1)))
             record(k + 1)
-        stacked = (torch.stack(path), torch.stack(psi_path) if psi is not None else None) if path else (None, None)
-        return z, logp, psi, weights, stacked, times[path_idx].cpu() if path else None
+        return _ChunkResult(
+            z, logp, psi, weights,
+            path=torch.stack(path) if path else None,
+            psi_path=torch.stack(psi_path) if path and psi is not None else None,
+            path_times=times[path_idx].cpu() if path else None,
+        )
 
     @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
     def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None, replicas: int = 1) -> IntegrationResult:
@@ -200,13 +216,11 @@ class Integrator:
                     raise
                 chunk = max(1, chunk // 2)
                 continue
-            outs.append(out)
-            weights.merge(out[3])
+            outs.append(out._replace(z=_to_host(out.z), logp=_to_host(out.logp), psi=_to_host(out.psi)))
+            weights.merge(out.weights)
             begin, index = begin + chunk, index + 1
-
-        outs = [tuple(_to_host(x) for x in o[:3]) + o[3:] for o in outs]
         if z0.device.type == "cuda":
-            torch.cuda.synchronize(z0.device)  # the non-blocking copies above
+            torch.cuda.synchronize(z0.device)  # the non-blocking copies to the host
 
         def merge(parts: list, dim: int = 0) -> torch.Tensor | None:
             """Chunks of replica-major rows back into one replica-major batch."""
@@ -215,16 +229,11 @@ class Integrator:
             grouped = [p.unflatten(dim, (replicas, -1)) for p in parts]
             return torch.cat(grouped, dim + 1).flatten(dim, dim + 1)
 
-        def cat(i):
-            return merge([o[i] for o in outs])
-
-        def cat_path(j):
-            return merge([o[4][j] for o in outs], dim=1)
-
         return IntegrationResult(
-            z0=z0.cpu(), samples=cat(0), logp=cat(1), psi=cat(2),
-            times=torch.linspace(t0, t1, n + 1, dtype=torch.float64),
-            path=cat_path(0), psi_path=cat_path(1), path_times=outs[0][5],
+            z0=z0.cpu(), samples=merge([o.z for o in outs]), logp=merge([o.logp for o in outs]),
+            psi=merge([o.psi for o in outs]), times=torch.linspace(t0, t1, n + 1, dtype=torch.float64),
+            path=merge([o.path for o in outs], dim=1), psi_path=merge([o.psi_path for o in outs], dim=1),
+            path_times=outs[0].path_times,
             weights=weights, wall_time_s=time.perf_counter() - start,
         )
 
