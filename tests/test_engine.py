@@ -36,8 +36,7 @@ def test_score_sensitivity_matches_central_finite_difference_in_eta():
     ratios = []
     for t in (0.2, 0.6, 0.9, 0.99):
         alpha, sigma = SCHED.alpha(torch.tensor(t)), SCHED.sigma(torch.tensor(t))
-        z = torch.cat([alpha * rho.sample(20, g) + sigma * torch.randn(20, d, generator=g),
-                       alpha * nu.sample(20, g) + sigma * torch.randn(20, d, generator=g)])
+        z = torch.cat([rho.sample_diffused(20, alpha, sigma, g), nu.sample_diffused(20, alpha, sigma, g)])
         r, n = rho.diffused(z, alpha, sigma), nu.diffused(z, alpha, sigma)
         gt = score_sensitivity(n.log_density, n.score, r.log_density, r.score)
         log_ratio = n.log_density - r.log_density
@@ -76,8 +75,7 @@ def test_weight_clamp_and_nonfinite_are_counted():
 def _setup(d=10, n=64, seed=0):
     rho, nu = two_gaussians(d), gaussian(1.0, d)
     gen = torch.Generator().manual_seed(seed)
-    t0 = torch.tensor(0.0)
-    z0 = SCHED.alpha(t0) * rho.sample(n, gen) + SCHED.sigma(t0) * torch.randn(n, d, generator=gen)
+    z0 = MixtureScore(rho, SCHED).sample_base(n, (d,), torch.tensor(0.0), gen)
     return rho, nu, z0
 
 

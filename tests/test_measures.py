@@ -102,3 +102,26 @@ def test_default_vmapped_jvp_matches_closed_form_and_finite_difference():
 
     torch.testing.assert_close(j, torch.stack([fd(vi) for vi in v]), rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(s, net.score(z, t))
+
+
+def test_base_distribution_samples_and_density():
+    """Networks start from N(0, sigma_t0^2 I); closed-form models from their exact rho_t0:
+    sample moments against the mixture's (CLT bound), densities against closed forms."""
+    sched, t0 = VPLinear(), torch.tensor(0.2)  # t0 > 0 so that alpha X matters
+    g = torch.Generator().manual_seed(0)
+    net = NetworkScore(FourierMLP(3, hidden=8, num_frequencies=4).double(), sched)
+    z = net.sample_base(5, (3,), t0, g)
+    ref = torch.distributions.Normal(0.0, sched.sigma(t0)).log_prob(z).sum(-1)
+    torch.testing.assert_close(net.base_log_density(z, t0), ref)
+
+    m = mixture(d=3, k=2)
+    exact = MixtureScore(m, sched)
+    n = 200_000
+    x = exact.sample_base(n, (3,), t0, g)
+    w, a, s = m.log_weights.exp(), sched.alpha(t0), sched.sigma(t0)
+    mean = a * (w[:, None] * m.means).sum(0)
+    second = (w[:, None] * (a**2 * (m.means**2 + m.stds[:, None] ** 2))).sum(0) + s**2
+    var = second - mean**2
+    assert ((x.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all()
+    assert ((x.var(0) - var).abs() / var < 0.02).all()
+    torch.testing.assert_close(exact.base_log_density(x[:4], t0), exact.log_density(x[:4], t0))

@@ -87,15 +87,6 @@ class _ChunkResult(NamedTuple):
     path_times: torch.Tensor | None
 
 
-def base_log_density(model: ScoreModel, z0: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
-    """``log rho_t0(z0)``: the model's own density if it has one, else ``N(0, sigma_t0^2 I)``."""
-    if model.has_log_density:
-        return model.log_density(z0, t0)
-    var = model.schedule.sigma(t0) ** 2
-    d = z0[0].numel()
-    return -0.5 * (z0.flatten(1) ** 2).sum(-1) / var - 0.5 * d * torch.log(2 * math.pi * var)
-
-
 class Integrator:
     """Integrates a batch of paths of ``model`` and, optionally, their log-densities and
     their sensitivities to ``perturbation`` (see module docstring)."""
@@ -185,7 +176,8 @@ class Integrator:
 
     @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
     def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None, replicas: int = 1) -> IntegrationResult:
-        """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to ``base_log_density``.
+        """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to the model's
+        ``base_log_density``.
 
         ``replicas = R`` says that ``z0`` is ``R`` equal, consecutive groups of paths (a
         model family such as ``GaussianMixture.mix`` with several etas): chunks keep the
@@ -196,7 +188,7 @@ class Integrator:
         if z0.shape[0] % replicas:
             raise ValueError(f"a batch of {z0.shape[0]} is not {replicas} equal groups")
         if self.ccov and logp0 is None:
-            logp0 = base_log_density(self.model, z0, torch.tensor(t0, dtype=z0.dtype, device=z0.device))
+            logp0 = self.model.base_log_density(z0, torch.tensor(t0, dtype=z0.dtype, device=z0.device))
         inner = z0.shape[0] // replicas
 
         def rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:

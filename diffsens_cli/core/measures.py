@@ -95,6 +95,12 @@ class GaussianMixture:
         noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device)
         return self.means[idx] + self.stds[idx, None] * noise
 
+    def sample_diffused(self, n: int, alpha: torch.Tensor, sigma: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        """``n`` samples of ``alpha X + sigma eps``, ``X`` from this measure."""
+        noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device)
+        return alpha * self.sample(n, generator) + sigma * noise
+
     def diffused(
         self,
         z: torch.Tensor,
@@ -136,29 +142,33 @@ class GaussianMixture:
             return stats
 
         # Centred second moments: sum_k r_k (s_k - s)(s_k - s)^T with s_k = (alpha mu_k - z) / C_k.
+        zs = torch.stack([z, score], 1)  # [B, 2, d]
+
+        def centred(x: torch.Tensor):
+            """For vectors x [n, B, d]: a function of a chunk giving (s_k - s).x [n, B, Kc]."""
+            xz, xs = torch.einsum("nbd,bjd->nbj", x, zs).split(1, -1)
+            return lambda mu, c: (alpha * (x @ mu.T) - xz) / c - xs
+
         if trace:
             centred_sq = torch.zeros(b, 1, dtype=z.dtype, device=z.device)
-            z_s = (z * score).sum(-1, keepdim=True)
+            along_score = centred(score[None])
             s_s = (score * score).sum(-1, keepdim=True)
         if tangents is not None:
-            zv = (tangents * z).sum(-1, keepdim=True)  # [n, B, 1]
-            sv = (tangents * score).sum(-1, keepdim=True)
+            along_tangents = centred(tangents)
             acc = torch.zeros_like(tangents)
         if quadratic is not None:
-            ze, se = torch.einsum("hbd,bjd->hbj", quadratic, torch.stack([z, score], 1)).split(1, -1)  # [h, B, 1]
+            along_probes = centred(quadratic)
             quad = -rc_sum[..., 0] * torch.linalg.vector_norm(quadratic, dim=-1) ** 2
-        for mu, c, logit, sq in chunks():  # alpha mu_k . x is computed as alpha (mu_k . x)
+        for mu, c, logit, sq in chunks():
             r = torch.exp(logit - lse)  # [B, Kc]
-            if trace:
-                sk_s = (alpha * (score @ mu.T) - z_s) / c
-                centred_sq = centred_sq + (r * (sq / c**2 - 2 * sk_s + s_s)).sum(-1, keepdim=True)
+            if trace:  # |s_k - s|^2 = |s_k|^2 - 2 (s_k - s).s - |s|^2
+                centred_sq = centred_sq + (r * (sq / c**2 - 2 * along_score(mu, c)[0] - s_s)).sum(-1, keepdim=True)
             if tangents is not None:
-                w = r * ((alpha * (tangents @ mu.T) - zv) / c - sv)  # r_k (s_k - s).v  [n, B, Kc]
+                w = r * along_tangents(mu, c)  # r_k (s_k - s).v
                 wc = w / c
                 acc = acc + alpha * (wc @ mu) - z * wc.sum(-1, keepdim=True) - score * w.sum(-1, keepdim=True)
             if quadratic is not None:
-                de = (alpha * (quadratic @ mu.T) - ze) / c - se  # (s_k - s).e  [h, B, Kc]
-                quad = quad + (r * de * de).sum(-1)
+                quad = quad + (r * along_probes(mu, c) ** 2).sum(-1)
         if quadratic is not None:
             stats.quadratic = quad
         if tangents is not None:

@@ -9,6 +9,7 @@ models override it with exact formulas.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -63,6 +64,19 @@ class ScoreModel(ABC):
     @property
     def has_log_density(self) -> bool:
         return False
+
+    # The base distribution at t0 that paths start from: N(0, sigma_t0^2 I) (the alpha_t0 X
+    # term is dropped); closed-form models use their exact rho_t0 instead.
+    def sample_base(self, n: int, event_shape: tuple[int, ...], t0: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+        """``n`` starting points ``z0`` of shape ``event_shape``."""
+        eps = torch.randn(n, *event_shape, generator=generator, dtype=t0.dtype, device=t0.device)
+        return self.schedule.sigma(t0) * eps
+
+    def base_log_density(self, z0: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+        """``log rho_t0(z0)`` of the base distribution (the CCoV starting value)."""
+        var = self.schedule.sigma(t0) ** 2
+        return -0.5 * (z0.flatten(1) ** 2).sum(-1) / var - 0.5 * z0[0].numel() * torch.log(2 * math.pi * var)
 
     def log_density(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no closed-form density; use solver.density=ccov")

@@ -52,3 +52,11 @@ class MixtureScore(ScoreModel):
 
     def log_density(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.measure.diffused(z.flatten(1), *self._ab(t)).log_density
+
+    def sample_base(self, n: int, event_shape: tuple[int, ...], t0: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+        """Exact samples of rho_t0: ``alpha X + sigma eps`` with ``X ~ rho``."""
+        return self.measure.sample_diffused(n, *self._ab(t0), generator).view(n, *event_shape)
+
+    def base_log_density(self, z0: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+        return self.log_density(z0, t0)

@@ -46,7 +46,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     gen = torch.Generator(dev).manual_seed(int(cfg.seed))
     b, d = int(bc.batch_size), comp.target.dim
     t0 = torch.tensor(0.0, dtype=dt, device=dev)
-    z0 = comp.schedule.sigma(t0) * torch.randn(b, d, generator=gen, dtype=dt, device=dev)
+    z0 = comp.model.sample_base(b, (d,), t0, gen)
 
     base = replace(comp.solver, progress=False, density="ccov", divergence="hutchinson")
     h = base.hutchinson_samples

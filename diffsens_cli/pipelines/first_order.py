@@ -73,8 +73,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     gen = torch.Generator(comp.device).manual_seed(int(cfg.seed))
     t0 = torch.tensor(0.0, dtype=comp.dtype, device=comp.device)
     n = int(fo.num_samples)
-    z0 = comp.schedule.alpha(t0) * comp.target.sample(n, gen) + comp.schedule.sigma(t0) * torch.randn(
-        n, comp.target.dim, generator=gen, dtype=comp.dtype, device=comp.device)
+    z0 = comp.model.sample_base(n, (comp.target.dim,), t0, gen)
 
     depends = OmegaConf.to_container(cfg, resolve=True)  # what a curve depends on, less display
     del depends["first_order"], depends["solver"]["progress"]

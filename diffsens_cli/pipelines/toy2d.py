@@ -49,8 +49,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     gen = torch.Generator(dev).manual_seed(int(cfg.seed))
     t0 = torch.tensor(0.0, dtype=dt, device=dev)
     n = int(tc.num_paths)
-    z0 = comp.schedule.alpha(t0) * comp.target.sample(n, gen) + comp.schedule.sigma(t0) * torch.randn(
-        n, 2, generator=gen, dtype=dt, device=dev)
+    z0 = comp.model.sample_base(n, (2,), t0, gen)
     res = Integrator(comp.model, comp.solver, comp.perturbation).run(z0)
     eta = float(tc.eta)
     mixed = comp.target.mix(comp.perturbation.measure, eta) if comp.perturbation.sign > 0 else None
