@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch.func import jvp
+
+from diffsens_cli.errors import ConfigError, one_of, require
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,12 @@ class VPLinear(Schedule):
 
 
 class VPDiscrete(Schedule):
-    """The discrete linear ``DDPMScheduler`` made continuous (DESIGN.md section 1).
+    """A discrete ``DDPMScheduler`` (linear by default) made continuous (DESIGN.md section 1).
+
+    ``scheduler_config`` is the diffusers config that reproduces the betas (what a saved
+    model writes).  The constructor's linear betas are float64; diffusers' (and so
+    ``schedule_from_scheduler_config``'s) are float32, which moves ``alphabar`` by less
+    than 1e-6 relative (2.3e-7 for the default).
 
     ``tau = (n + 1) / N``; ``log alphabar`` is interpolated linearly in ``n`` (with
     ``log alphabar_{-1} = 0`` at ``tau = 0``), so ``beta(tau)`` is piecewise constant
@@ -85,8 +93,21 @@ class VPDiscrete(Schedule):
     """
 
     def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000):
-        self.num_train_timesteps = num_train_timesteps
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        self._set_betas(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64),
+                        {"beta_start": beta_start, "beta_end": beta_end, "num_train_timesteps": num_train_timesteps,
+                         "beta_schedule": "linear"})
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, scheduler_config: Mapping | None = None) -> VPDiscrete:
+        """The schedule of any discrete ``betas`` (one per training timestep, each in (0, 1));
+        ``scheduler_config``: the diffusers scheduler config they came from, if any."""
+        schedule = cls.__new__(cls)
+        schedule._set_betas(torch.as_tensor(betas, dtype=torch.float64), scheduler_config)
+        return schedule
+
+    def _set_betas(self, betas: torch.Tensor, scheduler_config: Mapping | None) -> None:
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+        self.num_train_timesteps = len(betas)
         log_alphabar = torch.cumsum(torch.log1p(-betas), 0)
         self._table = torch.cat([torch.zeros(1, dtype=torch.float64), log_alphabar])
 
@@ -143,6 +164,25 @@ SCHEDULES: dict[str, type[Schedule]] = {
     "ve": VE,
     "edm": EDM,
 }
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def schedule_from_scheduler_config(config: Mapping) -> VPDiscrete:
+    """The discrete VP schedule of a diffusers ``DDPMScheduler`` config (``beta_start``,
+    ``beta_end``, ``num_train_timesteps``, ``beta_schedule``, ...), with the betas
+    diffusers itself computes from it (so they match its own exactly)."""
+    one_of(config.get("beta_schedule", "linear"), BETA_SCHEDULES, "scheduler.beta_schedule")
+    require(not config.get("rescale_betas_zero_snr", False), "scheduler.rescale_betas_zero_snr",
+            "zero terminal SNR (alpha = 0 at the noise end) is not supported")
+    from diffusers import DDPMScheduler  # here: the numerical core does not need diffusers otherwise
+
+    try:
+        betas = DDPMScheduler.from_config(dict(config)).betas
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError("scheduler", f"DDPMScheduler cannot use this config: {str(e).splitlines()[0]}") from None
+    return VPDiscrete.from_betas(betas, config)
 
 
 def time_grid(t_min: float, num_steps: int | None, step_size: float | None) -> tuple[float, float, int]:
