@@ -20,7 +20,8 @@ from diffsens_cli.core.schedule import SCHEDULES, Schedule
 from diffsens_cli.errors import ConfigError, one_of, require
 from diffsens_cli.models.base import ScoreModel
 from diffsens_cli.models.closed_form import MixtureScore
-from diffsens_cli.models.network import FourierMLP, NetworkScore
+from diffsens_cli.models.unet import build_network_model
+from diffsens_cli.training.settings import TrainSettings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -129,13 +130,11 @@ def _empirical_points(cfg: DictConfig, target: GaussianMixture, seed: int) -> to
 
 
 def build_model(cfg: DictConfig, target: GaussianMixture, schedule: Schedule) -> ScoreModel:
-    kind = one_of(cfg.kind, ["closed_form", "mlp"], "model.kind")
+    """The exact score of the synthetic target, or a network on its ``dim`` coordinates."""
+    kind = one_of(cfg.kind, ["closed_form", "mlp", "pretrained"], "model.kind")
     if kind == "closed_form":
         return MixtureScore(target, schedule)
-    net = FourierMLP(target.dim, hidden=int(cfg.hidden), depth=int(cfg.depth),
-                     num_frequencies=int(cfg.num_frequencies), fourier_scale=float(cfg.fourier_scale),
-                     num_train_timesteps=schedule.num_train_timesteps, seed=int(cfg.seed))
-    return NetworkScore(net, schedule, one_of(cfg.prediction, ["epsilon", "score"], "model.prediction"))
+    return build_network_model(cfg, (target.dim,), schedule)
 
 
 def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverSettings:
@@ -215,3 +214,42 @@ class Components:
         else:
             self.model.net.to(device=self.device, dtype=self.dtype)
         return self
+
+
+TRAIN_MODES = ("base", "retrain", "finetune")
+
+
+def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
+    """Checked ``TrainSettings`` from the ``train`` group; ``epoch_size`` is the number of
+    training items one epoch passes over (None for an endless source such as a
+    closed-form target, which needs ``train.steps``)."""
+    one_of(cfg.mode, TRAIN_MODES, "train.mode")
+    require(int(cfg.batch_size) >= 1, "train.batch_size", f"must be >= 1, got {cfg.batch_size}")
+    if cfg.steps is not None:
+        require(int(cfg.steps) >= 1, "train.steps", f"must be >= 1, got {cfg.steps}")
+        steps = int(cfg.steps)
+    else:
+        require(epoch_size is not None, "train.steps", "an endless data source (a closed-form target) needs steps")
+        require(cfg.epochs is not None and float(cfg.epochs) > 0, "train.epochs", f"must be > 0, got {cfg.epochs}")
+        steps = max(1, math.ceil(float(cfg.epochs) * epoch_size / int(cfg.batch_size)))
+    require(float(cfg.lr) > 0, "train.lr", f"must be > 0, got {cfg.lr}")
+    lr_schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+    one_of(cfg.lr_scheduler, lr_schedulers, "train.lr_scheduler")
+    require(int(cfg.lr_warmup_steps) >= 0, "train.lr_warmup_steps", f"must be >= 0, got {cfg.lr_warmup_steps}")
+    require(float(cfg.weight_decay) >= 0, "train.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    require(cfg.ema_decay is None or 0 < float(cfg.ema_decay) < 1, "train.ema_decay",
+            f"must be null or in (0, 1), got {cfg.ema_decay}")
+    require(0 < float(cfg.eta_bar) < 1, "train.eta_bar", f"must be in (0, 1), got {cfg.eta_bar}")
+    require(0 < float(cfg.t_min) < 1, "train.t_min", f"must be in (0, 1), got {cfg.t_min}")
+    require(cfg.grad_clip is None or float(cfg.grad_clip) > 0, "train.grad_clip",
+            f"must be null or > 0, got {cfg.grad_clip}")
+    require(int(cfg.checkpoint_every) >= 1, "train.checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}")
+    require(int(cfg.keep_checkpoints) >= 1, "train.keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
+    return TrainSettings(
+        steps=steps, batch_size=int(cfg.batch_size), lr=float(cfg.lr), lr_scheduler=str(cfg.lr_scheduler),
+        lr_warmup_steps=int(cfg.lr_warmup_steps), weight_decay=float(cfg.weight_decay),
+        ema_decay=None if cfg.ema_decay is None else float(cfg.ema_decay), hflip=bool(cfg.hflip),
+        t_min=float(cfg.t_min), grad_clip=None if cfg.grad_clip is None else float(cfg.grad_clip),
+        checkpoint_every=int(cfg.checkpoint_every), keep_checkpoints=int(cfg.keep_checkpoints),
+        seed=int(cfg.seed), progress=bool(cfg.progress),
+    )

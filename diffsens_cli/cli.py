@@ -23,11 +23,15 @@ from diffsens_cli.errors import DiffsensError
 CONFIG_MODULE = "diffsens_cli.configs"
 USAGE = """\
 usage: diffsens run [experiment=NAME] [GROUP=OPTION] [KEY=VALUE ...] [HYDRA FLAGS]
+       diffsens train [dataset=NAME] [model=NAME] [train.mode=base|retrain|finetune] [KEY=VALUE ...]
 
-Runs one experiment into outputs/NAME/DATE_TIME (hydra.run.dir=PATH to choose).
+Runs one experiment into outputs/NAME/DATE_TIME (hydra.run.dir=PATH to choose; run the
+same command with the same hydra.run.dir to resume an interrupted run).
   diffsens run experiment=gmm_first_order      paper Fig. 3 (the default)
   diffsens run experiment=toy2d                paper Figs. 1-2
+  diffsens run experiment=gmm_score_error      paper Fig. 4 (CPU-sized; _paper: App. F.1.2)
   diffsens run experiment=bench_engine         engine cost benchmark
+  diffsens train dataset=digits model=unet     train a score network (experiment=train)
   diffsens run --help                          config groups and Hydra flags
   diffsens run experiment=toy2d --cfg job      print the composed config
   diffsens run -m solver.step_size=1e-3,5e-3   a sweep (multirun)
@@ -45,8 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command != "run":
-        fail(f"unknown command {command!r}; the commands are: run")
+    if command not in ("run", "train"):
+        fail(f"unknown command {command!r}; the commands are: run, train")
+    if command == "train" and not any(a.startswith("experiment=") for a in rest):
+        rest = ["experiment=train", *rest]
     if not any(a.startswith("-") for a in rest):  # --help, --cfg, -m ...: Hydra's own
         precheck(rest)
     sys.argv = ["diffsens run", *rest]
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def precheck(overrides: list[str]) -> None:
     """Compose ``overrides`` and build every component; one clear line on failure."""
-    from diffsens_cli.builders import Components
+    from diffsens_cli.pipelines import check_task
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -80,9 +86,12 @@ def precheck(overrides: list[str]) -> None:
             key = o.key_or_group
             if choice or o.is_add() or o.is_delete() or key.startswith("hydra"):
                 continue
-            if OmegaConf.select(base, key, default=_MISSING) is _MISSING:
-                parent = key.rpartition(".")[0]
-                node = OmegaConf.select(base, parent) if parent else base
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(base, parent) if parent else base
+            # select answers the default for a present but mandatory ??? value too, and
+            # `in` says False for it: keys() lists it
+            if OmegaConf.select(base, key, default=_MISSING) is _MISSING and not (
+                    isinstance(node, DictConfig) and leaf in list(node.keys())):
                 known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "(none)"
                 fail(f"{key}: no such key; {parent or 'the top level'} has: {known}")
         try:
@@ -91,7 +100,7 @@ def precheck(overrides: list[str]) -> None:
             fail(str(e).splitlines()[0])
     GlobalHydra.instance().clear()
     try:
-        Components(cfg)
+        check_task(cfg)
     except DiffsensError as e:
         fail(str(e))
 

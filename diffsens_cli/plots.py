@@ -70,3 +70,54 @@ def sample_paths(path, psi, perturbed, eta, support, nu_mean) -> plt.Figure:
     ax.set_title("Sample paths and sample sensitivities")
     fig.tight_layout()
     return fig
+
+
+def loss_vs_correlation(losses, corrs, steps, metric: str = "correlation") -> plt.Figure:
+    """Paper Fig. 4: median similarity (``metric``) of learned against exact
+    sensitivities, against the training loss, coloured by training step."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    sc = ax.scatter(losses, corrs, c=steps, cmap="viridis", s=18)
+    ax.set_xscale("log")
+    ax.set_xlabel("score-matching loss")
+    ax.set_ylabel(f"median {metric}, learned vs exact")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.colorbar(sc, ax=ax, label="training step")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images, ncol: int = 8, title: str | None = None) -> plt.Figure:
+    """Images [N, C, H, W] in [-1, 1] on a grid (greyscale when C = 1)."""
+    images = np.clip((np.asarray(images) + 1) / 2, 0, 1)
+    n = len(images)
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.1 * ncol, 1.1 * nrow + (0.3 if title else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img in zip(axes.flat, images):
+        if img.shape[0] == 1:
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img.transpose(1, 2, 0))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(losses, window: int = 50) -> plt.Figure:
+    """Training loss per step, with a running mean over ``window`` steps."""
+    losses = np.asarray(losses)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.5, alpha=0.4, label="per step")
+    if len(losses) >= window:
+        mean = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window, len(losses) + 1), mean, lw=1.5, label=f"mean of {window}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("denoising score-matching loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,83 @@
+"""``diffsens train``: fit a score network by denoising score matching, in one of the
+paper's three modes (base model on rho; retrained on ``(1 - eta_bar) rho + eta_bar S``;
+a pretrained model fine-tuned on S), then save it in save_pretrained layout, with its
+loss curve and a grid of PF-ODE samples."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from diffsens_cli import plots
+from diffsens_cli.builders import build_schedule, device_and_dtype, train_settings
+from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.errors import one_of, require
+from diffsens_cli.rundir import RunDir
+
+
+def check(cfg: DictConfig) -> None:
+    mode = one_of(cfg.train.mode, ("base", "retrain", "finetune"), "train.mode")
+    require(mode != "finetune" or cfg.model.kind == "pretrained", "model.kind",
+            "fine-tuning starts from a trained model: model=pretrained model.path=DIR")
+    train_settings(cfg.train, 1)
+    device_and_dtype(cfg.solver)
+    build_schedule(cfg.schedule)
+    require(int(cfg.sample.num_images) >= 0, "sample.num_images", f"must be >= 0, got {cfg.sample.num_images}")
+    require(int(cfg.sample.num_steps) >= 1, "sample.num_steps", f"must be >= 1, got {cfg.sample.num_steps}")
+
+
+def training_source(cfg: DictConfig) -> tuple[GaussianMixture, tuple[int, ...], int, dict[str, int]]:
+    """What the mode trains on, as an empirical measure: the source, the image shape, the
+    number of items an epoch passes over, and the sizes of rho and S."""
+    from diffsens_cli.data import load_images, perturbation_set
+
+    mode = cfg.train.mode
+    rho = load_images(cfg.dataset)
+    sizes = {"rho": len(rho)}
+    source = GaussianMixture.empirical(rho.images)
+    epoch = len(rho)
+    if mode != "base":
+        s = perturbation_set(cfg.perturbation, rho, cfg.dataset)
+        sizes["S"] = len(s)
+        require(s.images.shape[1:] == rho.images.shape[1:], "perturbation.source",
+                f"S has images of shape {tuple(s.images.shape[1:])}, rho {tuple(rho.images.shape[1:])}")
+        s_measure = GaussianMixture.empirical(s.images)
+        if mode == "retrain":
+            source = source.mix(s_measure, float(cfg.train.eta_bar))
+        else:
+            source, epoch = s_measure, len(s)
+    return source, tuple(rho.images.shape[1:]), epoch, sizes
+
+
+def run(cfg: DictConfig, run: RunDir) -> None:
+    from diffsens_cli.models.unet import build_network_model
+    from diffsens_cli.training.trainer import train_to_completion
+
+    check(cfg)
+    device, dtype = device_and_dtype(cfg.solver)
+    source, shape, epoch_size, sizes = training_source(cfg)
+    settings = train_settings(cfg.train, epoch_size)
+    # Training keeps diffusers' fused kernels; the forward-AD fixes are for sensitivities.
+    model = build_network_model(cfg.model, shape, build_schedule(cfg.schedule), dtype=dtype, forward_ad=False)
+    model.net.train()
+    final, trainer = train_to_completion(model, source, shape, settings, run.path, cpu=device.type == "cpu")
+
+    n = int(cfg.sample.num_images)
+    arrays = {"train_loss": torch.tensor(trainer.losses).numpy()}
+    figures = run.save_figure(plots.loss_curve(trainer.losses), "loss")
+    if n:
+        gen = torch.Generator(trainer.device).manual_seed(int(cfg.seed))
+        t0 = torch.tensor(0.0, dtype=dtype, device=trainer.device)
+        z0 = final.sample_base(n, shape, t0, gen)
+        solver = SolverSettings(num_steps=int(cfg.sample.num_steps), t_min=settings.t_min, progress=settings.progress)
+        samples = Integrator(final, solver).run(z0).samples
+        arrays.update(z0=z0.cpu().numpy(), samples=samples.numpy())
+        figures += run.save_figure(plots.image_grid(samples, title=f"{cfg.train.mode} model samples"), "samples")
+    run.save_arrays("arrays", arrays)
+    run.write_summary(
+        {"final_loss": trainer.recent_loss(50), "steps": trainer.step,
+         "epochs": trainer.step * settings.batch_size / epoch_size},
+        mode=cfg.train.mode, sizes=sizes, model_dir="model", device=str(trainer.device), dtype=str(dtype),
+        figures=figures,
+    )

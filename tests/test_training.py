@@ -1,0 +1,96 @@
+"""Denoising score matching against closed forms, mixture draws, and exact resumption."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.schedule import VPLinear
+from diffsens_cli.models.network import FourierMLP, NetworkScore, Prediction
+from diffsens_cli.training.dsm import dsm_loss
+from diffsens_cli.training.settings import TrainSettings
+from diffsens_cli.training.trainer import Trainer
+
+SCHED = VPLinear()
+
+
+class OptimalGaussianDenoiser(nn.Module):
+    """The exact noise or clean-sample predictor of the target N(mu, s^2 I), as a network
+    of (z, model timestep)."""
+
+    def __init__(self, mu: torch.Tensor, s: float, prediction: str):
+        super().__init__()
+        self.register_buffer("mu", mu)
+        self.s, self.prediction = s, prediction
+
+    def forward(self, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        t = 1 - (timestep + 1) / SCHED.num_train_timesteps
+        alpha, sigma = SCHED.alpha(t)[:, None], SCHED.sigma(t)[:, None]
+        c = alpha**2 * self.s**2 + sigma**2
+        centred = z - alpha * self.mu
+        return sigma * centred / c if self.prediction == "epsilon" else self.mu + alpha * self.s**2 * centred / c
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_dsm_loss_of_the_optimal_denoiser_is_the_posterior_variance(prediction):
+    """For a Gaussian target the minimum DSM loss per coordinate is E_tau[alpha^2 s^2 / C]
+    (noise) or E_tau[s^2 sigma^2 / C] (clean sample): a closed form, checked by quadrature."""
+    d, s, t_min = 4, 0.3, 1e-3
+    mu = torch.linspace(-1, 1, d, dtype=torch.float64)
+    net = OptimalGaussianDenoiser(mu, s, prediction)
+    x0 = mu + s * torch.randn(200_000, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = dsm_loss(net, SCHED, Prediction(prediction), x0, t_min, torch.Generator().manual_seed(1))
+
+    tau = torch.linspace(t_min, 1, 20_001, dtype=torch.float64)
+    alpha, sigma = SCHED.alpha(1 - tau), SCHED.sigma(1 - tau)
+    c = alpha**2 * s**2 + sigma**2
+    integrand = alpha**2 * s**2 / c if prediction == "epsilon" else s**2 * sigma**2 / c
+    expected = torch.trapezoid(integrand, tau) / (1 - t_min)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
+
+
+def test_retraining_mixture_draws_each_item_with_weight_eta():
+    """rho^eta = 0.9 rho + 0.1 nu over two image sets of very different sizes: the share of
+    S in the draws is eta (binomial 5-sigma), not |S| / (|rho| + |S|)."""
+    rho = torch.zeros(1000, 1, 2, 2)
+    s = torch.ones(20, 1, 2, 2)
+    mix = GaussianMixture.empirical(rho).mix(GaussianMixture.empirical(s), 0.1)
+    n = 40_000
+    draws = mix.sample(n, torch.Generator().manual_seed(0))
+    share = (draws[:, 0] == 1).double().mean().item()
+    assert abs(share - 0.1) < 5 * math.sqrt(0.1 * 0.9 / n)
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+
+
+def _trainer(tmp_path, **kw) -> Trainer:
+    torch.manual_seed(0)
+    model = NetworkScore(FourierMLP(3, hidden=16, num_frequencies=8), SCHED)
+    target = GaussianMixture(torch.tensor([[-1.0] * 3, [1.0] * 3]), torch.tensor(0.1), torch.ones(2))
+    settings = TrainSettings(steps=6, batch_size=32, lr=1e-2, checkpoint_every=3, progress=False, **kw)
+    return Trainer(model, target, (3,), settings, tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema_decay):
+    """6 steps straight against 3 steps, a new process-like trainer that resumes, then 3
+    more: bitwise the same weights, losses and EMA; unfinished checkpoints are ignored."""
+    straight = _trainer(tmp_path / "a", ema_decay=ema_decay)
+    straight.train()
+
+    first = _trainer(tmp_path / "b", ema_decay=ema_decay)
+    first.train(until=3)
+    (tmp_path / "b" / "checkpoints" / ".tmp-step-00000005").mkdir()  # a checkpoint cut off mid-write
+    second = _trainer(tmp_path / "b", ema_decay=ema_decay)
+    assert second.resume() and second.step == 3
+    second.train()
+
+    assert second.losses == straight.losses and len(second.losses) == 6
+    for a, b in zip(straight.sampling_model().net.parameters(), second.sampling_model().net.parameters()):
+        assert torch.equal(a, b)
+    assert [p.name for p in second.checkpoints()] == ["step-00000003", "step-00000006"]
+    assert not torch.equal(next(straight.sampling_model().net.parameters()),
+                           next(_trainer(tmp_path / "c").sampling_model().net.parameters()))
