@@ -11,10 +11,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.builders import Components
+from diffsens_cli.pipelines import check_task
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
@@ -29,7 +31,17 @@ TINY = {
               "solver.record_every=5"],
     "bench_engine": ["dataset.dim=8", "model.hidden=16", "model.num_frequencies=8", "bench.batch_size=4",
                      "bench.repeats=1", "solver.num_steps=3", "perturbation.from_dataset=3"],
+    "gmm_score_error": ["model.hidden=16", "model.num_frequencies=8", "train.steps=4",
+                        "train.batch_size=16", "solver.num_steps=5", "score_error.num_samples=8",
+                        "score_error.eval_every=2", "score_error.omit_first=0"],
+    "train": ["train.steps=3", "train.batch_size=8", "sample.num_images=4", "sample.num_steps=3",
+              "dataset.limit=64"],
 }
+TINY["gmm_score_error_paper"] = TINY["gmm_score_error"]
+# What each pipeline must leave in arrays.npz, finite.
+ARRAYS = {"bench_engine": ("times_sensitivity",), "train": ("train_loss", "z0", "samples"),
+          "gmm_score_error": ("z0", "psi_exact", "psi_learned", "eval_median_corr")}
+ARRAYS["gmm_score_error_paper"] = ARRAYS["gmm_score_error"]
 
 
 def diffsens(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -45,8 +57,8 @@ def test_every_experiment_has_tiny_settings():
 def test_experiment_config_composes_and_builds(experiment):
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"])
-    assert cfg.name == experiment and cfg.task
-    Components(cfg)
+    assert cfg.task and (cfg.name == experiment or cfg.task == "train")
+    check_task(cfg)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -58,17 +70,20 @@ def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] and summary["versions"]["torch"]
-    assert "name: " + experiment in (out / "config.yaml").read_text()
+    assert f"task: {summary_task(out)}" in (out / "config.yaml").read_text()
     for fig in summary.get("figures", []):
         assert (out / fig).stat().st_size > 1000
-    assert not list(out.rglob("*.tmp"))
-    if experiment != "bench_engine":
-        with np.load(out / "arrays.npz") as arrays:
-            for key in ("z0", "samples", "psi", "logp"):
-                assert np.isfinite(arrays[key]).all(), key
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".tmp-*"))
+    with np.load(out / "arrays.npz") as arrays:
+        for key in ARRAYS.get(experiment, ("z0", "samples", "psi", "logp")):
+            assert np.isfinite(arrays[key]).all(), key
+    if "weights" in summary:
         assert summary["weights"]["nonfinite"] == 0
-    else:
-        assert summary["metrics"]["ratio_sensitivity_vs_likelihood"] > 0
+
+
+def summary_task(out: Path) -> str:
+    return next(line.split(": ")[1] for line in (out / "config.yaml").read_text().splitlines()
+                if line.startswith("task: "))
 
 
 def test_first_order_restart_reuses_finished_stages(tmp_path):
@@ -86,7 +101,8 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
-    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, gmm_first_order, toy2d"),
+    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, gmm_first_order, "
+                          "gmm_score_error, gmm_score_error_paper, toy2d, train"),
     (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
     (["perturbation.mean=[1,2,3]"], "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),
     (["solver.method=sde", "solver.density=ccov"], "solver.density: CCoV log-densities hold along ODE paths only"),
@@ -104,7 +120,7 @@ def test_cfg_job_and_help(tmp_path):
     r = diffsens("run", "experiment=toy2d", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "task: toy2d" in r.stdout
     r = diffsens("run", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "experiment: bench_engine, gmm_first_order, toy2d" in r.stdout
+    assert r.returncode == 0 and "experiment: bench_engine, gmm_first_order, gmm_score_error" in r.stdout
     assert diffsens("--help", cwd=tmp_path).returncode == 0
 
 
@@ -144,3 +160,53 @@ def test_synthetic_problem_is_configurable_from_overrides():
     np.testing.assert_allclose(nu.means.numpy(), [[0.5, 0.5, 0.5]])
     np.testing.assert_allclose(nu.stds.numpy(), [0.25])
     assert comp.perturbation.sign == -1.0
+
+
+def test_train_modes_and_resume(tmp_path):
+    """Base, then retraining on the mixture with S, then fine-tuning the saved base model
+    (at a vanishing learning rate it must come back as the base model's weights); a
+    second run into the same directory with more steps continues from the checkpoint."""
+    from diffsens_cli.models.pretrained import load_pretrained
+
+    common = ["solver.progress=false", *TINY["train"]]
+    base = tmp_path / "base"
+    r = diffsens("train", f"hydra.run.dir={base}", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = np.load(base / "arrays.npz")["train_loss"]
+    r = diffsens("train", f"hydra.run.dir={base}", *common, "train.steps=5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads((base / "summary.json").read_text())
+    losses = np.load(base / "arrays.npz")["train_loss"]
+    assert resumed["metrics"]["steps"] == 5 and len(losses) == 5 and np.array_equal(losses[:3], first)
+
+    retrain = tmp_path / "retrain"
+    r = diffsens("train", f"hydra.run.dir={retrain}", *common, "train.mode=retrain",
+                 "perturbation.source.num_images=30", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((retrain / "summary.json").read_text())["sizes"] == {"rho": 64, "S": 30}
+
+    tuned = tmp_path / "tuned"
+    r = diffsens("train", f"hydra.run.dir={tuned}", *common, "train.mode=finetune", "model=pretrained",
+                 f"model.path={base / 'model'}", "perturbation.source.num_images=30", "train.lr=1e-30",
+                 "train.ema_decay=null", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, after = load_pretrained(base / "model"), load_pretrained(tuned / "model")
+    for a, b in zip(before.net.parameters(), after.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train.mode=finetune"], "model.kind: fine-tuning starts from a trained model: model=pretrained"),
+    (["model=pretrained", "model.path=/no/such/model"], "model.path: /no/such/model"),
+    (["dataset=mnist", "dataset.root=/no/such/mnist"], "dataset.root: /no/such/mnist"),
+    (["model=unet_mnist", "dataset.image_size=10"],
+     "model.block_out_channels: 3 levels need dataset.image_size divisible by 2^2 = 4; got 10x10"),
+    (["train.mode=retrain", "perturbation.classes=[11]"], "perturbation.classes:"),
+    (["train.eta_bar=1.5"], "train.eta_bar: must be in (0, 1), got 1.5"),
+])
+def test_bad_training_input_is_one_clear_line(args, expected, tmp_path):
+    r = diffsens("train", "solver.progress=false", *TINY["train"], *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffsens: error: " + expected), r.stderr
+    assert not list(tmp_path.rglob("step-*")) and not list(tmp_path.rglob("model"))
