@@ -94,3 +94,15 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema_decay):
     assert [p.name for p in second.checkpoints()] == ["step-00000003", "step-00000006"]
     assert not torch.equal(next(straight.sampling_model().net.parameters()),
                            next(_trainer(tmp_path / "c").sampling_model().net.parameters()))
+
+
+def test_horizontal_flips_mirror_about_half_of_a_batch(tmp_path):
+    """hflip: each image is itself or its exact left-right mirror, each with probability 1/2."""
+    image = torch.arange(12.0).view(1, 1, 3, 4)
+    settings = TrainSettings(steps=1, batch_size=4000, hflip=True, progress=False)
+    model = NetworkScore(FourierMLP(12, hidden=8, num_frequencies=4), SCHED)
+    trainer = Trainer(model, GaussianMixture.empirical(image), (1, 3, 4), settings, tmp_path)
+    batch = trainer._batch(torch.Generator().manual_seed(0))
+    flipped = (batch == image.flip(-1)).flatten(1).all(1)
+    assert (flipped | (batch == image).flatten(1).all(1)).all()
+    assert abs(flipped.double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / 4000)

@@ -62,6 +62,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     model = build_network_model(cfg.model, shape, build_schedule(cfg.schedule), dtype=dtype, forward_ad=False)
     model.net.train()
     final, trainer = train_to_completion(model, source, shape, settings, run.path, cpu=device.type == "cpu")
+    if not trainer.accelerator.is_main_process:  # under `accelerate launch`: one process reports
+        return
 
     n = int(cfg.sample.num_images)
     arrays = {"train_loss": torch.tensor(trainer.losses).numpy()}
