@@ -13,7 +13,7 @@ from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
 from diffsens_cli.models.closed_form import MixtureScore
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 SCHED = VPLinear()
 
 

@@ -9,7 +9,7 @@ from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.models.network import FourierMLP, NetworkScore
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def mixture(d=5, k=4, seed=0, std=True):

@@ -38,17 +38,17 @@ SHAPE = (2, 8, 8)
 T = torch.tensor(0.61237, dtype=torch.float64)  # model time 386.63: between the UNet's integer timesteps
 
 
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def float64_one_thread():
-    """float64 throughout (finite differences); one thread: tiny networks are many small
-    ops, a second thread only adds barrier waits, and made the UNet tests 40x slower
-    while another process used the other core.  Both restored for other modules."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+def one_thread():
+    """Tiny networks are many small ops: a second thread only adds barrier waits, and
+    made the UNet tests 40x slower while another process used the other core."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
     yield
     torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
 
 
 class ExactNetwork(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli import plots
-from diffsens_cli.builders import build_schedule, device_and_dtype, train_settings
+from diffsens_cli.builders import TRAIN_MODES, build_schedule, device_and_dtype, train_settings
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.errors import one_of, require
@@ -17,7 +17,7 @@ from diffsens_cli.rundir import RunDir
 
 
 def check(cfg: DictConfig) -> None:
-    mode = one_of(cfg.train.mode, ("base", "retrain", "finetune"), "train.mode")
+    mode = one_of(cfg.train.mode, TRAIN_MODES, "train.mode")
     require(mode != "finetune" or cfg.model.kind == "pretrained", "model.kind",
             "fine-tuning starts from a trained model: model=pretrained model.path=DIR")
     train_settings(cfg.train, 1)
