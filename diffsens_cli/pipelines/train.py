@@ -5,6 +5,7 @@ loss curve and a grid of PF-ODE samples."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -66,7 +67,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         return
 
     n = int(cfg.sample.num_images)
-    arrays = {"train_loss": torch.tensor(trainer.losses).numpy()}
+    arrays = {"train_loss": np.asarray(trainer.losses)}
     figures = run.save_figure(plots.loss_curve(trainer.losses), "loss")
     if n:
         gen = torch.Generator(trainer.device).manual_seed(int(cfg.seed))
