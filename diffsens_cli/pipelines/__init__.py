@@ -2,25 +2,29 @@
 
 Each module ``diffsens_cli.pipelines.<task>`` has ``run(cfg, run_dir)``, and may have
 ``check(cfg)``, the checks the CLI runs before a run directory exists (default: build
-the synthetic ``Components``).
+the synthetic ``Components``), and ``STAGES``, the names of its cached stages (what
+``stages.force`` may name).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.errors import one_of
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.stages import StageCache
 
-TASK_NAMES = ("bench_engine", "first_order", "score_error", "toy2d", "train")
+TASK_NAMES = ("attribute_sensitivity", "bench_engine", "first_order", "predict_change", "score_error", "toy2d",
+              "train")
 
 
 def check_task(cfg: DictConfig) -> None:
     """Check ``cfg`` for its task without doing the work; raises a DiffsensError."""
     task = one_of(cfg.task, TASK_NAMES, "task")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
+    _stage_cache(cfg, getattr(module, "STAGES", ()))
     if hasattr(module, "check"):
         module.check(cfg)
     else:
@@ -32,6 +36,16 @@ def check_task(cfg: DictConfig) -> None:
 def run_task(cfg: DictConfig, out_dir: str) -> None:
     """Run ``cfg.task`` into ``out_dir``; writes the resolved config first."""
     task = one_of(cfg.task, TASK_NAMES, "task")
-    run = RunDir(out_dir)
+    module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
+    run = RunDir(out_dir, _stage_cache(cfg, getattr(module, "STAGES", ())))
     run.save_config(cfg)
-    importlib.import_module(f"diffsens_cli.pipelines.{task}").run(cfg, run)
+    module.run(cfg, run)
+
+
+def _stage_cache(cfg: DictConfig, names: tuple[str, ...]) -> StageCache:
+    """The shared stage cache of ``cfg.stages``; ``force`` may name the task's stages or ``all``."""
+    force = OmegaConf.to_container(cfg.stages.force) if cfg.stages.force is not None else []
+    force = [force] if isinstance(force, str) else force
+    for name in force:
+        one_of(name, (*names, "all"), "stages.force")
+    return StageCache(str(cfg.stages.dir), force)

@@ -22,6 +22,8 @@ from diffsens_cli.errors import require
 from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.rundir import RunDir
 
+STAGES = ("curve",)
+
 
 def variants(fo: DictConfig, solver: SolverSettings) -> list[tuple[str, str, SolverSettings]]:
     """(panel, label, settings) for every curve of the figure."""
@@ -76,7 +78,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     z0 = comp.model.sample_base(n, (comp.target.dim,), t0, gen)
 
     depends = OmegaConf.to_container(cfg, resolve=True)  # what a curve depends on, less display
-    del depends["first_order"], depends["solver"]["progress"]
+    del depends["first_order"], depends["stages"], depends["solver"]["progress"]
     depends["etas"], depends["num_samples"] = etas, n
     curves, reference = [], None
     for panel, label, settings in tqdm(variants(fo, comp.solver), desc="first_order", disable=not comp.solver.progress):

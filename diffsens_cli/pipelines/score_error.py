@@ -31,6 +31,8 @@ from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.rundir import RunDir
 
+STAGES = ("exact_psi",)
+
 
 def check(cfg: DictConfig) -> None:
     comp = Components(cfg)
@@ -56,7 +58,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     z0 = exact.sample_base(n, (d,), t0, torch.Generator(comp.device).manual_seed(int(cfg.seed)))
 
     depends = OmegaConf.to_container(cfg, resolve=True)
-    del depends["train"], depends["solver"]["progress"]
+    del depends["train"], depends["stages"], depends["solver"]["progress"]
     exact_settings = replace(comp.solver, density="closed_form", progress=False)
     psi_exact = torch.from_numpy(run.stage(
         "exact_psi", lambda: {"psi": Integrator(exact, exact_settings, comp.perturbation).run(z0).psi.numpy()},
