@@ -123,3 +123,127 @@ def loss_curve(losses, window: int = 50) -> plt.Figure:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+SIGNED_CMAP = "RdBu_r"  # diverging: blue negative, white zero, red positive
+
+
+def _show_image(ax, image) -> matplotlib.image.AxesImage:
+    """One image [C, H, W] in [-1, 1] (greyscale when C = 1), clipped, without ticks."""
+    image = np.clip((np.asarray(image, dtype=float) + 1) / 2, 0, 1)
+    im = ax.imshow(image[0], cmap="gray", vmin=0, vmax=1) if image.shape[0] == 1 else \
+        ax.imshow(image.transpose(1, 2, 0))
+    _bare(ax)
+    return im
+
+
+def _show_signed(ax, values, cmap: str = SIGNED_CMAP) -> matplotlib.image.AxesImage:
+    """One signed image [C, H, W] (the channel mean when C > 1) in a diverging colormap centred
+    at zero, scaled symmetric by its own max |value| m (vmin=-m, vmax=m; m = 1 when all zero or
+    non-finite), so that sign shows whatever the scale; m is written under it."""
+    values = np.asarray(values, dtype=float)
+    plane = values.mean(axis=0) if values.ndim == 3 else values
+    finite = np.abs(plane[np.isfinite(plane)])
+    m = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    im = ax.imshow(plane, cmap=cmap, vmin=-m, vmax=m)
+    _bare(ax)
+    ax.set_xlabel(f"±{m:.1e}", fontsize=7, labelpad=1)
+    return im
+
+
+def _bare(ax) -> None:
+    """No ticks or frame, but (unlike axis('off')) room for a y label: the row label."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _cell(images) -> float:
+    """Inches a grid cell: larger for larger images."""
+    return 1.1 if np.asarray(images).shape[-1] <= 32 else 1.4
+
+
+def correlation_histograms(panels: list[tuple[str, np.ndarray, np.ndarray]]) -> plt.Figure:
+    """Paper Figs. 5 and 6: one panel a (title, ours, ot) of overlapping histograms over [-1, 1]
+    of per-sample correlations with the actual change, ours and the OT baseline's, each with a
+    dashed line at its median (NaNs ignored)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    bins = np.linspace(-1, 1, 41)
+    for ax, (title, ours, ot) in zip(axes[0], panels):
+        for values, label, colour in ((ours, "sensitivity (ours)", "tab:blue"), (ot, "OT baseline", "tab:orange")):
+            values = np.asarray(values, dtype=float).ravel()
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                ax.hist([], bins=bins, color=colour, alpha=0.6, label=f"{label}, no finite values")
+                continue
+            median = float(np.median(values))
+            ax.hist(values, bins=bins, color=colour, alpha=0.6, label=f"{label}, median {median:.2f}")
+            ax.axvline(median, color=colour, ls="--", lw=1.5)
+        ax.set_xlim(-1, 1)
+        ax.set_xticks(np.linspace(-1, 1, 5))
+        ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # headroom for the legend
+        ax.set_title(title)
+        ax.set_xlabel("correlation with actual change")
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0][0].set_ylabel("samples")
+    fig.tight_layout()
+    return fig
+
+
+def change_grid(base, perturbed, psi, change, title: str | None = None, ncol: int = 8) -> plt.Figure:
+    """Paper Fig. 7: for the first ``ncol`` samples (columns), rows of base samples, perturbed
+    samples, sensitivities psi and actual changes (perturbed - base); the last two signed, each
+    scaled by its own max |value| (written under it), as psi and the change differ in scale."""
+    n = min(ncol, len(base))
+    cell = _cell(base)
+    fig, axes = plt.subplots(4, n, figsize=(cell * n + 0.3, 4 * cell + 0.6 + (0.3 if title else 0)), squeeze=False)
+    for j in range(n):
+        _show_image(axes[0, j], base[j])
+        _show_image(axes[1, j], perturbed[j])
+        _show_signed(axes[2, j], psi[j])
+        _show_signed(axes[3, j], change[j])
+    for ax, label in zip(axes[:, 0], ("base", "perturbed", "sensitivity ψ", "actual change")):
+        ax.set_ylabel(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(h_pad=0.8, w_pad=0.3)  # h_pad: room for the scales under the signed rows
+    return fig
+
+
+def sensitivity_rows(samples, rows: list[tuple[str, np.ndarray]], ncol: int = 8) -> plt.Figure:
+    """Paper Fig. 15: the first ``ncol`` samples on top, then one row of signed sensitivities
+    [N, C, H, W] a (label, psi), each image scaled by its own max |value|."""
+    n = min(ncol, len(samples))
+    cell = _cell(samples)
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(cell * n + 0.3, (1 + len(rows)) * (cell + 0.15) + 0.3),
+                             squeeze=False)
+    for j in range(n):
+        _show_image(axes[0, j], samples[j])
+        for i, (_, psi) in enumerate(rows, start=1):
+            _show_signed(axes[i, j], psi[j])
+    for ax, label in zip(axes[:, 0], ["sample", *(label for label, _ in rows)]):
+        ax.set_ylabel(label, fontsize=9)
+    fig.tight_layout(h_pad=0.8, w_pad=0.3)  # h_pad: room for the scales under the signed rows
+    return fig
+
+
+def line_segments(samples, psi, coefficients, title: str | None = None) -> plt.Figure:
+    """Paper Fig. 16: a row a sample x, a column a coefficient a, each cell x + a * psi clipped
+    to [-1, 1]. ``psi`` is taken as given: psi may be tiny or huge against pixel values, so the
+    caller scales it (e.g. to a max |value| of 1) to make the segment visible."""
+    samples, psi = np.asarray(samples, dtype=float), np.asarray(psi, dtype=float)
+    coefficients = np.asarray(coefficients, dtype=float).ravel()
+    cell = _cell(samples)
+    nrow, ncol = len(samples), len(coefficients)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(cell * ncol, cell * nrow + 0.3 + (0.3 if title else 0)),
+                             squeeze=False)
+    for i in range(nrow):
+        for j, a in enumerate(coefficients):
+            _show_image(axes[i, j], np.clip(samples[i] + a * psi[i], -1, 1))
+    for ax, a in zip(axes[0], coefficients):
+        ax.set_title(f"a = {a:g}", fontsize=9, fontweight="bold" if a == 0 else "normal")  # a = 0: the sample
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(h_pad=0.3, w_pad=0.3)
+    return fig
