@@ -75,7 +75,7 @@ def test_digits_are_sklearn_digits_in_unit_range(digits):
 def test_lfw_faces_are_the_first_hundred():
     native = load_images(cfg("lfw_faces"))
     assert torch.equal(native.images[:, 0], torch.from_numpy(lfw_subset()[:100]).float() * 2 - 1)
-    assert native.labels is None and native.attributes is None
+    assert native.labels is None and set(native.attributes) == {"Bright", "Dark", "High_Contrast", "Lit_From_Left"}
     assert load_images(cfg("lfw_faces", image_size=24)).images.shape == (100, 1, 24, 24)
 
 

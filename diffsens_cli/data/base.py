@@ -71,12 +71,14 @@ class Spec:
         require(isinstance(seed, int), self.name("seed"), f"must be an integer, got {seed!r}")
         return seed
 
-    def root(self, layout: str) -> Path:
-        """The ``root`` folder of a published data set; ``layout`` says what it should hold."""
+    def root(self, layout: str, get: str) -> Path:
+        """The ``root`` folder of a published data set; ``layout`` says what it should hold,
+        ``get`` where a user without it downloads it."""
         root = self.values.get("root")
         require(root is not None, self.name("root"), f"is null; set it to the folder holding {layout}")
         path = Path(str(root)).expanduser()
-        require(path.is_dir(), self.name("root"), f"{path} is not a folder; expected one holding {layout}")
+        require(path.is_dir(), self.name("root"), f"{path} is not a folder; expected one holding {layout}. "
+                f"Download {get}, unpack it there, or set {self.name('root')}=PATH")
         return path
 
     def error(self, field: str, message: str) -> ConfigError:

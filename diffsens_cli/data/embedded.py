@@ -30,12 +30,57 @@ def digits(spec: Spec) -> ImageSet:
     return ImageSet(images, torch.from_numpy(data.target).to(torch.int64), None, "digits")
 
 
+FACE_CENTRE = slice(6, 19)  # rows and columns of the central 13x13 of the 25x25 frame: eyes, nose and mouth
+FACE_ATTRIBUTES = ("Bright", "Dark", "High_Contrast", "Lit_From_Left")
+
+
+def _quarters(statistic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bool masks of the ``len // 4`` smallest and the ``len // 4`` largest values of ``statistic``,
+    from one stable ranking (ties go by position), so both have exactly that count and never overlap."""
+    order = np.argsort(statistic, kind="stable")
+    q = len(statistic) // 4
+    bottom, top = np.zeros(len(statistic), dtype=bool), np.zeros(len(statistic), dtype=bool)
+    bottom[order[:q]] = True
+    top[order[len(order) - q:]] = True
+    return bottom, top
+
+
+def face_attributes(faces: np.ndarray) -> dict[str, torch.Tensor]:
+    """Attribute-like labels of faces [N, 25, 25] in [0, 1] (the native LFW subset), each a bool
+    tensor [N] true for exactly ``N // 4`` faces: the top (or, for Dark, bottom) quarter of a pixel
+    statistic, ranked stably (ties by position), so deterministic.
+
+    These are stand-ins computed from pixels, not human labels: they give the embedded faces
+    splits to select perturbation sets S by (``perturbation.attributes: "Bright"``), as CelebA's
+    attributes (Bald, Goatee, Smiling, Eyeglasses in the paper's App. E) do.
+
+    - ``Bright``: highest mean intensity of the central 13x13 (rows and columns 6..18: eyes, nose,
+      mouth, mostly skin), so lighting and skin tone rather than background.
+    - ``Dark``: lowest mean of the same region; disjoint from Bright.
+    - ``High_Contrast``: highest standard deviation of all 625 pixels.
+    - ``Lit_From_Left``: highest mean of the left 12 columns minus that of the right 12 (the middle
+      column left out), left as the image is displayed: light from the viewer's left.
+    """
+    faces = np.asarray(faces, dtype=np.float64)
+    if faces.ndim != 3 or faces.shape[1:] != (25, 25):
+        raise ValueError(f"expected native LFW faces [N, 25, 25], got shape {faces.shape}")
+    centre = faces[:, FACE_CENTRE, FACE_CENTRE].mean(axis=(1, 2))
+    dark, bright = _quarters(centre)
+    _, contrast = _quarters(faces.std(axis=(1, 2)))
+    _, left_lit = _quarters(faces[:, :, :12].mean(axis=(1, 2)) - faces[:, :, 13:].mean(axis=(1, 2)))
+    masks = dict(zip(FACE_ATTRIBUTES, (bright, dark, contrast, left_lit)))
+    return {name: torch.from_numpy(mask) for name, mask in masks.items()}
+
+
 def lfw_faces(spec: Spec) -> ImageSet:
-    """The faces of scikit-image's LFW subset: its first 100 images (the other 100 are background crops)."""
+    """The faces of scikit-image's LFW subset: its first 100 images (the other 100 are background crops),
+    with the pixel-statistic attributes of ``face_attributes`` (Bright, Dark, High_Contrast, Lit_From_Left;
+    25 faces each), computed on the native 25x25 images before any ``limit`` draw or resizing."""
     from skimage.data import lfw_subset
 
-    faces = torch.from_numpy(np.asarray(lfw_subset()[:100], dtype=np.float32))
-    return ImageSet(faces.unsqueeze(1) * 2.0 - 1.0, None, None, "lfw_faces")
+    native = np.asarray(lfw_subset()[:100])
+    faces = torch.from_numpy(native.astype(np.float32))
+    return ImageSet(faces.unsqueeze(1) * 2.0 - 1.0, None, face_attributes(native), "lfw_faces")
 
 
 def _has_digit_glyphs(path: Path) -> bool:

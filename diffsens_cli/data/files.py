@@ -50,7 +50,8 @@ def _read_idx(spec: Spec, root: Path, name: str) -> np.ndarray:
 def mnist(spec: Spec) -> ImageSet:
     """MNIST's ``split`` (train: 60000, test: 10000) from its IDX files."""
     prefix = {"train": "train", "test": "t10k"}[spec.choice("split", ["train", "test"], "train")]
-    root = spec.root(MNIST_LAYOUT.removeprefix("MNIST expects "))
+    root = spec.root(MNIST_LAYOUT.removeprefix("MNIST expects "), "MNIST's four IDX files (Yann LeCun's MNIST page "
+                     "or any mirror, e.g. torchvision's)")
     images = _read_idx(spec, root, f"{prefix}-images-idx3-ubyte")
     labels = _read_idx(spec, root, f"{prefix}-labels-idx1-ubyte")
     require(images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels), spec.name("root"),
@@ -65,7 +66,7 @@ def tmnist(spec: Spec) -> ImageSet:
     file = spec.get("file", "TMNIST_Data.csv")
     layout = (f"TMNIST expects the Kaggle CSV {file}: header {','.join(TMNIST_COLUMNS[:4])},...,784, then one row "
               "per image")
-    root = spec.root(f"{file}; {layout}")
+    root = spec.root(f"{file}; {layout}", "TMNIST_Data.csv from Kaggle's 'TMNIST (Typography MNIST)' data set")
     path = root / str(file)
     if not path.is_file():
         raise spec.error("root", f"{root} has no {file}; {layout}")
@@ -124,7 +125,8 @@ def celeba(spec: Spec) -> ImageSet:
     split = spec.choice("split", ["train", "valid", "test", "all"], "train")
     crop = spec.positive_int("crop", 140, optional=False)
     size = spec.positive_int("image_size") or crop
-    root = spec.root(CELEBA_LAYOUT.removeprefix("CelebA expects "))
+    root = spec.root(CELEBA_LAYOUT.removeprefix("CelebA expects "), "CelebA's aligned and cropped images "
+                     "(img_align_celeba.zip) and its Anno and Eval text files from the CelebA project page")
     files, names, values = _celeba_table(spec, root)
     rows = np.arange(len(files))
     if split != "all":
@@ -188,7 +190,8 @@ def _cifar_batch(spec: Spec, root: Path, name: str) -> tuple[np.ndarray, np.ndar
 def cifar10(spec: Spec) -> ImageSet:
     """CIFAR-10's ``split`` (train: data_batch_1..5, test: test_batch), 32x32 RGB."""
     split = spec.choice("split", ["train", "test"], "train")
-    root = spec.root(CIFAR_LAYOUT.removeprefix("CIFAR-10 expects "))
+    root = spec.root(CIFAR_LAYOUT.removeprefix("CIFAR-10 expects "), "the CIFAR-10 python version "
+                     "(cifar-10-python.tar.gz) from Alex Krizhevsky's CIFAR page")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     data, labels = zip(*(_cifar_batch(spec, root, name) for name in names))
     images = torch.from_numpy(np.concatenate(data)).reshape(-1, 3, 32, 32)

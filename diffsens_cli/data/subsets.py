@@ -2,7 +2,8 @@
 rho's training data, selected from rho's own data set or from another one.
 
 Filters apply in turn to the images left by the previous one: ``classes`` (labels),
-``attributes`` (a boolean expression over CelebA attributes), ``top_k`` highest of
+``attributes`` (a boolean expression over the set's attributes: CelebA's 40, or the
+pixel-statistic stand-ins of the embedded faces), ``top_k`` highest of
 ``scores_file``, then a seeded random draw of ``num_samples``.
 """
 
@@ -123,7 +124,7 @@ def perturbation_set(pcfg: DictConfig | dict, base: ImageSet, base_cfg: DictConf
         require(isinstance(expression, str), p.name("attributes"),
                 f"must be null or a boolean expression over attribute names, got {expression!r}")
         require(src.attributes is not None, p.name("attributes"),
-                f"the source set {src.name} has no attributes (CelebA has them)")
+                f"the source set {src.name} has no attributes (celeba and lfw_faces have them)")
         keep = narrow(attribute_mask(expression, src.attributes, p.name("attributes"))[keep], "attributes")
 
     top_k = p.positive_int("top_k")
