@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded default (paper Fig. 3); extra overrides via ARGS="key=value ...".
+## The main job on the embedded default (paper Figs. 5-7: digits_typography); extra overrides via ARGS="key=value ...".
 run: $(STAMP)
 	$(BIN)/diffsens run $(ARGS)
 
@@ -30,7 +30,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/diffsens run experiment=bench_engine $(ARGS)
 
-## Every paper figure this version can make (see experiments/README.md).
+## Every paper figure this version can make from embedded data (recipes in experiments/).
 figures: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash experiments/all.sh
 

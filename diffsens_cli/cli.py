@@ -25,9 +25,13 @@ USAGE = """\
 usage: diffsens run [experiment=NAME] [GROUP=OPTION] [KEY=VALUE ...] [HYDRA FLAGS]
        diffsens train [dataset=NAME] [model=NAME] [train.mode=base|retrain|finetune] [KEY=VALUE ...]
 
-Runs one experiment into outputs/NAME/DATE_TIME (hydra.run.dir=PATH to choose; run the
-same command with the same hydra.run.dir to resume an interrupted run).
-  diffsens run experiment=gmm_first_order      paper Fig. 3 (the default)
+Runs one experiment into outputs/NAME/DATE_TIME (hydra.run.dir=PATH to choose). Finished
+stages are kept in outputs/stages and reused: run the same command again to resume an
+interrupted run; stages.force=[NAME] recomputes a stage.
+  diffsens run experiment=digits_typography    paper Figs. 5-7 on embedded digits (the default)
+  diffsens run experiment=celeba_oldman dataset.root=DIR   Figs. 5-7 on CelebA (also: mnist_tmnist)
+  diffsens run experiment=celeba_attributes    paper App. E, Figs. 15-16 (embedded faces)
+  diffsens run experiment=gmm_first_order      paper Fig. 3
   diffsens run experiment=toy2d                paper Figs. 1-2
   diffsens run experiment=gmm_score_error      paper Fig. 4 (CPU-sized; _paper: App. F.1.2)
   diffsens run experiment=bench_engine         engine cost benchmark

@@ -78,7 +78,9 @@ class StageCache:
                 shutil.rmtree(path, ignore_errors=True)
                 self.forced.add(path)
             if (path / DONE).is_file():
-                self.log.append({"stage": name, "key": path.name, "path": str(path), "reused": True})
+                entry = {"stage": name, "key": path.name, "path": str(path), "reused": True}
+                if entry not in self.log:  # a stage read twice in one run is listed once
+                    self.log.append(entry)
                 return path
             path.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()

@@ -38,10 +38,29 @@ TINY = {
               "dataset.limit=64"],
 }
 TINY["gmm_score_error_paper"] = TINY["gmm_score_error"]
+# The image experiments: tiny training, integration and S; "{data}" is the fake_data fixture's folder.
+_TINY_IMAGES = ["train.steps=3", "train.batch_size=8", "solver.num_steps=3", "train.ema_decay=null"]
+_TINY_PREDICT = [*_TINY_IMAGES, "predict.num_samples=4", "predict.grid_samples=2"]
+_SMALL_UNET = ["model=unet", "model.block_out_channels=[8,16]", "model.norm_num_groups=4",
+               "model.attention_head_dim=4"]
+TINY |= {
+    "digits_typography": [*_TINY_PREDICT, "dataset.limit=64", "perturbation.source.num_images=30"],
+    "mnist_tmnist": [*_TINY_PREDICT, "dataset.root={data}/mnist", "perturbation.source.root={data}/tmnist"],
+    "celeba_oldman": [*_TINY_PREDICT, *_SMALL_UNET, "dataset.root={data}/celeba", "dataset.image_size=16"],
+    "celeba_attributes": [*_TINY_IMAGES, "dataset.limit=40", "attributes.num_samples=2"],
+    "celeba_attributes_paper": [*_TINY_IMAGES, *_SMALL_UNET, "dataset.root={data}/celeba", "dataset.image_size=16",
+                                "attributes.num_samples=2"],
+}
 # What each pipeline must leave in arrays.npz, finite.
 ARRAYS = {"bench_engine": ("times_sensitivity",), "train": ("train_loss", "z0", "samples"),
           "gmm_score_error": ("z0", "psi_exact", "psi_learned", "eval_median_corr")}
 ARRAYS["gmm_score_error_paper"] = ARRAYS["gmm_score_error"]
+for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman"):
+    ARRAYS[_e] = ("z0", "samples", "psi", "logp", "retrain/change", "retrain/ot_rays", "finetune/change",
+                  "finetune/ot_rays")
+for _e in ("celeba_attributes", "celeba_attributes_paper"):
+    ARRAYS[_e] = ("z0", "samples", "logp", *(f"psi/{k}" for k in ("Bright", "Dark", "High_Contrast", "Lit_From_Left")
+                                            if _e == "celeba_attributes"))
 
 
 def diffsens(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -62,11 +81,11 @@ def test_experiment_config_composes_and_builds(experiment):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path):
+def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path, fake_data):
     """Smoke test of each pipeline end to end, plus checks on what it wrote."""
     out = tmp_path / "run"
     r = diffsens("run", f"experiment={experiment}", f"hydra.run.dir={out}", "solver.progress=false",
-                 *TINY[experiment], cwd=tmp_path)
+                 *(a.format(data=fake_data) for a in TINY[experiment]), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] and summary["versions"]["torch"]
@@ -86,9 +105,10 @@ def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path):
 
 def test_first_order_restart_reuses_finished_stages(tmp_path):
     out = tmp_path / "run"
-    args = ["run", f"hydra.run.dir={out}", "solver.progress=false", *TINY["gmm_first_order"]]
+    args = ["run", "experiment=gmm_first_order", f"hydra.run.dir={out}", "solver.progress=false",
+            *TINY["gmm_first_order"]]
     assert diffsens(*args, cwd=tmp_path).returncode == 0
-    stages = sorted(out.glob("stages/*.npz"))
+    stages = sorted(tmp_path.glob("outputs/stages/curve/*/arrays.npz"))
     assert len(stages) == 3  # ode, sde, hutchinson (the exact-density curve shares the ode stage)
     mtimes = [p.stat().st_mtime_ns for p in stages]
     (out / "summary.json").unlink()
@@ -99,11 +119,15 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
-    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, gmm_first_order, "
-                          "gmm_score_error, gmm_score_error_paper, toy2d, train"),
+    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, celeba_attributes, "
+                          "celeba_attributes_paper, celeba_oldman, digits_typography, gmm_first_order, "),
     (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
-    (["perturbation.mean=[1,2,3]"], "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),
+    (["experiment=gmm_first_order", "perturbation.mean=[1,2,3]"],
+     "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),
     (["solver.method=sde", "solver.density=ccov"], "solver.density: CCoV log-densities hold along ODE paths only"),
+    (["stages.force=[train_bass]"], "stages.force: 'train_bass' is not one of train_base, train_retrain"),
+    (["predict.modes=[retrain,finetuning]"], "predict.modes: 'finetuning' is not one of retrain, finetune"),
+    (["ot.metric=cosine"], "ot.metric: 'cosine' is not one of euclidean, sqeuclidean"),
     (["solver.method=euler"], "solver.method: 'euler' is not one of ode, sde"),
 ])
 def test_bad_input_is_one_clear_line(args, expected, tmp_path):
@@ -118,7 +142,7 @@ def test_cfg_job_and_help(tmp_path):
     r = diffsens("run", "experiment=toy2d", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "task: toy2d" in r.stdout
     r = diffsens("run", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "experiment: bench_engine, gmm_first_order, gmm_score_error" in r.stdout
+    assert r.returncode == 0 and "experiment: bench_engine, celeba_attributes, celeba_attributes_paper" in r.stdout
     assert diffsens("--help", cwd=tmp_path).returncode == 0
 
 
@@ -146,8 +170,8 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
 
 def test_synthetic_problem_is_configurable_from_overrides():
     """dataset.means/weights/std and perturbation.mean/std as a user types them."""
-    overrides = ["dataset.dim=3", "dataset.means=[-2,0,[1,2,3]]", "dataset.weights=[1,1,2]",
-                 "dataset.std=[0.1,0.2,0.3]",
+    overrides = ["experiment=gmm_first_order", "dataset.dim=3", "dataset.means=[-2,0,[1,2,3]]",
+                 "dataset.weights=[1,1,2]", "dataset.std=[0.1,0.2,0.3]",
                  "perturbation.mean=0.5", "perturbation.std=0.25", "perturbation.direction=remove"]
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
         comp = Components(compose("config", overrides=overrides))

@@ -410,7 +410,7 @@ def test_attribute_expressions(celeba_root):
 
 def test_attributes_need_a_set_with_attributes(digits):
     assert error(perturbation_set, image_set(attributes="Male"), digits, cfg("digits")) == \
-        "perturbation.attributes: the source set digits has no attributes (CelebA has them)"
+        "perturbation.attributes: the source set digits has no attributes (celeba and lfw_faces have them)"
 
 
 def test_attributes_top_k_and_num_samples_compose(celeba_root, tmp_path):
@@ -461,7 +461,8 @@ def test_source_from_another_data_set(digits):
 
 def test_source_composes_from_the_command_line(digits):
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
-        c = compose("config", overrides=["dataset=digits", "perturbation=image_set", "seed=2",
+        c = compose("config", overrides=["experiment=gmm_first_order", "dataset=digits", "perturbation=image_set",
+                                         "seed=2",
                                          "+dataset@perturbation.source=typography",
                                          "perturbation.source.num_images=30", "perturbation.classes=[0]"])
     assert c.perturbation.source.kind == "typography" and c.perturbation.source.seed == 2 and c.dataset.kind == "digits"
@@ -483,7 +484,8 @@ def test_source_composes_from_an_experiment(tmp_path):
 
 def test_old_men_selects_male_and_not_young(celeba_root):
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
-        c = compose("config", overrides=["dataset=celeba", f"dataset.root={celeba_root}", "dataset.split=all",
+        c = compose("config", overrides=["experiment=gmm_first_order", "dataset=celeba", f"dataset.root={celeba_root}",
+                                         "dataset.split=all",
                                          "dataset.crop=8", "dataset.image_size=null", "perturbation=old_men"])
     assert c.perturbation.attributes == "Male and not Young" and c.perturbation.source is None
     base = load_images(c.dataset)

@@ -13,6 +13,7 @@ from diffsens_cli import plots
 from diffsens_cli.builders import TRAIN_MODES, build_schedule, device_and_dtype, train_settings
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.data.base import ImageSet
 from diffsens_cli.errors import one_of, require
 from diffsens_cli.rundir import RunDir
 
@@ -28,26 +29,30 @@ def check(cfg: DictConfig) -> None:
     require(int(cfg.sample.num_steps) >= 1, "sample.num_steps", f"must be >= 1, got {cfg.sample.num_steps}")
 
 
+def training_measure(mode: str, rho: ImageSet, s: ImageSet | None, eta_bar: float) -> tuple[GaussianMixture, int]:
+    """What ``mode`` trains on, as an empirical measure, and the number of items one epoch
+    passes over: rho (base), ``(1 - eta_bar) rho + eta_bar S`` (retrain) or S (finetune)."""
+    source = GaussianMixture.empirical(rho.images)
+    if mode == "base":
+        return source, len(rho)
+    require(s.images.shape[1:] == rho.images.shape[1:], "perturbation.source",
+            f"S has images of shape {tuple(s.images.shape[1:])}, rho {tuple(rho.images.shape[1:])}")
+    s_measure = GaussianMixture.empirical(s.images)
+    if mode == "retrain":
+        return source.mix(s_measure, eta_bar), len(rho)
+    return s_measure, len(s)
+
+
 def training_source(cfg: DictConfig) -> tuple[GaussianMixture, tuple[int, ...], int, dict[str, int]]:
-    """What the mode trains on, as an empirical measure: the source, the image shape, the
+    """What the mode trains on (loaded from the config): the measure, the image shape, the
     number of items an epoch passes over, and the sizes of rho and S."""
     from diffsens_cli.data import load_images, perturbation_set
 
     mode = cfg.train.mode
     rho = load_images(cfg.dataset)
-    sizes = {"rho": len(rho)}
-    source = GaussianMixture.empirical(rho.images)
-    epoch = len(rho)
-    if mode != "base":
-        s = perturbation_set(cfg.perturbation, rho, cfg.dataset)
-        sizes["S"] = len(s)
-        require(s.images.shape[1:] == rho.images.shape[1:], "perturbation.source",
-                f"S has images of shape {tuple(s.images.shape[1:])}, rho {tuple(rho.images.shape[1:])}")
-        s_measure = GaussianMixture.empirical(s.images)
-        if mode == "retrain":
-            source = source.mix(s_measure, float(cfg.train.eta_bar))
-        else:
-            source, epoch = s_measure, len(s)
+    s = perturbation_set(cfg.perturbation, rho, cfg.dataset) if mode != "base" else None
+    source, epoch = training_measure(mode, rho, s, float(cfg.train.eta_bar))
+    sizes = {"rho": len(rho)} | ({"S": len(s)} if s is not None else {})
     return source, tuple(rho.images.shape[1:]), epoch, sizes
 
 

@@ -1,0 +1,193 @@
+"""The stages the image experiments share (paper Sec. 4.3, App. E): train a score network
+(base, retrained on ``(1 - eta_bar) rho + eta_bar S``, or fine-tuned on S), integrate the
+base model's samples with their sensitivities to S, sample a perturbed model from the
+same ``z0``, and solve the entropic-OT baseline.
+
+Each stage is a ``StageCache`` entry keyed by the config parts it depends on and by the
+keys of the stages it reads, so experiments that share a base model share its training.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings, train_settings
+from diffsens_cli.core.integrate import Integrator, Perturbation
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.transport import transport_rays
+from diffsens_cli.data import ImageSet, load_images, perturbation_set
+from diffsens_cli.errors import require
+from diffsens_cli.models.network import NetworkScore
+from diffsens_cli.pipelines.train import training_measure
+from diffsens_cli.stages import ArrayDict, StageCache
+
+# Keys of the train group that change no result (bookkeeping and display).
+_TRAIN_BOOKKEEPING = ("progress", "checkpoint_every", "keep_checkpoints")
+# Keys of the solver group that change no result.
+_SOLVER_DISPLAY = ("progress", "record_every")
+
+
+def _plain(node: DictConfig | Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def finetune_config(cfg: DictConfig) -> DictConfig:
+    """The ``train`` group with the experiment's fine-tuning overrides (``finetune``) on top."""
+    return OmegaConf.merge(cfg.train, cfg.get("finetune") or {}, {"mode": "finetune"})
+
+
+def check_training(cfg: DictConfig) -> None:
+    """The training settings of every mode an image experiment may run."""
+    train_settings(cfg.train, 1)
+    train_settings(finetune_config(cfg), 1)
+    build_schedule(cfg.schedule)
+    require(cfg.perturbation.kind == "image_set", "perturbation",
+            f"image experiments need an image set S (perturbation=image_set), got kind {cfg.perturbation.kind!r}")
+
+
+class ImageStages:
+    """One image experiment's data, models and stages (see module docstring)."""
+
+    def __init__(self, cfg: DictConfig, cache: StageCache):
+        self.cfg, self.cache = cfg, cache
+        self.device, self.dtype = device_and_dtype(cfg.solver)
+        self.solver = solver_settings(cfg.solver)
+
+    # -- data --------------------------------------------------------------------------
+    @cached_property
+    def rho(self) -> ImageSet:
+        return load_images(self.cfg.dataset)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.rho.images.shape[1:])
+
+    def perturbation_set(self, perturbation: DictConfig | None = None) -> ImageSet:
+        """S: the images of ``perturbation`` (default: the experiment's)."""
+        return perturbation_set(perturbation or self.cfg.perturbation, self.rho, self.cfg.dataset)
+
+    @cached_property
+    def S(self) -> ImageSet:  # noqa: N802 (the paper's name)
+        return self.perturbation_set()
+
+    # -- training ------------------------------------------------------------------------
+    def _train_depends(self, mode: str) -> dict[str, Any]:
+        cfg = self.cfg
+        train = finetune_config(cfg) if mode == "finetune" else OmegaConf.merge(cfg.train, {"mode": mode})
+        train = {k: v for k, v in _plain(train).items() if k not in _TRAIN_BOOKKEEPING}
+        if mode != "retrain":
+            train.pop("eta_bar")
+        depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype)}
+        if mode == "finetune":
+            depends["base"] = self.cache.path("train_base", self._train_depends("base")).name
+        else:
+            depends |= {"dataset": _plain(cfg.dataset), "model": _plain(cfg.model), "schedule": _plain(cfg.schedule)}
+        if mode != "base":
+            depends["perturbation"] = _plain(cfg.perturbation)
+            depends["dataset"] = _plain(cfg.dataset)
+        return depends
+
+    def trained(self, mode: str) -> tuple[str, Path]:
+        """The stage ``train_<mode>``: its ``name/key`` and its saved model directory."""
+        from diffsens_cli.models.pretrained import load_pretrained
+        from diffsens_cli.models.unet import build_network_model
+        from diffsens_cli.training.trainer import train_to_completion
+
+        depends = self._train_depends(mode)
+        name = f"train_{mode}"
+
+        def work(path: Path) -> None:
+            train_cfg = finetune_config(self.cfg) if mode == "finetune" else self.cfg.train
+            if mode == "finetune":
+                _, base_dir = self.trained("base")
+                model = load_pretrained(base_dir, dtype=self.dtype, forward_ad=False)
+            else:
+                model = build_network_model(self.cfg.model, self.event_shape, build_schedule(self.cfg.schedule),
+                                            dtype=self.dtype, forward_ad=False)
+            model.net.train()
+            source, epoch = training_measure(mode, self.rho, self.S if mode != "base" else None,
+                                             float(self.cfg.train.eta_bar))
+            settings = train_settings(train_cfg, epoch)
+            train_to_completion(model, source, self.event_shape, settings, path, cpu=self.device.type == "cpu")
+
+        if mode == "finetune":
+            self.trained("base")  # train the base model first, outside this stage's lock
+        path = self.cache.run(name, depends, work)
+        return f"{name}/{path.name}", path / "model"
+
+    def score_model(self, model_dir: Path) -> NetworkScore:
+        """A trained model for sampling and JVPs, on the run's device and dtype."""
+        from diffsens_cli.models.pretrained import load_pretrained
+
+        model = load_pretrained(model_dir, dtype=self.dtype)
+        model.net.to(self.device)
+        return model
+
+    # -- integration ---------------------------------------------------------------------
+    def z0(self, n: int) -> torch.Tensor:
+        """``n`` starting points from the base distribution, drawn on the CPU with the run's
+        seed (the same on every device), then moved to the device."""
+        gen = torch.Generator().manual_seed(int(self.cfg.seed))
+        z0 = torch.randn(n, *self.event_shape, generator=gen, dtype=torch.float64)
+        t0 = torch.tensor(self.solver.grid()[0], dtype=torch.float64)
+        return (build_schedule(self.cfg.schedule).sigma(t0) * z0).to(self.device, self.dtype)
+
+    def _solver_depends(self) -> dict[str, Any]:
+        solver = {k: v for k, v in _plain(self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
+        return solver | {"device": self.device.type}
+
+    def sensitivity(self, model: tuple[str, Path], n: int, perturbation: DictConfig | None = None,
+                      name: str = "sensitivity") -> tuple[str, ArrayDict]:
+        """Stage: the base model's samples from ``z0``, their CCoV log-densities and their
+        sensitivities ``psi`` to upweighting S (``perturbation``, default the experiment's);
+        returns the stage's ``name/key`` and its arrays."""
+        perturbation = perturbation or self.cfg.perturbation
+        depends = {"model": model[0], "perturbation": _plain(perturbation), "dataset": _plain(self.cfg.dataset),
+                   "solver": self._solver_depends(), "num_samples": n, "seed": int(self.cfg.seed)}
+
+        def compute() -> ArrayDict:
+            s = self.perturbation_set(perturbation)
+            sign = 1.0 if perturbation.get("direction", "add") == "add" else -1.0
+            nu = Perturbation(GaussianMixture.empirical(s.images).to(self.device, self.dtype), sign)
+            out = Integrator(self.score_model(model[1]), self.solver, nu).run(self.z0(n))
+            weights = out.weights.as_dict()
+            return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
+                    "logp": out.logp.numpy(), **{f"weights/{k}": torch.tensor(v).numpy() for k, v in weights.items()}}
+
+        return f"{name}/{self.cache.path(name, depends).name}", self.cache.arrays(name, depends, compute)
+
+    def samples(self, model: tuple[str, Path], n: int) -> ArrayDict:
+        """Stage: PF-ODE samples of a (perturbed) model from the same ``z0``, same solver."""
+        depends = {"model": model[0], "solver": self._solver_depends(), "num_samples": n, "seed": int(self.cfg.seed)}
+        stage = "samples_" + model[0].split("/")[0].removeprefix("train_")
+        return self.cache.arrays(stage, depends, lambda: {
+            "samples": Integrator(self.score_model(model[1]), self.solver).run(self.z0(n)).samples.numpy()})
+
+    # -- the baseline --------------------------------------------------------------------
+    def transport(self, mode: str, base: tuple[str, ArrayDict]) -> ArrayDict:
+        """Stage: entropic-OT transport rays from the base samples to the perturbed target:
+        ``(1 - eta_bar) rho + eta_bar S`` after retraining (its two point sets weighted so),
+        S after fine-tuning."""
+        ot = self.cfg.ot
+        eta = float(self.cfg.train.eta_bar)
+        depends = {"samples": base[0], "mode": mode, "ot": _plain(ot), "dataset": _plain(self.cfg.dataset),
+                   "perturbation": _plain(self.cfg.perturbation), "eta_bar": eta if mode == "retrain" else None}
+
+        def compute() -> ArrayDict:
+            x = torch.from_numpy(base[1]["samples"])
+            s = self.S.images.to(x.dtype)
+            if mode == "retrain":
+                rho = self.rho.images.to(x.dtype)
+                y = torch.cat([rho, s])
+                b = torch.cat([torch.full((len(rho),), (1 - eta) / len(rho)), torch.full((len(s),), eta / len(s))])
+            else:
+                y, b = s, None
+            out = transport_rays(x, y, reg=float(ot.reg), metric=str(ot.metric), target_weights=b)
+            return {"rays": out.rays.numpy(), "marginal_error": torch.tensor(out.marginal_error).numpy()}
+
+        return self.cache.arrays(f"ot_{mode}", depends, compute)
