@@ -82,14 +82,13 @@ class ImageStages:
         train = {k: v for k, v in _plain(train).items() if k not in _TRAIN_BOOKKEEPING}
         if mode != "retrain":
             train.pop("eta_bar")
-        depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype)}
+        depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype), "dataset": _plain(cfg.dataset)}
         if mode == "finetune":
             depends["base"] = self.cache.path("train_base", self._train_depends("base")).name
         else:
-            depends |= {"dataset": _plain(cfg.dataset), "model": _plain(cfg.model), "schedule": _plain(cfg.schedule)}
+            depends |= {"model": _plain(cfg.model), "schedule": _plain(cfg.schedule)}
         if mode != "base":
             depends["perturbation"] = _plain(cfg.perturbation)
-            depends["dataset"] = _plain(cfg.dataset)
         return depends
 
     def trained(self, mode: str) -> tuple[str, Path]:
@@ -129,13 +128,13 @@ class ImageStages:
         return model
 
     # -- integration ---------------------------------------------------------------------
-    def z0(self, n: int) -> torch.Tensor:
-        """``n`` starting points from the base distribution, drawn on the CPU with the run's
-        seed (the same on every device), then moved to the device."""
-        gen = torch.Generator().manual_seed(int(self.cfg.seed))
-        z0 = torch.randn(n, *self.event_shape, generator=gen, dtype=torch.float64)
+    def z0(self, model: NetworkScore, n: int) -> torch.Tensor:
+        """``n`` starting points from ``model``'s base distribution, drawn on the CPU in
+        float64 with the run's seed (so the same on every device and for every model of
+        the experiment), then moved to the device."""
         t0 = torch.tensor(self.solver.grid()[0], dtype=torch.float64)
-        return (build_schedule(self.cfg.schedule).sigma(t0) * z0).to(self.device, self.dtype)
+        z0 = model.sample_base(n, self.event_shape, t0, torch.Generator().manual_seed(int(self.cfg.seed)))
+        return z0.to(self.device, self.dtype)
 
     def _solver_depends(self) -> dict[str, Any]:
         solver = {k: v for k, v in _plain(self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
@@ -154,7 +153,8 @@ class ImageStages:
             s = self.perturbation_set(perturbation)
             sign = 1.0 if perturbation.get("direction", "add") == "add" else -1.0
             nu = Perturbation(GaussianMixture.empirical(s.images).to(self.device, self.dtype), sign)
-            out = Integrator(self.score_model(model[1]), self.solver, nu).run(self.z0(n))
+            score = self.score_model(model[1])
+            out = Integrator(score, self.solver, nu).run(self.z0(score, n))
             weights = out.weights.as_dict()
             return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
                     "logp": out.logp.numpy(), **{f"weights/{k}": torch.tensor(v).numpy() for k, v in weights.items()}}
@@ -165,8 +165,12 @@ class ImageStages:
         """Stage: PF-ODE samples of a (perturbed) model from the same ``z0``, same solver."""
         depends = {"model": model[0], "solver": self._solver_depends(), "num_samples": n, "seed": int(self.cfg.seed)}
         stage = "samples_" + model[0].split("/")[0].removeprefix("train_")
-        return self.cache.arrays(stage, depends, lambda: {
-            "samples": Integrator(self.score_model(model[1]), self.solver).run(self.z0(n)).samples.numpy()})
+
+        def compute() -> ArrayDict:
+            score = self.score_model(model[1])
+            return {"samples": Integrator(score, self.solver).run(self.z0(score, n)).samples.numpy()}
+
+        return self.cache.arrays(stage, depends, compute)
 
     # -- the baseline --------------------------------------------------------------------
     def transport(self, mode: str, base: tuple[str, ArrayDict]) -> ArrayDict:
