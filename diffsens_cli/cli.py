@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from diffsens_cli import interrupt
 from diffsens_cli.errors import DiffsensError
 
 CONFIG_MODULE = "diffsens_cli.configs"
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(a.startswith("-") for a in rest):  # --help, --cfg, -m ...: Hydra's own
         precheck(rest)
     sys.argv = ["diffsens run", *rest]
+    interrupt.install()
     _hydra_app()
 
 

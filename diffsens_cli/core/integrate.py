@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from diffsens_cli import interrupt
 from diffsens_cli.core import dynamics
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Coefficients, time_grid
@@ -151,6 +152,7 @@ class Integrator:
 
         record(0)
         for k in tqdm(range(n), desc=desc, disable=not cfg.progress, leave=False):
+            interrupt.check()
             t = times[k]
             co = _coefficients_at(co_all, k)
             probes = self._probes(z, probe_gen, replicas)

@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from diffsens_cli import interrupt
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.models.network import NetworkScore, enable_forward_ad
 from diffsens_cli.training.dsm import dsm_loss
@@ -103,6 +104,7 @@ class Trainer:
         if callback is not None and every and self.step == 0 and not self.history:
             self.history.append({"step": 0, **callback(self)})
         while self.step < until:
+            interrupt.check()
             pending.append(self._train_step())
             bar.update(1)
             due_callback = callback is not None and every and (self.step % every == 0 or self.step == until)
