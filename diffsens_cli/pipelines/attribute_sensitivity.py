@@ -49,7 +49,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         _, out = stages.sensitivity(base_model, n, perturbation)
         rows.append((label, out["psi"]))
         arrays[f"psi/{label}"] = out["psi"]
-        sizes[label] = len(stages.perturbation_set(perturbation))
+        sizes[label] = int(out["size_S"])
         weights[label] = {k.split("/")[1]: int(v) for k, v in out.items() if k.startswith("weights/")}
     arrays |= {k: out[k] for k in ("z0", "samples", "logp")}  # the base samples: the same for every set
 

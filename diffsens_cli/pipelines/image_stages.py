@@ -157,7 +157,8 @@ class ImageStages:
             out = Integrator(score, self.solver, nu).run(self.z0(score, n))
             weights = out.weights.as_dict()
             return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
-                    "logp": out.logp.numpy(), **{f"weights/{k}": torch.tensor(v).numpy() for k, v in weights.items()}}
+                    "logp": out.logp.numpy(), "size_S": torch.tensor(len(s)).numpy(),
+                    **{f"weights/{k}": torch.tensor(v).numpy() for k, v in weights.items()}}
 
         return f"{name}/{self.cache.path(name, depends).name}", self.cache.arrays(name, depends, compute)
 
