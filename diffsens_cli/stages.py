@@ -7,31 +7,45 @@ the stages it reads), so a re-run, or another experiment with a stage in common,
 finds it finished and reuses it; changing only a plot style retrains nothing.
 
 A stage directory is finished when its ``done.json`` exists, written last and
-atomically; everything else in it is the stage's own business (a training stage keeps
-its checkpoints there, so an interrupted stage resumes where it stopped, and never
-trusts a half-written file).  A stage that fails, or is interrupted, leaves no
-``done.json``.  Two processes that need the same stage (jobs of a sweep) take turns
-through a lock file, so the second one reuses what the first one made.
+atomically; it records the size and SHA-256 of every file of the stage.  A finished
+stage is reused only after every file passes that check; one that fails (a truncated
+or replaced file, a ``done.json`` without checksums) is named in one line, set aside
+under ``<root>/.set-aside/`` (never deleted) and recomputed, or, in a cache this
+process may not write, the run stops with one line saying how to recompute it.
+Everything else in a stage directory is the stage's own business (a training stage
+keeps its checkpoints there, so an interrupted stage resumes where it stopped).  A
+stage that fails, or is interrupted, leaves no ``done.json``, and no directory at all
+if it wrote nothing.  Reading a finished stage takes no lock, so a finished cache can
+be shared read-only; two processes that compute the same stage (jobs of a sweep) take
+turns through a lock file, so the second one reuses what the first one made.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffsens_cli import interrupt
+from diffsens_cli.errors import DiffsensError
+
 ArrayDict = dict[str, np.ndarray]
 DONE = "done.json"
+SET_ASIDE = ".set-aside"
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -52,6 +66,46 @@ def stage_key(depends: Any) -> str:
     return hashlib.sha256(json.dumps(depends, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``directory`` but ``done.json``, by relative path."""
+    return {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != DONE}
+
+
+def verify(directory: Path) -> str | None:
+    """Why the finished stage in ``directory`` cannot be trusted, or None if every file
+    recorded in its ``done.json`` is there with its recorded size and checksum."""
+    try:
+        record = json.loads((directory / DONE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{DONE} is not readable JSON ({e})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return f"{DONE} records no checksums (an older diffsens wrote it)"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("size"):
+            return f"{name} has {path.stat().st_size} bytes, {DONE} recorded {expected.get('size')}"
+        if file_digest(path) != expected.get("sha256"):
+            return f"{name} does not match its checksum in {DONE}"
+    return None
+
+
+def warn(message: str) -> None:
+    print(f"diffsens: warning: {message}", file=sys.stderr, flush=True)
+
+
 class StageCache:
     """Finished stages under ``root``; stage names in ``force`` (or ``"all"``) are
     recomputed once in this process, whatever was there."""
@@ -69,47 +123,115 @@ class StageCache:
         return (self.path(name, depends) / DONE).is_file()
 
     def run(self, name: str, depends: Any, work: Callable[[Path], None]) -> Path:
-        """The directory of stage ``name`` for ``depends``: reused if finished, else
-        ``work(directory)`` fills it (picking up what an interrupted attempt left) and
+        """The directory of stage ``name`` for ``depends``: reused if finished and intact,
+        else ``work(directory)`` fills it (picking up what an interrupted attempt left) and
         ``done.json`` marks it finished."""
         path = self.path(name, depends)
-        with self._locked(path):
-            if (name in self.force or "all" in self.force) and path not in self.forced:
+        forcing = (name in self.force or "all" in self.force) and path not in self.forced
+        if not forcing and self._reusable(name, path):  # no lock: a read-only cache serves finished stages
+            return self._reused(name, path)
+        with self._locked(name, path):
+            if forcing:
                 shutil.rmtree(path, ignore_errors=True)
                 self.forced.add(path)
-            if (path / DONE).is_file():
-                entry = {"stage": name, "key": path.name, "path": str(path), "reused": True}
-                if entry not in self.log:  # a stage read twice in one run is listed once
-                    self.log.append(entry)
-                return path
+            elif self._reusable(name, path):  # another process finished it while this one waited
+                return self._reused(name, path)
+            created = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            work(path)
+            try:
+                with interrupt.doing(f"stage {name} ({path})"):
+                    work(path)
+            except BaseException:
+                if created and not any(path.iterdir()):
+                    path.rmdir()  # it wrote nothing: leave nothing behind
+                raise
             seconds = time.perf_counter() - start
             record = {"stage": name, "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "depends": depends}
+                      "depends": depends, "files": checksums(path)}
             atomic_write(path / DONE, lambda f: f.write(json.dumps(record, indent=1, default=str) + "\n"), "w")
             self.log.append({"stage": name, "key": path.name, "path": str(path), "reused": False,
                              "seconds": round(seconds, 3)})
             return path
 
     def arrays(self, name: str, depends: Any, compute: Callable[[], ArrayDict]) -> ArrayDict:
-        """A stage whose result is a dict of arrays (``arrays.npz``)."""
+        """A stage whose result is a dict of arrays (``arrays.npz``, read without pickles)."""
 
         def work(path: Path) -> None:
             arrays = compute()
             atomic_write(path / "arrays.npz", lambda f: np.savez_compressed(f, **arrays))
 
         path = self.run(name, depends, work)
-        with np.load(path / "arrays.npz") as f:
-            return dict(f)
+        try:
+            with np.load(path / "arrays.npz", allow_pickle=False) as f:
+                return dict(f)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # checked, yet unreadable
+            raise DiffsensError(f"stage {name}/{path.name}: {path / 'arrays.npz'} is unreadable ({e}); "
+                                f"recompute it with stages.force=[{name}]") from None
 
+    # -- checks ------------------------------------------------------------------------
+    def _reusable(self, name: str, path: Path) -> bool:
+        """True if ``path`` is finished and passes its check; a finished stage that fails
+        is set aside (or, where this process may not write, stops the run)."""
+        if not (path / DONE).is_file():
+            return False
+        problem = verify(path)
+        if problem is None:
+            return True
+        where = f"stage {name}/{path.name} ({path})"
+        aside = self.root / SET_ASIDE / name / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, aside)
+        except FileNotFoundError:  # another process set it aside first
+            return False
+        except OSError as e:
+            if e.errno not in _READ_ONLY:
+                raise
+            raise DiffsensError(f"{where} fails its check: {problem}; the cache is not writable ({e.strerror}), "
+                                f"so recompute it into another cache: stages.dir=DIR stages.force=[{name}]") from None
+        warn(f"{where} fails its check: {problem}; set aside as {aside}, recomputing")
+        return False
+
+    def _reused(self, name: str, path: Path) -> Path:
+        entry = {"stage": name, "key": path.name, "path": str(path), "reused": True}
+        if entry not in self.log:  # a stage read twice in one run is listed once
+            self.log.append(entry)
+        return path
+
+    # -- taking turns ------------------------------------------------------------------
     @contextmanager
-    def _locked(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "w") as lock:
+    def _locked(self, name: str, path: Path) -> Iterator[None]:
+        """Hold the lock file of ``path`` (removed again on release, so no lock files
+        pile up: a waiter that finds the file replaced after its turn locks afresh)."""
+        lock_path = path.parent / f".{path.name}.lock"
+        while True:
+            try:
+                lock_path.parent.mkdir(parents=True, exist_ok=True)
+                lock = open(lock_path, "a")
+            except FileNotFoundError:  # the folder was removed by a process that just finished: again
+                continue
+            except OSError as e:
+                if e.errno not in _READ_ONLY:
+                    raise
+                raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
+                                    f"({e.strerror}); finished stages are read from a read-only cache, but "
+                                    f"new ones need stages.dir set to a writable folder") from None
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                same = os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            lock.close()
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            for empty in (path.parent, self.root):  # what a stage that wrote nothing made
+                try:
+                    empty.rmdir()
+                except OSError:
+                    break
+            lock.close()

@@ -3,13 +3,17 @@ ones are never trusted, forced ones are redone, and concurrent users take turns.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.pipelines.image_stages import ImageStages
-from diffsens_cli.stages import StageCache
+from diffsens_cli.errors import DiffsensError
+from diffsens_cli.stages import StageCache, verify
 
 ONES = {"x": np.ones(3)}
 
@@ -133,7 +138,13 @@ def test_ctrl_c_during_training_leaves_the_cache_consistent(tmp_path):
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]
+    # one line, not a 50-line traceback: what stopped, and that the same command resumes it
+    lines = [line for line in err.splitlines() if line.startswith("diffsens:")]
+    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("diffsens: interrupted during stage train_retrain (outputs/stages/train_retrain/")
+    assert lines[0].endswith("run the same command again to resume (finished stages and training checkpoints "
+                             "are kept)")
     assert list(retrain.glob("*/checkpoints/step-*"))
     assert not list(retrain.glob("*/done.json"))
     assert len(list((tmp_path / "outputs" / "stages" / "train_base").glob("*/done.json"))) == 1
@@ -164,3 +175,135 @@ def test_a_dropped_ctrl_c_still_stops_the_next_step(monkeypatch):
             interrupt.check()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# -- what the cache checks before it trusts a finished stage --------------------------
+
+def _finished(root: Path, value: float = 1.0) -> tuple[list[int], Path]:
+    """A finished arrays stage under ``root``; returns the list its compute appends to and its path."""
+    calls: list[int] = []
+    StageCache(root).arrays("s", 1, lambda: calls.append(1) or {"psi": np.full(3, value)})
+    return calls, StageCache(root).path("s", 1)
+
+
+def _recompute(root: Path, calls: list[int]) -> np.ndarray:
+    return StageCache(root).arrays("s", 1, lambda: calls.append(1) or {"psi": np.full(3, 2.0)})["psi"]
+
+
+def test_done_json_records_a_checksum_of_every_file(tmp_path):
+    _, path = _finished(tmp_path)
+    files = json.loads((path / "done.json").read_text())["files"]
+    data = (path / "arrays.npz").read_bytes()
+    assert files == {"arrays.npz": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "replace", "delete", "old_done_json"])
+def test_a_stage_that_fails_its_check_is_set_aside_and_recomputed(tmp_path, capsys, damage):
+    """A truncated file, a valid file with other contents (NaN psi), a missing file and a
+    done.json without checksums are each named in one line, set aside whole, recomputed."""
+    calls, path = _finished(tmp_path)
+    npz = path / "arrays.npz"
+    if damage == "truncate":
+        npz.write_bytes(npz.read_bytes()[:40])
+    elif damage == "replace":
+        np.savez_compressed(npz, psi=np.full(3, np.nan))
+    elif damage == "delete":
+        npz.unlink()
+    else:
+        record = json.loads((path / "done.json").read_text())
+        del record["files"]
+        (path / "done.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert np.array_equal(_recompute(tmp_path, calls), np.full(3, 2.0)) and len(calls) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    reason = {"truncate": "has 40 bytes", "replace": "does not match its checksum", "delete": "is missing",
+              "old_done_json": "records no checksums"}[damage]
+    assert len(err) == 1 and err[0].startswith(f"diffsens: warning: stage s/{path.name} ") and reason in err[0]
+    aside = list((tmp_path / ".set-aside" / "s").iterdir())
+    assert len(aside) == 1 and str(aside[0]) in err[0] and (aside[0] / "done.json").is_file()
+    assert verify(path) is None  # the recomputed stage passes
+    assert np.array_equal(_recompute(tmp_path, calls), np.full(3, 2.0)) and len(calls) == 2  # and is reused
+
+
+def test_a_stage_that_writes_nothing_and_fails_leaves_nothing(tmp_path):
+    """A stage that fails before writing anything (say, loading its data) leaves no stage
+    directory and no lock file; one that wrote something keeps it, to resume from."""
+    def fails(path: Path) -> None:
+        raise DiffsensError("dataset.root: no such folder")
+
+    with pytest.raises(DiffsensError):
+        StageCache(tmp_path / "stages").run("train", 1, fails)
+    assert not (tmp_path / "stages").exists()
+    StageCache(tmp_path / "stages").arrays("other", 1, lambda: ONES)
+    with pytest.raises(DiffsensError):
+        StageCache(tmp_path / "stages").run("train", 1, fails)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        f"stages/other/{StageCache(tmp_path).path('other', 1).name}/arrays.npz",
+        f"stages/other/{StageCache(tmp_path).path('other', 1).name}/done.json"]
+
+
+@contextmanager
+def _read_only(root: Path):
+    """``root`` as a shared cache this process may read but not write: modes without w,
+    and, for root (who writes anywhere), the effective user nobody meanwhile."""
+    paths = [root, *root.rglob("*")]
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.seteuid(65534)
+    try:
+        yield
+    finally:
+        if as_root:
+            os.seteuid(0)
+        for p in paths:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder that other users may traverse (pytest's tmp_path is private to its owner)."""
+    path = Path(tempfile.mkdtemp(prefix="diffsens-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_read_only_cache_serves_finished_stages_and_refuses_new_ones_in_one_line(shared_dir):
+    calls, path = _finished(shared_dir / "stages")
+    with _read_only(shared_dir / "stages"):
+        with pytest.raises(PermissionError):
+            (shared_dir / "stages" / "probe").write_text("")  # the cache really is read-only
+        assert np.array_equal(StageCache(shared_dir / "stages").arrays("s", 1, lambda: ONES)["psi"], np.ones(3))
+        with pytest.raises(DiffsensError, match=r"^stages.dir: cannot compute stage new: .* is not writable"):
+            StageCache(shared_dir / "stages").arrays("new", 1, lambda: ONES)
+    assert calls == [1] and sorted(p.name for p in (shared_dir / "stages").iterdir()) == ["s"]
+
+
+def test_a_corrupt_stage_in_a_read_only_cache_stops_in_one_line(shared_dir):
+    _, path = _finished(shared_dir / "stages")
+    np.savez_compressed(path / "arrays.npz", psi=np.full(3, np.nan))
+    with _read_only(shared_dir / "stages"), pytest.raises(DiffsensError) as e:
+        StageCache(shared_dir / "stages").arrays("s", 1, lambda: ONES)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"stage s/{path.name} ")
+    assert "does not match its checksum" in message and "stages.force=[s]" in message
+    assert (path / "arrays.npz").is_file()  # left where it was
+
+
+def test_a_truncated_stage_file_of_a_real_run_is_recomputed(tmp_path):
+    """The reproduction: truncate a finished stage's arrays.npz; the rerun names it in one
+    warning line, sets it aside and finishes (before: a BadZipFile traceback, every rerun)."""
+    from test_cli import TINY, diffsens
+
+    args = ["run", "experiment=gmm_first_order", "hydra.run.dir=run", "solver.progress=false",
+            *TINY["gmm_first_order"]]
+    assert diffsens(*args, cwd=tmp_path).returncode == 0
+    npz = sorted(tmp_path.glob("outputs/stages/curve/*/arrays.npz"))[0]
+    npz.write_bytes(npz.read_bytes()[:100])
+    r = diffsens(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("diffsens: warning: stage curve/")]
+    assert len(warnings) == 1 and "has 100 bytes" in warnings[0] and "Traceback" not in r.stderr
+    assert verify(npz.parent) is None and len(list((tmp_path / "outputs/stages/.set-aside/curve").iterdir())) == 1
