@@ -1,8 +1,9 @@
 """Command line: ``diffsens run [experiment=NAME] [KEY=VALUE ...]`` (a Hydra app).
 
-Before Hydra starts a run, the overrides are composed and every value checked, so a
-typo or a bad value ends with one line naming the key and what is allowed, exit
-status 2, and no run directory.
+Before Hydra starts a run, the overrides are composed and every value checked (for a
+sweep, ``-m``, every job of it), so a typo or a bad value ends with one line naming the
+key and what is allowed, exit status 2, and no run directory.  Ctrl-C ends with one
+line naming what stopped, exit status 130; the same command resumes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from importlib.resources import files
 
 import hydra
 from hydra import compose, initialize_config_module
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -48,6 +50,9 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -58,23 +63,60 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; the commands are: run, train")
     if command == "train" and not any(a.startswith("experiment=") for a in rest):
         rest = ["experiment=train", *rest]
-    if not any(a.startswith("-") for a in rest):  # --help, --cfg, -m ...: Hydra's own
-        precheck(rest)
-    sys.argv = ["diffsens run", *rest]
+    multirun = any(a in MULTIRUN_FLAGS for a in rest)
+    overrides = [a for a in rest if a not in MULTIRUN_FLAGS]
     interrupt.install()
-    _hydra_app()
+    try:
+        if not any(a.startswith("-") for a in overrides):  # --help, --cfg ...: Hydra's own
+            try:
+                check_jobs(overrides, multirun)
+            except DiffsensError as e:
+                fail(str(e))
+        sys.argv = ["diffsens run", *(["-m"] if multirun else []), *overrides]
+        _hydra_app()
+    except KeyboardInterrupt:
+        what = interrupt.stopped()
+        print(f"diffsens: interrupted{f' during {what}' if what else ''}; run the same command again to resume "
+              "(finished stages and training checkpoints are kept)", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_jobs(overrides: list[str], multirun: bool) -> None:
+    """Check the job ``overrides`` describe, or with ``multirun`` every job of the sweep,
+    before any is launched; raises a DiffsensError naming the key (and the job)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise DiffsensError(str(e).splitlines()[0]) from None
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if not multirun:
+        if sweeps:
+            key = sweeps[0].key_or_group
+            raise DiffsensError(f"{sweeps[0].input_line}: several values sweep {key}, which needs -m "
+                                f"(diffsens run -m ...); a list value is written {key}=[a,b]")
+        precheck(overrides)
+        return
+    try:
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    except HydraException as e:
+        raise DiffsensError(str(e).splitlines()[0]) from None
+    swept = {o.get_key_element() for o in sweeps}
+    for number, job in enumerate(jobs):
+        try:
+            precheck(job)
+        except DiffsensError as e:
+            values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+            raise DiffsensError(f"{e} (sweep job #{number} of {len(jobs)}: {values}; no job was launched)") from None
 
 
 def precheck(overrides: list[str]) -> None:
-    """Compose ``overrides`` and build every component; one clear line on failure."""
+    """Compose ``overrides`` (one job) and build every component; raises a DiffsensError."""
     from diffsens_cli.pipelines import check_task
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        fail(str(e).splitlines()[0])
-    if any(o.is_sweep_override() for o in parsed):
-        return  # each job of a sweep is checked when it runs
+        raise DiffsensError(str(e).splitlines()[0]) from None
     root = files(CONFIG_MODULE)
     groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
     is_choice = [o.key_or_group.lstrip("/").split("/")[0] in groups for o in parsed]
@@ -85,9 +127,10 @@ def precheck(overrides: list[str]) -> None:
         except MissingConfigException as e:
             group = (e.missing_cfg_file or "").split("/")[0]
             chosen = next((o.value() for o in parsed if o.key_or_group.lstrip("/") == group), None)
-            fail(f"{group}={chosen}: no such {group}; choose from: {', '.join(e.options or [])}")
+            raise DiffsensError(f"{group}={chosen}: no such {group}; choose from: {', '.join(e.options or [])}") \
+                from None
         except HydraException as e:
-            fail(str(e).splitlines()[0])
+            raise DiffsensError(str(e).splitlines()[0]) from None
         for o, choice in zip(parsed, is_choice):
             key = o.key_or_group
             if choice or o.is_add() or o.is_delete() or key.startswith("hydra"):
@@ -99,16 +142,13 @@ def precheck(overrides: list[str]) -> None:
             if OmegaConf.select(base, key, default=_MISSING) is _MISSING and not (
                     isinstance(node, DictConfig) and leaf in list(node.keys())):
                 known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "(none)"
-                fail(f"{key}: no such key; {parent or 'the top level'} has: {known}")
+                raise DiffsensError(f"{key}: no such key; {parent or 'the top level'} has: {known}")
         try:
             cfg = compose("config", overrides=overrides)
         except HydraException as e:
-            fail(str(e).splitlines()[0])
+            raise DiffsensError(str(e).splitlines()[0]) from None
     GlobalHydra.instance().clear()
-    try:
-        check_task(cfg)
-    except DiffsensError as e:
-        fail(str(e))
+    check_task(cfg)
 
 
 _MISSING = object()
@@ -118,8 +158,10 @@ _MISSING = object()
 def _hydra_app(cfg: DictConfig) -> None:
     from diffsens_cli.pipelines import run_task
 
+    out_dir = HydraConfig.get().runtime.output_dir
     try:
-        run_task(cfg, HydraConfig.get().runtime.output_dir)
+        with interrupt.doing(f"the run into {out_dir}"):
+            run_task(cfg, out_dir)
     except DiffsensError as e:
         fail(str(e))
 

@@ -232,3 +232,30 @@ def test_bad_training_input_is_one_clear_line(args, expected, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("diffsens: error: " + expected), r.stderr
     assert not list(tmp_path.rglob("step-*")) and not list(tmp_path.rglob("model"))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["experiment=toy2d", "solver.stepsize=1e-3,2e-3", "-m"],
+     "solver.stepsize: no such key; solver has: method, integrator, step_size"),
+    (["-m", "experiment=toy2d", "solver.step_size=1e-3,-2e-3"],
+     "solver.step_size: must be > 0, got -0.002 (sweep job #1 of 2: solver.step_size=-0.002; no job was launched)"),
+    (["--multirun", "experiment=toy2d,nope"], "experiment=nope: no such experiment"),
+    (["experiment=toy2d", "solver.step_size=1e-3,2e-3"],
+     "solver.step_size=1e-3,2e-3: several values sweep solver.step_size, which needs -m"),
+])
+def test_every_job_of_a_sweep_is_checked_before_any_is_launched(args, expected, tmp_path):
+    r = diffsens("run", *args, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("diffsens: error: " + expected), r.stderr
+    assert list(tmp_path.iterdir()) == []  # no multirun/, no outputs/
+
+
+def test_a_checked_sweep_runs_every_job(tmp_path):
+    """-m after the overrides, as users type it: both jobs run into multirun/."""
+    r = diffsens("run", "experiment=toy2d", "solver.step_size=0.05,0.1", *TINY["toy2d"][1:], "solver.progress=false",
+                 "hydra.sweep.dir=sweep", "-m", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from omegaconf import OmegaConf
+
+    assert all((tmp_path / "sweep" / str(i) / "summary.json").is_file() for i in (0, 1))
+    assert [OmegaConf.load(tmp_path / "sweep" / str(i) / "config.yaml").solver.step_size for i in (0, 1)] == [0.05, 0.1]
