@@ -10,6 +10,7 @@ from torch import nn
 
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
+from diffsens_cli.errors import DiffsensError
 from diffsens_cli.models.network import FourierMLP, NetworkScore, Prediction
 from diffsens_cli.training.dsm import dsm_loss
 from diffsens_cli.training.settings import TrainSettings
@@ -70,7 +71,8 @@ def _trainer(tmp_path, **kw) -> Trainer:
     torch.manual_seed(0)
     model = NetworkScore(FourierMLP(3, hidden=16, num_frequencies=8), SCHED)
     target = GaussianMixture(torch.tensor([[-1.0] * 3, [1.0] * 3]), torch.tensor(0.1), torch.ones(2))
-    settings = TrainSettings(steps=6, batch_size=32, lr=1e-2, checkpoint_every=3, progress=False, **kw)
+    settings = TrainSettings(**{"steps": 6, "batch_size": 32, "lr": 1e-2, "checkpoint_every": 3, "progress": False,
+                                **kw})
     return Trainer(model, target, (3,), settings, tmp_path / "checkpoints")
 
 
@@ -94,6 +96,32 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema_decay):
     assert [p.name for p in second.checkpoints()] == ["step-00000003", "step-00000006"]
     assert not torch.equal(next(straight.sampling_model().net.parameters()),
                            next(_trainer(tmp_path / "c").sampling_model().net.parameters()))
+
+
+@pytest.mark.parametrize("first,then,refusal", [
+    ({}, {"lr": 0.5}, "train.lr: 0.01 -> 0.5"),
+    ({}, {"ema_decay": 0.9}, "train.ema_decay: None -> 0.9"),
+    ({"lr_scheduler": "linear"}, {"lr_scheduler": "linear", "steps": 9},
+     "steps: 6 -> 9 (lr_scheduler linear depends on it)"),
+    ({}, {"steps": 2}, "steps: 6 -> 2 (the checkpoint is at step 3)"),
+    ({}, {"steps": 9, "checkpoint_every": 2, "keep_checkpoints": 5, "progress": True}, None),
+    ({"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2},
+     {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2, "steps": 4}, None),
+])
+def test_a_resume_with_other_settings_is_refused(tmp_path, first, then, refusal):
+    """What a checkpoint was trained with must match, but for bookkeeping keys and a total
+    that the lr schedule ignores (it may grow, or shrink to no less than the checkpoint's step)."""
+    _trainer(tmp_path, **first).train(until=3)
+    second = _trainer(tmp_path, **then)
+    if refusal is None:
+        assert second.resume() and second.step == 3
+        return
+    with pytest.raises(DiffsensError) as e:
+        second.resume()
+    ckpts = tmp_path / "checkpoints"
+    assert str(e.value) == (f"checkpoint {ckpts / 'step-00000003'} was trained with other settings: {refusal}; "
+                            f"to start afresh, use another hydra.run.dir or delete {ckpts}")
+    assert second.step == 0 and [p.name for p in second.checkpoints()] == ["step-00000003"]
 
 
 def test_horizontal_flips_mirror_about_half_of_a_batch(tmp_path):

@@ -12,7 +12,7 @@ import importlib
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.errors import one_of
+from diffsens_cli.errors import one_of, whole
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.stages import StageCache
 
@@ -23,6 +23,7 @@ TASK_NAMES = ("attribute_sensitivity", "bench_engine", "first_order", "predict_c
 def check_task(cfg: DictConfig) -> None:
     """Check ``cfg`` for its task without doing the work; raises a DiffsensError."""
     task = one_of(cfg.task, TASK_NAMES, "task")
+    whole(cfg.seed, "seed")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
     _stage_cache(cfg, getattr(module, "STAGES", ()))
     if hasattr(module, "check"):
@@ -34,10 +35,14 @@ def check_task(cfg: DictConfig) -> None:
 
 
 def run_task(cfg: DictConfig, out_dir: str) -> None:
-    """Run ``cfg.task`` into ``out_dir``; writes the resolved config first."""
+    """Run ``cfg.task`` into ``out_dir``; writes the resolved config first, after the
+    pipeline's ``prepare(cfg, run_dir)`` if it has one (checks that need the run directory,
+    e.g. that checkpoints there match the config, so a refused run leaves it as it was)."""
     task = one_of(cfg.task, TASK_NAMES, "task")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
     run = RunDir(out_dir, _stage_cache(cfg, getattr(module, "STAGES", ())))
+    if hasattr(module, "prepare"):
+        module.prepare(cfg, run)
     run.save_config(cfg)
     module.run(cfg, run)
 

@@ -20,14 +20,14 @@ from diffsens_cli.builders import build_schedule, device_and_dtype, solver_setti
 from diffsens_cli.core.integrate import Integrator, Perturbation
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.transport import transport_rays
-from diffsens_cli.data import ImageSet, load_images, perturbation_set
+from diffsens_cli.data import ImageSet, check_images, check_perturbation_set, load_images, perturbation_set
 from diffsens_cli.errors import require
 from diffsens_cli.models.network import NetworkScore
+from diffsens_cli.models.unet import check_network
 from diffsens_cli.pipelines.train import training_measure
 from diffsens_cli.stages import ArrayDict, StageCache
+from diffsens_cli.training.settings import BOOKKEEPING
 
-# Keys of the train group that change no result (bookkeeping and display).
-_TRAIN_BOOKKEEPING = ("progress", "checkpoint_every", "keep_checkpoints")
 # Keys of the solver group that change no result.
 _SOLVER_DISPLAY = ("progress", "record_every")
 
@@ -41,13 +41,22 @@ def finetune_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg.train, cfg.get("finetune") or {}, {"mode": "finetune"})
 
 
+def check_data_and_model(cfg: DictConfig, with_s: bool = True) -> None:
+    """rho's data set, S (``with_s``) and the model, without loading images or weights."""
+    shape = check_images(cfg.dataset)
+    if with_s:
+        check_perturbation_set(cfg.perturbation, cfg.dataset, shape)
+    check_network(cfg.model, shape)
+
+
 def check_training(cfg: DictConfig) -> None:
-    """The training settings of every mode an image experiment may run."""
+    """The training settings of every mode an image experiment may run, its data and model."""
     train_settings(cfg.train, 1)
     train_settings(finetune_config(cfg), 1)
     build_schedule(cfg.schedule)
     require(cfg.perturbation.kind == "image_set", "perturbation",
             f"image experiments need an image set S (perturbation=image_set), got kind {cfg.perturbation.kind!r}")
+    check_data_and_model(cfg)
 
 
 class ImageStages:
@@ -79,7 +88,7 @@ class ImageStages:
     def _train_depends(self, mode: str) -> dict[str, Any]:
         cfg = self.cfg
         train = finetune_config(cfg) if mode == "finetune" else OmegaConf.merge(cfg.train, {"mode": mode})
-        train = {k: v for k, v in _plain(train).items() if k not in _TRAIN_BOOKKEEPING}
+        train = {k: v for k, v in _plain(train).items() if k not in BOOKKEEPING}
         if mode != "retrain":
             train.pop("eta_bar")
         depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype), "dataset": _plain(cfg.dataset)}
@@ -112,7 +121,8 @@ class ImageStages:
             source, epoch = training_measure(mode, self.rho, self.S if mode != "base" else None,
                                              float(self.cfg.train.eta_bar))
             settings = train_settings(train_cfg, epoch)
-            train_to_completion(model, source, self.event_shape, settings, path, cpu=self.device.type == "cpu")
+            train_to_completion(model, source, self.event_shape, settings, path, cpu=self.device.type == "cpu",
+                                fingerprint=depends)
 
         if mode == "finetune":
             self.trained("base")  # train the base model first, outside this stage's lock

@@ -1,21 +1,27 @@
 """``diffsens train``: fit a score network by denoising score matching, in one of the
 paper's three modes (base model on rho; retrained on ``(1 - eta_bar) rho + eta_bar S``;
 a pretrained model fine-tuned on S), then save it in save_pretrained layout, with its
-loss curve and a grid of PF-ODE samples."""
+loss curve and a grid of PF-ODE samples.
+
+A run resumes from the checkpoints in its directory; ``prepare`` refuses, before
+config.yaml is rewritten, a checkpoint there that was trained with other settings."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli import plots
 from diffsens_cli.builders import TRAIN_MODES, build_schedule, device_and_dtype, train_settings
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.data.base import ImageSet
-from diffsens_cli.errors import one_of, require
+from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.training.settings import BOOKKEEPING
 
 
 def check(cfg: DictConfig) -> None:
@@ -25,8 +31,41 @@ def check(cfg: DictConfig) -> None:
     train_settings(cfg.train, 1)
     device_and_dtype(cfg.solver)
     build_schedule(cfg.schedule)
-    require(int(cfg.sample.num_images) >= 0, "sample.num_images", f"must be >= 0, got {cfg.sample.num_images}")
-    require(int(cfg.sample.num_steps) >= 1, "sample.num_steps", f"must be >= 1, got {cfg.sample.num_steps}")
+    for field, low in (("num_images", 0), ("num_steps", 1)):
+        key = f"sample.{field}"
+        require(whole(cfg.sample[field], key) >= low, key, f"must be >= {low}, got {cfg.sample[field]}")
+    from diffsens_cli.pipelines.image_stages import check_data_and_model  # image_stages imports this module
+
+    check_data_and_model(cfg, with_s=mode != "base")
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What the trained weights depend on, recorded in each checkpoint and checked on resume:
+    dataset, model, schedule, train without bookkeeping keys (and without the total, which
+    the trainer checks apart: it may grow), perturbation unless mode is base, and dtype."""
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+             if k not in (*BOOKKEEPING, "steps", "epochs")}
+    if cfg.train.mode != "retrain":
+        train.pop("eta_bar")
+    parts = {"dataset": cfg.dataset, "model": cfg.model, "schedule": cfg.schedule}
+    out = {k: OmegaConf.to_container(v, resolve=True) for k, v in parts.items()}
+    out |= {"train": train, "dtype": str(device_and_dtype(cfg.solver)[1])}
+    if cfg.train.mode != "base":
+        out["perturbation"] = OmegaConf.to_container(cfg.perturbation, resolve=True)
+    return out
+
+
+def prepare(cfg: DictConfig, run: RunDir) -> None:
+    """Before anything is written to the run directory: refuse to resume its newest sound
+    checkpoint if it was trained with other settings (the trainer checks again when it
+    resumes, and sets aside corrupt checkpoints)."""
+    from diffsens_cli.training.trainer import check_compatible, newest_manifest
+
+    found = newest_manifest(run.path / "checkpoints")
+    if found is None:
+        return
+    _, _, epoch_size, _ = training_source(cfg)
+    check_compatible(*found, fingerprint(cfg), train_settings(cfg.train, epoch_size))
 
 
 def training_measure(mode: str, rho: ImageSet, s: ImageSet | None, eta_bar: float) -> tuple[GaussianMixture, int]:
@@ -67,7 +106,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     # Training keeps diffusers' fused kernels; the forward-AD fixes are for sensitivities.
     model = build_network_model(cfg.model, shape, build_schedule(cfg.schedule), dtype=dtype, forward_ad=False)
     model.net.train()
-    final, trainer = train_to_completion(model, source, shape, settings, run.path, cpu=device.type == "cpu")
+    final, trainer = train_to_completion(model, source, shape, settings, run.path, cpu=device.type == "cpu",
+                                         fingerprint=fingerprint(cfg))
     if not trainer.accelerator.is_main_process:  # under `accelerate launch`: one process reports
         return
 

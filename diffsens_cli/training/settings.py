@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Keys of the ``train`` group that change no result (display and checkpoint bookkeeping):
+# a resumed run may change them freely.
+BOOKKEEPING = ("progress", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -23,3 +28,8 @@ class TrainSettings:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change the result, but the total number of steps (a resumed
+        run checks that apart: it may grow): what a checkpoint records by default."""
+        return {"train": {k: v for k, v in asdict(self).items() if k not in (*BOOKKEEPING, "steps")}}

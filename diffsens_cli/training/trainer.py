@@ -7,19 +7,29 @@ is their ``mix``, so every item of a batch is drawn from the mixture itself.
 
 Every random draw of step ``k`` (data, flips, times, noise) comes from a generator
 seeded by ``(seed, k, process)``, so a run is repeatable and a resumed run takes exactly
-the steps an uninterrupted one would have.  Checkpoints (``step-NNNNNNNN/``: the
-accelerate state with model, optimizer and RNG states, the EMA weights, the loss
-history) are written under a temporary name and renamed into place, so a directory
-that exists is complete.
+the steps an uninterrupted one would have.
+
+A checkpoint (``step-NNNNNNNN/``) holds only formats that load without running code from
+the file, since a run directory may be shared: the weights and the EMA weights in
+safetensors, the optimizer and lr-scheduler states for ``torch.load(weights_only=True)``,
+the losses as ``.npy`` (no pickles), each process's RNG states as JSON, and, written
+last, ``trainer.json``: the step, the callback history, what the run was trained with
+(its fingerprint) and the SHA-256 of every other file.  It is written under a temporary
+name and renamed into place, so a directory that exists is complete.  A resume refuses a
+checkpoint trained with other settings, and sets aside (``corrupt-step-...``) one that
+fails its checksums or does not load, falling back to the one before.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
+import os
+import random
 import shutil
+import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,23 +39,133 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffsens_cli import interrupt
 from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.errors import DiffsensError, warn
 from diffsens_cli.models.network import NetworkScore, enable_forward_ad
+from diffsens_cli.stages import file_digest
 from diffsens_cli.training.dsm import dsm_loss
 from diffsens_cli.training.settings import TrainSettings
 
-logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+MANIFEST = "trainer.json"
+FORMAT = 2  # 1: accelerate's save_state layout, which unpickles on load
+MODEL, OPTIMIZER, SCHEDULER, EMA = "model.safetensors", "optimizer.pt", "scheduler.pt", "ema.safetensors"
+LOSSES = "losses.npy"
+# lr schedules whose value at a step does not depend on the total: such a run may be extended.
+TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+_MISSING = object()
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint that cannot be read back as it was written."""
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary and set-aside directories are never listed)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.glob("step-*") if (p / MANIFEST).is_file())
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer.json``, once every file it lists matches its SHA-256."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as e:  # ValueError: undecodable bytes or bad JSON
+        raise CorruptCheckpoint(f"{MANIFEST} is not readable JSON ({_one_line(e)})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    if not isinstance(files, dict):
+        raise CorruptCheckpoint(f"{MANIFEST} is not a format-{FORMAT} checkpoint manifest")
+    for name, digest in files.items():
+        if not isinstance(name, str) or Path(name).name != name or not (ckpt / name).is_file():
+            raise CorruptCheckpoint(f"{name} is missing")
+        if file_digest(ckpt / name) != digest:
+            raise CorruptCheckpoint(f"{name} does not match its checksum in {MANIFEST}")
+    return manifest
+
+
+def newest_manifest(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that passes its checksums, and its manifest; None if none does."""
+    for ckpt in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            return ckpt, read_manifest(ckpt)
+        except CorruptCheckpoint:
+            continue
+    return None
+
+
+def check_compatible(ckpt: Path, manifest: dict[str, Any], fingerprint: dict[str, Any],
+                     settings: TrainSettings) -> None:
+    """Refuse (one-line DiffsensError) to resume ``ckpt`` with other settings: its fingerprint
+    must be ``fingerprint``; its total steps may change only where the lr schedule ignores
+    the total, and never to fewer than the checkpoint has taken."""
+    old, new = _flatten(manifest.get("fingerprint")), _flatten(_as_json(fingerprint))
+    diffs = [f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+             for key in sorted(old.keys() | new.keys()) if old.get(key, _MISSING) != new.get(key, _MISSING)]
+    step, total = manifest.get("step"), manifest.get("total_steps")
+    if not isinstance(step, int) or step > settings.steps:
+        diffs.append(f"steps: {total!r} -> {settings.steps} (the checkpoint is at step {step!r})")
+    elif total != settings.steps and settings.lr_scheduler not in TOTAL_FREE_SCHEDULES:
+        diffs.append(f"steps: {total!r} -> {settings.steps} (lr_scheduler {settings.lr_scheduler} depends on it)")
+    if diffs:
+        raise DiffsensError(f"checkpoint {ckpt} was trained with other settings: {'; '.join(diffs)}; "
+                            f"to start afresh, use another hydra.run.dir or delete {ckpt.parent}")
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": leaf}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return out
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's first line, cut to 200 characters (some loaders explain at length)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's global RNG states (python, numpy, torch CPU and CUDA), as JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
 class Trainer:
-    """Trains ``model.net`` on draws from ``source`` reshaped to ``event_shape``."""
+    """Trains ``model.net`` on draws from ``source`` reshaped to ``event_shape``; its
+    checkpoints record ``fingerprint`` (default: the settings' own) to refuse a resume
+    with other settings."""
 
     def __init__(self, model: NetworkScore, source: GaussianMixture, event_shape: tuple[int, ...],
-                 settings: TrainSettings, checkpoint_dir: Path, cpu: bool = True):
+                 settings: TrainSettings, checkpoint_dir: Path, cpu: bool = True,
+                 fingerprint: dict[str, Any] | None = None):
         self.cfg = settings
+        self.fingerprint = _as_json(settings.fingerprint() if fingerprint is None else fingerprint)
         self.accelerator = Accelerator(cpu=cpu)
         self.device = self.accelerator.device
         self.schedule, self.prediction = model.schedule, model.prediction
@@ -132,6 +252,32 @@ class Trainer:
         return NetworkScore(enable_forward_ad(net), self.schedule, self.prediction)
 
     # -- checkpoints ---------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        """A copy of everything a checkpoint holds, in memory (to undo a failed load)."""
+        state = {
+            "model": {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.net).state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.lr_scheduler.state_dict()),
+            "rng": _rng_states(), "step": self.step, "losses": list(self.losses),
+            "history": copy.deepcopy(self.history),
+        }
+        if self.ema is not None:
+            state["ema"] = {k: [p.clone() for p in v] if k == "shadow_params" else v
+                            for k, v in self.ema.state_dict().items()}
+        return state
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        """Take on a state of ``_state``'s form."""
+        self.accelerator.unwrap_model(self.net).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)
+        if state.get("rng") is not None:
+            _set_rng_states(state["rng"])
+        self.step, self.losses, self.history = int(state["step"]), list(state["losses"]), list(state["history"])
+
     def save_checkpoint(self) -> Path:
         final = self.checkpoint_dir / f"step-{self.step:08d}"
         if final.exists():
@@ -139,48 +285,111 @@ class Trainer:
         tmp = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp / "state"))
+        (tmp / f"rng-{self.accelerator.process_index}.json").write_text(json.dumps(_rng_states()))
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            weights = self.accelerator.unwrap_model(self.net).state_dict()
+            save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / MODEL)
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(self.lr_scheduler.state_dict(), tmp / SCHEDULER)
+            np.save(tmp / LOSSES, np.asarray(self.losses, dtype=np.float64))
+            manifest = {"format": FORMAT, "step": self.step, "total_steps": self.cfg.steps,
+                        "fingerprint": self.fingerprint, "history": self.history}
             if self.ema is not None:
-                torch.save(self.ema.state_dict(), tmp / "ema.pt")
-            np.save(tmp / "losses.npy", np.asarray(self.losses, dtype=np.float64))
-            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "history": self.history}, indent=1))
+                ema = self.ema.state_dict()
+                shadow = ema.pop("shadow_params")
+                save_file({str(i): p.contiguous().cpu() for i, p in enumerate(shadow)}, tmp / EMA)
+                manifest["ema"] = ema
+            manifest["files"] = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             tmp.rename(final)
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
 
+    def _load(self, ckpt: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The state of a verified checkpoint, read with loaders that unpickle no objects."""
+        files = manifest["files"]
+
+        def path(name: str) -> Path:
+            if name not in files:
+                raise CorruptCheckpoint(f"{MANIFEST} lists no {name}")
+            return ckpt / name
+
+        with warnings.catch_warnings():  # torch warns about odd pickles: the failure is reported in one line
+            warnings.simplefilter("ignore")
+            state = {
+                "model": load_file(path(MODEL)),
+                "optimizer": torch.load(path(OPTIMIZER), map_location="cpu", weights_only=True),
+                "scheduler": torch.load(path(SCHEDULER), map_location="cpu", weights_only=True),
+                "losses": np.load(path(LOSSES), allow_pickle=False).tolist(),
+                "step": manifest["step"], "history": manifest["history"],
+            }
+        if self.ema is not None:
+            shadow = load_file(path(EMA))
+            state["ema"] = {**manifest["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]}
+        rng = f"rng-{self.accelerator.process_index}.json"
+        state["rng"] = json.loads(path(rng).read_text()) if rng in files else None  # None: other process count
+        return state
+
+    def _set_aside(self, ckpt: Path, problem: str) -> None:
+        """Rename a checkpoint that fails to ``corrupt-step-NNNNNNNN-<time>``, with one warning line."""
+        aside = ckpt.with_name(f"corrupt-{ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            try:
+                os.rename(ckpt, aside)
+            except OSError as e:
+                raise DiffsensError(f"checkpoint {ckpt} fails its check ({problem}) and cannot be set aside "
+                                    f"({e.strerror}): move it away, or train into another hydra.run.dir") from None
+            warn(f"checkpoint {ckpt} fails its check: {problem}; set aside as {aside.name}")
+        self.accelerator.wait_for_everyone()
+
     def checkpoints(self) -> list[Path]:
         """Finished checkpoints, oldest first (temporary directories are never listed)."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "trainer.json").is_file())
+        return list_checkpoints(self.checkpoint_dir)
 
     def resume(self) -> bool:
-        """Load the newest finished checkpoint, if any; True if one was loaded."""
+        """Load the newest checkpoint that passes its checks, if any; True if one was loaded.
+        One that fails (missing file, checksum, unreadable) is set aside with a warning and
+        the one before is tried; one trained with other settings stops with a DiffsensError."""
         found = self.checkpoints()
         if not found:
             return False
-        ckpt = found[-1]
-        self.accelerator.load_state(str(ckpt / "state"))
-        if self.ema is not None:
-            self.ema.load_state_dict(torch.load(ckpt / "ema.pt", map_location="cpu", weights_only=False))
-            self.ema.to(self.device)
-        meta = json.loads((ckpt / "trainer.json").read_text())
-        self.step, self.history = int(meta["step"]), list(meta["history"])
-        self.losses = np.load(ckpt / "losses.npy").tolist()
-        return True
+        initial = self._state()
+        for ckpt in reversed(found):
+            try:
+                manifest = read_manifest(ckpt)
+            except CorruptCheckpoint as e:
+                self._set_aside(ckpt, str(e))
+                continue
+            check_compatible(ckpt, manifest, self.fingerprint, self.cfg)
+            try:
+                self._apply(self._load(ckpt, manifest))
+                return True
+            # The files are untrusted: safetensors, torch's unpickler, numpy and the state
+            # loaders each raise their own errors, and any of them means "not this one".
+            except Exception as e:  # noqa: BLE001
+                self._apply(initial)  # undo what was taken on before the failure
+                self._set_aside(ckpt, _one_line(e))
+        if self.accelerator.is_main_process:
+            warn(f"no usable checkpoint is left in {self.checkpoint_dir}: training starts from step 0")
+        return False
 
 
 def train_to_completion(model: NetworkScore, source: GaussianMixture, event_shape: tuple[int, ...],
-                        settings: TrainSettings, directory: Path, cpu: bool = True) -> tuple[NetworkScore, Trainer]:
-    """Train (resuming from ``directory/checkpoints``), then save the sampling model to
-    ``directory/model`` in save_pretrained layout; returns it and the trainer."""
+                        settings: TrainSettings, directory: Path, cpu: bool = True,
+                        fingerprint: dict[str, Any] | None = None) -> tuple[NetworkScore, Trainer]:
+    """Train (resuming from ``directory/checkpoints`` if it was trained with ``fingerprint``),
+    then save the sampling model to ``directory/model`` in save_pretrained layout; returns it
+    and the trainer."""
     from diffsens_cli.models.pretrained import save_pretrained
 
-    trainer = Trainer(model, source, event_shape, settings, directory / "checkpoints", cpu=cpu)
+    trainer = Trainer(model, source, event_shape, settings, directory / "checkpoints", cpu=cpu,
+                      fingerprint=fingerprint)
     trainer.resume()
     trainer.train()
     final = trainer.sampling_model()
