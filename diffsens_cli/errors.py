@@ -1,4 +1,20 @@
-"""User-facing errors: one line naming the bad key, path or value."""
+"""User-facing errors: one line naming the bad key, path or value.
+
+Config values are read through the typed accessors here (``number``, ``whole``, ``flag``,
+``listed``) rather than bare ``float()``/``int()``/``bool()``, so a value of the wrong type
+is a ConfigError naming its key, never a traceback or a silent truncation (2.5 steps).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from omegaconf import ListConfig, OmegaConf
+
+T = TypeVar("T")
 
 
 class DiffsensError(Exception):
@@ -13,6 +29,11 @@ class ConfigError(DiffsensError):
         self.key = key
 
 
+def warn(message: str) -> None:
+    """A warning to the user: one line on stderr."""
+    print(f"diffsens: warning: {message}", file=sys.stderr, flush=True)
+
+
 def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
@@ -23,3 +44,37 @@ def one_of(value, allowed, key: str):
     if value not in allowed:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
     return value
+
+
+def number(value: Any, key: str, null: bool = False) -> float | None:
+    """``value`` as a finite float (an int or float in the config, not a bool or a string);
+    None passes when ``null``."""
+    if value is None and null:
+        return None
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+            f"must be {'null or ' if null else ''}a number, got {value!r}")
+    require(math.isfinite(value), key, f"must be finite, got {value!r}")
+    return float(value)
+
+
+def whole(value: Any, key: str, null: bool = False) -> int | None:
+    """``value`` as an int (an int, or a float with no fraction such as 1e3); None passes when ``null``."""
+    if value is None and null:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    require(ok, key, f"must be {'null or ' if null else ''}a whole number, got {value!r}")
+    return int(value)
+
+
+def flag(value: Any, key: str) -> bool:
+    """``value`` if it is a bool (true or false in the config; not the string 'yes')."""
+    require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+    return value
+
+
+def listed(value: Any, key: str, item: Callable[[Any, str], T], min_len: int = 1) -> list[T]:
+    """A list of at least ``min_len`` items, each read by ``item(value, f"{key}[i]")``."""
+    plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+    require(isinstance(plain, Sequence) and not isinstance(plain, str) and len(plain) >= min_len, key,
+            f"must be a list of at least {min_len} value{'s' if min_len != 1 else ''}, got {plain!r}")
+    return [item(v, f"{key}[{i}]") for i, v in enumerate(plain)]

@@ -34,13 +34,16 @@ def score_sensitivity_field(grid, fields, times, support, nu_mean) -> plt.Figure
     """Paper Fig. 1: the vector field g_t over the plane at a few times."""
     fig, axes = plt.subplots(1, len(times), figsize=(4.2 * len(times), 4.2), squeeze=False)
     for ax, g, t in zip(axes[0], fields, times):
+        g = np.asarray(g, dtype=float)
         norm = np.linalg.norm(g, axis=1)
-        direction = g / np.maximum(norm, 1e-300)[:, None]
+        nonzero = norm > 0  # g_t = 0 (e.g. nu_t/rho_t underflowed) has no direction and no log: no arrow
+        direction = np.divide(g, norm[:, None], out=np.zeros_like(g), where=nonzero[:, None])
+        log_norm = np.ma.masked_array(np.log10(norm, out=np.zeros_like(norm), where=nonzero), mask=~nonzero)
         ax.scatter(support[:, 0], support[:, 1], s=2, c="0.3", label=r"supp $\rho$")
-        q = ax.quiver(grid[:, 0], grid[:, 1], direction[:, 0], direction[:, 1], np.log10(norm + 1e-300),
+        q = ax.quiver(grid[:, 0], grid[:, 1], direction[:, 0], direction[:, 1], log_norm,
                       cmap="viridis", angles="xy", scale=30, width=0.004)
         ax.plot(*nu_mean, marker="*", ms=14, c="crimson", ls="", label=r"$\nu$ mean")
-        ax.set_title(f"$g_t$ at t = {t:g}")
+        ax.set_title(f"$g_t$ at t = {t:g}" + ("" if nonzero.any() else " (zero)"))
         ax.set_aspect("equal")
         fig.colorbar(q, ax=ax, fraction=0.046, label=r"$\log_{10} |g_t|$")
     axes[0][0].legend(loc="lower left", fontsize=8)

@@ -2,14 +2,17 @@
 
 Every file is written to a temporary name and renamed into place, so an interrupted
 run never leaves a half-written file behind; ``summary.json`` is written last and
-marks a finished run.  Finished intermediate results are stages of the shared
-``StageCache`` (``stages.py``): a restarted run, or another run that shares a stage,
-reuses them.
+marks a finished run.  It is strict JSON (no bare ``NaN``/``Infinity``, which JavaScript's
+``JSON.parse`` and ``jq`` reject): a non-finite number is written as ``null`` and its
+dotted path listed, with what it was and why, under ``null_values``.  Finished
+intermediate results are stages of the shared ``StageCache`` (``stages.py``): a restarted
+run, or another run that shares a stage, reuses them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -21,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import diffsens_cli
+from diffsens_cli.errors import warn
 from diffsens_cli.stages import ArrayDict, StageCache, atomic_write
 
 
@@ -33,6 +37,7 @@ class RunDir:
         self.cache = cache or StageCache(self.path / "stages")
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
 
     def save_config(self, cfg: DictConfig) -> None:
         """The fully resolved config the run used."""
@@ -61,13 +66,39 @@ class RunDir:
             out.append(path.name)
         return out
 
-    def write_summary(self, metrics: dict[str, Any], **extra: Any) -> Path:
-        """Write ``summary.json`` last: headline metrics, timings and the environment."""
+    def warn(self, message: str) -> None:
+        """Tell the user of a degenerate result: one line on stderr, kept in the summary's ``warnings``."""
+        warn(message)
+        self.warnings.append(message)
+
+    def warn_if_zero_psi(self, psi: np.ndarray | list[np.ndarray], weights: dict[str, int]) -> None:
+        """Warn when every sensitivity ``psi`` is exactly zero, saying what the ``weights``
+        counts (``WeightStats.as_dict``) tell of why: usually every nu_t/rho_t underflowed."""
+        parts = psi if isinstance(psi, list) else [psi]
+        if any(np.any(p != 0) for p in parts):
+            return
+        dtype = np.result_type(*parts)
+        n, under, bad = weights.get("evaluated", 0), weights.get("underflow", 0), weights.get("nonfinite", 0)
+        if under and under == n:
+            why = f"all {n} weights nu/rho underflowed in {dtype}"
+        elif under or bad:
+            why = f"{under} of {n} weights nu/rho underflowed in {dtype} and {bad} were non-finite"
+        else:
+            why = f"no weight nu/rho underflowed: nu's score equals rho's where nu/rho > 0 ({n} weights)"
+        advice = "; use solver.dtype=float64 or a perturbation nearer the data" if under else ""
+        self.warn(f"psi is identically zero: {why}{advice}")
+
+    def write_summary(self, metrics: dict[str, Any], reasons: dict[str, str] | None = None, **extra: Any) -> Path:
+        """Write ``summary.json`` last: headline metrics, timings and the environment.
+
+        ``reasons`` says why a value may be non-finite, by the path (``dotted``) that
+        ``null_values`` lists it under, e.g. ``metrics.retrain.median_corr``."""
         import torch
 
         summary = {
             "metrics": metrics,
             **extra,
+            "warnings": self.warnings,
             "wall_time_s": round(time.perf_counter() - self.started, 3),
             "stage_times_s": {k: round(v, 3) for k, v in self.timings.items()},
             "stages": self.cache.log,
@@ -79,15 +110,44 @@ class RunDir:
             },
             "command": " ".join(sys.argv),
         }
-        text = json.dumps(summary, indent=2, default=_json_default)
+        nulls: dict[str, str] = {}
+        summary = _finite_json(summary, (), nulls)
+        if nulls:
+            summary["null_values"] = {k: f"{v}: {reasons[k]}" if reasons and k in reasons else v
+                                      for k, v in nulls.items()}
+        text = json.dumps(summary, indent=2, allow_nan=False)
         path = self.path / "summary.json"
         atomic_write(path, lambda f: f.write(text + "\n"), "w")
         return path
 
 
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+def _finite_json(x: Any, path: tuple[str | int, ...], nulls: dict[str, str]) -> Any:
+    """``x`` as plain JSON values (numpy scalars and arrays too), every non-finite float
+    replaced by ``None`` and recorded in ``nulls`` as ``{dotted(*path): "NaN" | "+inf" | "-inf"}``."""
+    if isinstance(x, np.ndarray | np.generic):
+        x = x.tolist()
+    if isinstance(x, dict):
+        return {k: _finite_json(v, (*path, str(k)), nulls) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite_json(v, (*path, i), nulls) for i, v in enumerate(x)]
+    if isinstance(x, float) and not math.isfinite(x):
+        nulls[dotted(*path)] = "NaN" if math.isnan(x) else "+inf" if x > 0 else "-inf"
+        return None
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    raise TypeError(f"{dotted(*path)}: not JSON serialisable: {type(x).__name__}")
+
+
+def dotted(*keys: str | int) -> str:
+    """The path of a value in the summary, as ``null_values`` and ``write_summary``'s ``reasons``
+    name it: ``metrics.retrain.median_corr``; a list index as ``[2]``, a key that holds a dot,
+    bracket or quote as ``["ode/step 0.05"]``."""
+    out = ""
+    for k in keys:
+        if isinstance(k, int):
+            out += f"[{k}]"
+        elif any(c in k for c in '.[]"'):
+            out += f"[{json.dumps(k)}]"
+        else:
+            out += f".{k}" if out else k
+    return out

@@ -69,7 +69,38 @@ def test_weight_clamp_and_nonfinite_are_counted():
     log_rho = torch.tensor([0.0, 0.0, 0.0, -math.inf, 0.0])
     g = score_sensitivity(log_nu, torch.ones(5, 2), log_rho, torch.zeros(5, 2), clamp=(0.1, 10.0), stats=stats)
     torch.testing.assert_close(g[:, 0], torch.tensor([1.0, 10.0, 0.1, 0.0, 0.0]))
-    assert stats.as_dict() == {"evaluated": 5, "clamped_low": 1, "clamped_high": 1, "nonfinite": 2}
+    assert stats.as_dict() == {"evaluated": 5, "clamped_low": 1, "clamped_high": 1, "nonfinite": 2, "underflow": 0,
+                               "overflow": 0}
+
+
+@pytest.mark.parametrize("dtype,underflow,overflow", [(torch.float32, 3, 1), (torch.float64, 1, 0)])
+def test_weights_that_underflow_or_overflow_the_working_dtype_are_counted(dtype, underflow, overflow):
+    """exp of a finite log weight is 0 below the smallest subnormal (float32: 2^-149 = e^-103.3,
+    float64: 2^-1074 = e^-744.4) and inf above the largest value (e^88.7, e^709.8): of the log
+    weights -50, -120, -200, 100, -1000, float32 loses -120, -200, -1000 to 0 and 100 to inf;
+    float64 only -1000.  log nu = -inf is an exact zero weight, neither."""
+    log_nu = torch.tensor([-50.0, -120.0, -200.0, 100.0, -1000.0, -math.inf], dtype=dtype)
+    stats = WeightStats()
+    g = score_sensitivity(log_nu, torch.ones(6, 2, dtype=dtype), torch.zeros(6, dtype=dtype),
+                          torch.zeros(6, 2, dtype=dtype), stats=stats)
+    assert stats.as_dict() == {"evaluated": 6, "clamped_low": 0, "clamped_high": 0, "nonfinite": 0,
+                               "underflow": underflow, "overflow": overflow}
+    assert g[0, 0].item() == pytest.approx(math.exp(-50.0), rel=1e-6)
+    assert (g[4:] == 0).all() and ((g[1:3] == 0).all() == (dtype == torch.float32))
+
+
+def test_underflow_counts_survive_chunking_and_say_why_psi_is_zero():
+    """nu 1e4 away from rho: every weight along every path underflows (log nu_t/rho_t is about
+    -d (1e4 alpha_t)^2 / (2 sigma_t^2), below -8000 already at t = 0 where alpha = 0.0066), so
+    psi is exactly zero and every one of 12 paths x 10 steps is counted, across 3 chunks."""
+    rho = two_gaussians(d=4).to(torch.device("cpu"), torch.float32)
+    nu = gaussian(1e4, d=4, std=1e-3).to(torch.device("cpu"), torch.float32)
+    z0 = torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    s = SolverSettings(num_steps=10, density="closed_form", progress=False, batch_size=5)
+    res = Integrator(MixtureScore(rho, SCHED), s, Perturbation(nu)).run(z0)
+    assert (res.psi == 0).all()
+    assert res.weights.as_dict() == {"evaluated": 120, "clamped_low": 0, "clamped_high": 0, "nonfinite": 0,
+                                     "underflow": 120, "overflow": 0}
 
 
 def _setup(d=10, n=64, seed=0):

@@ -2,7 +2,10 @@
 
 The weight ``nu_t / rho_t`` under- or overflows in image dimensions, so it is formed as
 ``exp(log nu - log rho)`` with an optional clamp; clamped and non-finite weights are
-counted (never silently passed on) and reported in the run's summary.
+counted (never silently passed on) and reported in the run's summary, and so are the
+weights whose finite log does not fit the working dtype: ``underflow`` (exp gives 0,
+e.g. a log weight of -200 in float32, whose smallest subnormal is about e^-103.3) and
+``overflow`` (exp gives inf).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class WeightStats:
 
     def as_dict(self) -> dict[str, int]:
         out = {"evaluated": self.total}
-        for k in ("clamped_low", "clamped_high", "nonfinite"):
+        for k in ("clamped_low", "clamped_high", "nonfinite", "underflow", "overflow"):
             out[k] = int(self.counts[k].item()) if k in self.counts else 0
         return out
 
@@ -58,5 +61,9 @@ def log_weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, 
 def score_sensitivity(log_nu: torch.Tensor, s_nu: torch.Tensor, log_rho: torch.Tensor, s_rho: torch.Tensor,
                       clamp: tuple[float, float] | None = None, stats: WeightStats | None = None) -> torch.Tensor:
     """Paper Eq. 1 for a batch: log-densities [B], scores [B, *event]."""
-    w = log_weight(log_nu, log_rho, clamp, stats).exp()
+    lw = log_weight(log_nu, log_rho, clamp, stats)
+    w = lw.exp()
+    if stats is not None:
+        stats.add("underflow", (w == 0) & (lw > -math.inf))
+        stats.add("overflow", w == math.inf)
     return w.view(-1, *([1] * (s_rho.ndim - 1))) * (s_nu - s_rho)
