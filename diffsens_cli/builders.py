@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from diffsens_cli.core.integrate import Perturbation, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import SCHEDULES, Schedule
-from diffsens_cli.errors import ConfigError, one_of, require
+from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, require, whole
 from diffsens_cli.models.base import ScoreModel
 from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.models.unet import build_network_model
@@ -32,7 +32,8 @@ def _plain(x):
 
 def build_schedule(cfg: DictConfig) -> Schedule:
     kind = one_of(cfg.kind, sorted(SCHEDULES), "schedule.kind")
-    kwargs = {k: v for k, v in _plain(cfg).items() if k != "kind"}
+    kwargs = {k: (whole if k == "num_train_timesteps" else number)(v, f"schedule.{k}")
+              for k, v in _plain(cfg).items() if k != "kind"}
     try:
         return SCHEDULES[kind](**kwargs)
     except TypeError as e:
@@ -46,18 +47,18 @@ def _points(value, dim: int, key: str) -> torch.Tensor:
         value = [value]
     rows = []
     for i, v in enumerate(value):
-        if isinstance(v, (int, float)):
-            rows.append([float(v)] * dim)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            rows.append([number(v, f"{key}[{i}]")] * dim)
         else:
             require(isinstance(v, list) and len(v) == dim, f"{key}[{i}]",
                     f"needs a scalar or {dim} values (the dataset's dim), got {v!r}")
-            rows.append([float(x) for x in v])
+            rows.append(listed(v, f"{key}[{i}]", number))
     return torch.tensor(rows, dtype=torch.float64)
 
 
 def _per_component(value, k: int, key: str, positive: bool = False) -> torch.Tensor:
     value = _plain(value)
-    vals = [float(value)] * k if isinstance(value, (int, float)) else [float(v) for v in value]
+    vals = listed(value, key, number) if isinstance(value, list) else [number(value, key)] * k
     require(len(vals) == k, key, f"needs one value or {k} (one per component), got {len(vals)}")
     require(all(v > 0 if positive else v >= 0 for v in vals), key,
             f"must be {'> 0' if positive else '>= 0'}, got {value!r}")
@@ -74,8 +75,9 @@ def _mixture(cfg: DictConfig, dim: int, group: str) -> GaussianMixture:
 
 def _curve(cfg: DictConfig) -> GaussianMixture:
     """Points along a planar curve with a small isotropic spread: rho 'on a curve'."""
-    require(cfg.num_points >= 2, "dataset.num_points", f"must be >= 2, got {cfg.num_points}")
-    s = torch.linspace(-1.0, 1.0, int(cfg.num_points), dtype=torch.float64)
+    num_points = whole(cfg.num_points, "dataset.num_points")
+    require(num_points >= 2, "dataset.num_points", f"must be >= 2, got {num_points}")
+    s = torch.linspace(-1.0, 1.0, num_points, dtype=torch.float64)
     shape = one_of(cfg.shape, ["sine", "arc"], "dataset.shape")
     if shape == "sine":
         pts = torch.stack([1.5 * s, 0.6 * torch.sin(math.pi * s)], 1)
@@ -87,11 +89,12 @@ def _curve(cfg: DictConfig) -> GaussianMixture:
 def build_dataset(cfg: DictConfig) -> GaussianMixture:
     """The closed-form target measure rho of a synthetic data set."""
     kind = one_of(cfg.kind, ["gaussian_mixture", "curve"], "dataset.kind")
-    require(int(cfg.dim) >= 1, "dataset.dim", f"must be >= 1, got {cfg.dim}")
+    dim = whole(cfg.dim, "dataset.dim")
+    require(dim >= 1, "dataset.dim", f"must be >= 1, got {dim}")
     if kind == "curve":
-        require(int(cfg.dim) == 2, "dataset.dim", "a curve data set lives in 2 dimensions")
+        require(dim == 2, "dataset.dim", "a curve data set lives in 2 dimensions")
         return _curve(cfg)
-    return _mixture(cfg, int(cfg.dim), "dataset")
+    return _mixture(cfg, dim, "dataset")
 
 
 def build_perturbation(cfg: DictConfig, target: GaussianMixture, seed: int = 0) -> Perturbation:
@@ -113,20 +116,35 @@ def build_perturbation(cfg: DictConfig, target: GaussianMixture, seed: int = 0) 
 def _empirical_points(cfg: DictConfig, target: GaussianMixture, seed: int) -> torch.Tensor:
     dim = target.dim
     if cfg.get("from_dataset") is not None:
-        k = int(cfg.from_dataset)
+        k = whole(cfg.from_dataset, "perturbation.from_dataset")
         require(k >= 1, "perturbation.from_dataset", f"must be >= 1 samples, got {k}")
         return target.sample(k, torch.Generator().manual_seed(seed + 1))
     if cfg.get("path"):
-        path = Path(cfg.path).expanduser()
-        require(path.is_file(), "perturbation.path", f"no such file: {path} (expected a .npy or .txt array [K, {dim}])")
-        arr = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
-        pts = torch.as_tensor(arr, dtype=torch.float64).reshape(len(arr), -1)
-        require(pts.shape[1] == dim, "perturbation.path", f"{path} holds points of dimension {pts.shape[1]}, "
-                f"but the dataset has dim {dim}")
-        return pts
+        return torch.from_numpy(read_points(cfg.path, dim))
     require(cfg.get("points") is not None, "perturbation.points",
             "an empirical perturbation needs points, path or from_dataset")
     return _points(cfg.points, dim, "perturbation.points")
+
+
+def read_points(value: object, dim: int, key: str = "perturbation.path") -> np.ndarray:
+    """Finite float64 points [K >= 1, dim] from a .npy file (no pickles) or a text file of
+    whitespace-separated rows; a one-line ConfigError naming ``key`` and the file otherwise."""
+    expected = f"expected a .npy or .txt array [K, {dim}] of finite numbers"
+    require(isinstance(value, str), key, f"must be a file name, got {value!r}")
+    path = Path(value).expanduser()
+    require(path.is_file(), key, f"no such file: {path} ({expected})")
+    try:
+        arr = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
+    except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
+        raise ConfigError(key, f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                               f"{expected}") from None
+    require(arr.dtype.kind in "biuf", key, f"{path} holds {arr.dtype} values; {expected}")
+    require(arr.ndim in (1, 2) and arr.size > 0, key, f"{path} holds an array of shape {arr.shape}; {expected}")
+    arr = arr.reshape(len(arr), -1).astype(np.float64)  # [K] is K points of dimension 1
+    require(arr.shape[1] == dim, key, f"{path} holds points of dimension {arr.shape[1]}, "
+            f"but the dataset has dim {dim}")
+    require(bool(np.isfinite(arr).all()), key, f"{path} holds non-finite values (NaN or inf); {expected}")
+    return arr
 
 
 def build_model(cfg: DictConfig, target: GaussianMixture, schedule: Schedule) -> ScoreModel:
@@ -143,12 +161,14 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
     integrator = one_of(cfg.integrator, ["euler", "heun"], "solver.integrator")
     require(not (method == "sde" and integrator == "heun"), "solver.integrator",
             "the SDE is integrated with Euler-Maruyama: use integrator=euler with method=sde")
-    if cfg.num_steps is None:
-        require(cfg.step_size is not None and float(cfg.step_size) > 0, "solver.step_size",
-                f"must be > 0, got {cfg.step_size}")
+    step_size = number(cfg.step_size, "solver.step_size", null=True)
+    num_steps = whole(cfg.num_steps, "solver.num_steps", null=True)
+    if num_steps is None:
+        require(step_size is not None and step_size > 0, "solver.step_size", f"must be > 0, got {cfg.step_size}")
     else:
-        require(int(cfg.num_steps) >= 1, "solver.num_steps", f"must be >= 1, got {cfg.num_steps}")
-    require(0 < float(cfg.t_min) < 1, "solver.t_min", f"must be in (0, 1), got {cfg.t_min}")
+        require(num_steps >= 1, "solver.num_steps", f"must be >= 1, got {num_steps}")
+    t_min = number(cfg.t_min, "solver.t_min")
+    require(0 < t_min < 1, "solver.t_min", f"must be in (0, 1), got {t_min}")
     density = one_of(cfg.density, ["ccov", "closed_form"], "solver.density")
     require(not (method == "sde" and density == "ccov"), "solver.density",
             "CCoV log-densities hold along ODE paths only; an SDE run needs density=closed_form")
@@ -156,25 +176,28 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
         require(density != "closed_form" or model.has_log_density, "solver.density",
                 f"closed_form needs a model with a closed-form density; {type(model).__name__} has none (use ccov)")
     divergence = one_of(cfg.divergence, ["exact", "hutchinson"], "solver.divergence")
-    require(int(cfg.hutchinson_samples) >= 1, "solver.hutchinson_samples",
-            f"must be >= 1, got {cfg.hutchinson_samples}")
+    hutchinson_samples = whole(cfg.hutchinson_samples, "solver.hutchinson_samples")
+    require(hutchinson_samples >= 1, "solver.hutchinson_samples", f"must be >= 1, got {hutchinson_samples}")
     clamp = _plain(cfg.weight_clamp)
     if clamp is not None:
-        require(isinstance(clamp, list) and len(clamp) == 2 and 0 < clamp[0] < clamp[1], "solver.weight_clamp",
-                f"must be null or [low, high] with 0 < low < high, got {clamp}")
-        clamp = (float(clamp[0]), float(clamp[1]))
-    require(cfg.batch_size is None or int(cfg.batch_size) >= 1, "solver.batch_size",
-            f"must be null (as memory allows) or >= 1, got {cfg.batch_size}")
+        need = f"must be null or [low, high] with 0 < low < high, got {clamp}"
+        require(isinstance(clamp, list) and len(clamp) == 2, "solver.weight_clamp", need)
+        low, high = listed(clamp, "solver.weight_clamp", number)
+        require(0 < low < high, "solver.weight_clamp", need)
+        clamp = (low, high)
+    batch_size = whole(cfg.batch_size, "solver.batch_size", null=True)
+    require(batch_size is None or batch_size >= 1, "solver.batch_size",
+            f"must be null (as memory allows) or >= 1, got {batch_size}")
+    record_every = whole(cfg.get("record_every"), "solver.record_every", null=True)
+    require(record_every is None or record_every >= 1, "solver.record_every",
+            f"must be null or >= 1, got {record_every}")
     return SolverSettings(
-        method=method, integrator=integrator,
-        step_size=None if cfg.step_size is None else float(cfg.step_size),
-        num_steps=None if cfg.num_steps is None else int(cfg.num_steps),
-        t_min=float(cfg.t_min), density=density, divergence=divergence,
-        hutchinson_samples=int(cfg.hutchinson_samples),
+        method=method, integrator=integrator, step_size=step_size, num_steps=num_steps,
+        t_min=t_min, density=density, divergence=divergence, hutchinson_samples=hutchinson_samples,
         probe=one_of(cfg.probe, ["gaussian", "rademacher"], "solver.probe"),
-        weight_clamp=clamp, batch_size=None if cfg.batch_size is None else int(cfg.batch_size),
-        seed=int(cfg.seed), progress=bool(cfg.progress),
-        record_every=None if cfg.get("record_every") is None else int(cfg.record_every),
+        weight_clamp=clamp, batch_size=batch_size,
+        seed=whole(cfg.seed, "solver.seed"), progress=flag(cfg.progress, "solver.progress"),
+        record_every=record_every,
         sde_sensitivity=one_of(cfg.sde_sensitivity, ["drift", "velocity"], "solver.sde_sensitivity"),
     )
 
@@ -201,7 +224,7 @@ class Components:
         self.device, self.dtype = device_and_dtype(cfg.solver)
         self.schedule = build_schedule(cfg.schedule)
         self.target = build_dataset(cfg.dataset)
-        self.perturbation = build_perturbation(cfg.perturbation, self.target, int(cfg.seed))
+        self.perturbation = build_perturbation(cfg.perturbation, self.target, whole(cfg.seed, "seed"))
         self.model = build_model(cfg.model, self.target, self.schedule)
         self.solver = solver_settings(cfg.solver, self.model)
 
@@ -224,32 +247,39 @@ def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
     training items one epoch passes over (None for an endless source such as a
     closed-form target, which needs ``train.steps``)."""
     one_of(cfg.mode, TRAIN_MODES, "train.mode")
-    require(int(cfg.batch_size) >= 1, "train.batch_size", f"must be >= 1, got {cfg.batch_size}")
-    if cfg.steps is not None:
-        require(int(cfg.steps) >= 1, "train.steps", f"must be >= 1, got {cfg.steps}")
-        steps = int(cfg.steps)
+    batch_size = whole(cfg.batch_size, "train.batch_size")
+    require(batch_size >= 1, "train.batch_size", f"must be >= 1, got {batch_size}")
+    steps = whole(cfg.steps, "train.steps", null=True)
+    if steps is not None:
+        require(steps >= 1, "train.steps", f"must be >= 1, got {steps}")
     else:
         require(epoch_size is not None, "train.steps", "an endless data source (a closed-form target) needs steps")
-        require(cfg.epochs is not None and float(cfg.epochs) > 0, "train.epochs", f"must be > 0, got {cfg.epochs}")
-        steps = max(1, math.ceil(float(cfg.epochs) * epoch_size / int(cfg.batch_size)))
-    require(float(cfg.lr) > 0, "train.lr", f"must be > 0, got {cfg.lr}")
+        epochs = number(cfg.epochs, "train.epochs", null=True)
+        require(epochs is not None and epochs > 0, "train.epochs", f"must be > 0, got {cfg.epochs}")
+        steps = max(1, math.ceil(epochs * epoch_size / batch_size))
+    lr = number(cfg.lr, "train.lr")
+    require(lr > 0, "train.lr", f"must be > 0, got {lr}")
     lr_schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-    one_of(cfg.lr_scheduler, lr_schedulers, "train.lr_scheduler")
-    require(int(cfg.lr_warmup_steps) >= 0, "train.lr_warmup_steps", f"must be >= 0, got {cfg.lr_warmup_steps}")
-    require(float(cfg.weight_decay) >= 0, "train.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
-    require(cfg.ema_decay is None or 0 < float(cfg.ema_decay) < 1, "train.ema_decay",
-            f"must be null or in (0, 1), got {cfg.ema_decay}")
-    require(0 < float(cfg.eta_bar) < 1, "train.eta_bar", f"must be in (0, 1), got {cfg.eta_bar}")
-    require(0 < float(cfg.t_min) < 1, "train.t_min", f"must be in (0, 1), got {cfg.t_min}")
-    require(cfg.grad_clip is None or float(cfg.grad_clip) > 0, "train.grad_clip",
-            f"must be null or > 0, got {cfg.grad_clip}")
-    require(int(cfg.checkpoint_every) >= 1, "train.checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}")
-    require(int(cfg.keep_checkpoints) >= 1, "train.keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
+    lr_scheduler = one_of(cfg.lr_scheduler, lr_schedulers, "train.lr_scheduler")
+    lr_warmup_steps = whole(cfg.lr_warmup_steps, "train.lr_warmup_steps")
+    require(lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {lr_warmup_steps}")
+    weight_decay = number(cfg.weight_decay, "train.weight_decay")
+    require(weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {weight_decay}")
+    ema_decay = number(cfg.ema_decay, "train.ema_decay", null=True)
+    require(ema_decay is None or 0 < ema_decay < 1, "train.ema_decay", f"must be null or in (0, 1), got {ema_decay}")
+    eta_bar = number(cfg.eta_bar, "train.eta_bar")
+    require(0 < eta_bar < 1, "train.eta_bar", f"must be in (0, 1), got {eta_bar}")
+    t_min = number(cfg.t_min, "train.t_min")
+    require(0 < t_min < 1, "train.t_min", f"must be in (0, 1), got {t_min}")
+    grad_clip = number(cfg.grad_clip, "train.grad_clip", null=True)
+    require(grad_clip is None or grad_clip > 0, "train.grad_clip", f"must be null or > 0, got {grad_clip}")
+    checkpoint_every = whole(cfg.checkpoint_every, "train.checkpoint_every")
+    require(checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {checkpoint_every}")
+    keep_checkpoints = whole(cfg.keep_checkpoints, "train.keep_checkpoints")
+    require(keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {keep_checkpoints}")
     return TrainSettings(
-        steps=steps, batch_size=int(cfg.batch_size), lr=float(cfg.lr), lr_scheduler=str(cfg.lr_scheduler),
-        lr_warmup_steps=int(cfg.lr_warmup_steps), weight_decay=float(cfg.weight_decay),
-        ema_decay=None if cfg.ema_decay is None else float(cfg.ema_decay), hflip=bool(cfg.hflip),
-        t_min=float(cfg.t_min), grad_clip=None if cfg.grad_clip is None else float(cfg.grad_clip),
-        checkpoint_every=int(cfg.checkpoint_every), keep_checkpoints=int(cfg.keep_checkpoints),
-        seed=int(cfg.seed), progress=bool(cfg.progress),
+        steps=steps, batch_size=batch_size, lr=lr, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
+        weight_decay=weight_decay, ema_decay=ema_decay, hflip=flag(cfg.hflip, "train.hflip"), t_min=t_min,
+        grad_clip=grad_clip, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        seed=whole(cfg.seed, "train.seed"), progress=flag(cfg.progress, "train.progress"),
     )

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from diffsens_cli import interrupt
-from diffsens_cli.errors import DiffsensError
+from diffsens_cli.errors import DiffsensError, warn
 
 ArrayDict = dict[str, np.ndarray]
 DONE = "done.json"
@@ -100,10 +99,6 @@ def verify(directory: Path) -> str | None:
         if file_digest(path) != expected.get("sha256"):
             return f"{name} does not match its checksum in {DONE}"
     return None
-
-
-def warn(message: str) -> None:
-    print(f"diffsens: warning: {message}", file=sys.stderr, flush=True)
 
 
 class StageCache:
@@ -208,7 +203,7 @@ class StageCache:
         while True:
             try:
                 lock_path.parent.mkdir(parents=True, exist_ok=True)
-                lock = open(lock_path, "a")
+                lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield, closed in finally)
             except FileNotFoundError:  # the folder was removed by a process that just finished: again
                 continue
             except OSError as e:

@@ -73,9 +73,12 @@ def test_every_experiment_has_tiny_settings():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_config_composes_and_builds(experiment):
+def test_experiment_config_composes_and_builds(experiment, fake_data):
+    """Each experiment at its own settings; those reading data files are pointed at the
+    fake copies (their folders are checked before a run starts)."""
+    roots = [a.format(data=fake_data) for a in TINY[experiment] if ".root=" in a]
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}"])
+        cfg = compose("config", overrides=[f"experiment={experiment}", *roots])
     assert cfg.task and (cfg.name == experiment or cfg.task == "train")
     check_task(cfg)
 

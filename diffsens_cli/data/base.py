@@ -68,7 +68,8 @@ class Spec:
 
     def seed(self) -> int:
         seed = self.values.get("seed", 0)
-        require(isinstance(seed, int), self.name("seed"), f"must be an integer, got {seed!r}")
+        require(isinstance(seed, int) and not isinstance(seed, bool), self.name("seed"),
+                f"must be an integer, got {seed!r}")
         return seed
 
     def root(self, layout: str, get: str) -> Path:

@@ -124,15 +124,27 @@ def glyph_templates(side: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _typography_settings(spec: Spec) -> tuple[int, int, float]:
+    """The checked number of images, side and glyph size of a typography config."""
+    n = spec.positive_int("num_images", 2000, optional=False)
+    size = spec.positive_int("image_size") or 8  # null: 8, to pair with scikit-learn's digits
+    glyph_size = spec.get("glyph_size", 0.9)
+    ok = isinstance(glyph_size, (int, float)) and not isinstance(glyph_size, bool) and 0 < glyph_size <= 1
+    require(ok, spec.name("glyph_size"),
+            f"must be in (0, 1] (the glyph's longer side over the frame's), got {glyph_size!r}")
+    return n, size, glyph_size
+
+
+def typography_shape(spec: Spec) -> tuple[int, int, int]:
+    _, size, _ = _typography_settings(spec)
+    return 1, size, size
+
+
 def typography(spec: Spec) -> ImageSet:
     """``num_images`` digits (classes balanced) in random fonts, their longer side ``glyph_size``
     of the frame give or take 10%, shifted by up to 5% of the frame without leaving it; warped
     at high resolution and area-downsampled to ``image_size``. Deterministic given seed."""
-    n = spec.positive_int("num_images", 2000, optional=False)
-    size = spec.positive_int("image_size") or 8  # null: 8, to pair with scikit-learn's digits
-    glyph_size = spec.get("glyph_size", 0.9)
-    require(isinstance(glyph_size, (int, float)) and 0 < glyph_size <= 1, spec.name("glyph_size"),
-            f"must be in (0, 1] (the glyph's longer side over the frame's), got {glyph_size!r}")
+    n, size, glyph_size = _typography_settings(spec)
     factor = max(2, math.ceil(64 / size))  # render at >= 64 pixels a side, then average factor x factor blocks
     templates = glyph_templates(size * factor)
     gen = torch.Generator().manual_seed(spec.seed())

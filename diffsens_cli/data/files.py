@@ -3,7 +3,9 @@ IDX files, the TMNIST CSV, CelebA's JPEGs and attribute lists, and CIFAR-10's pi
 batches (through an unpickler that builds numpy arrays and nothing else).
 
 A missing or malformed file is one ConfigError naming the path and the expected layout.
-Loaders return 0..255 uint8 pixels; ``load_images`` scales them to [-1, 1].
+Loaders return 0..255 uint8 pixels; ``load_images`` scales them to [-1, 1]. The ``*_shape``
+functions are the loaders' cheap half (values, folders, files present, headers), run
+before a run directory exists; they return the native (C, H, W) of the images.
 """
 
 from __future__ import annotations
@@ -29,51 +31,78 @@ CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
 CIFAR_LAYOUT = "CIFAR-10 expects cifar-10-batches-py/ with data_batch_1..5 and test_batch (the python version)"
 
 
-def _read_idx(spec: Spec, root: Path, name: str) -> np.ndarray:
-    """An IDX array of unsigned bytes: magic 0 0 0x08 ndim, ndim big-endian int32 sizes, then the data."""
+def _read_idx(spec: Spec, root: Path, name: str, header_only: bool = False) -> tuple[tuple[int, ...], np.ndarray]:
+    """The shape and (unless ``header_only``: an empty array) the data of an IDX array of unsigned
+    bytes: magic 0 0 0x08 ndim, ndim big-endian int32 sizes, then the data."""
     path = next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
     if path is None:
         raise spec.error("root", f"{root} has no {name}[.gz]; {MNIST_LAYOUT}")
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+            raw = f.read(4 + 4 * 255) if header_only else f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise spec.error("root", f"cannot read {path}: {e}") from None
     ndim = raw[3] if len(raw) >= 4 else 0
     valid = len(raw) >= 4 + 4 * ndim and raw[:3] == b"\x00\x00\x08" and ndim >= 1
     shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", count=ndim, offset=4)) if valid else ()
-    require(valid and len(raw) == 4 + 4 * ndim + int(np.prod(shape)), spec.name("root"),
+    require(valid and (header_only or len(raw) == 4 + 4 * ndim + int(np.prod(shape))), spec.name("root"),
             f"{path} is not an IDX file of unsigned bytes (magic 0x0000080N, N sizes, then the data)")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    data = np.empty(0, np.uint8) if header_only else np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return shape, data
+
+
+def _mnist_files(spec: Spec, header_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The checked images [N, H, W] and labels [N] of MNIST's ``split`` (empty arrays when ``header_only``)."""
+    prefix = {"train": "train", "test": "t10k"}[spec.choice("split", ["train", "test"], "train")]
+    root = spec.root(MNIST_LAYOUT.removeprefix("MNIST expects "), "MNIST's four IDX files (Yann LeCun's MNIST page "
+                     "or any mirror, e.g. torchvision's)")
+    shape, images = _read_idx(spec, root, f"{prefix}-images-idx3-ubyte", header_only)
+    label_shape, labels = _read_idx(spec, root, f"{prefix}-labels-idx1-ubyte", header_only)
+    require(len(shape) == 3 and len(label_shape) == 1 and shape[0] == label_shape[0], spec.name("root"),
+            f"{root}: {prefix}-images has shape {shape} and {prefix}-labels {label_shape}; "
+            "expected [N, H, W] images and N labels")
+    return (np.empty((0, *shape[1:]), np.uint8) if header_only else images), labels
+
+
+def mnist_shape(spec: Spec) -> tuple[int, int, int]:
+    return (1, *_mnist_files(spec, header_only=True)[0].shape[1:])
 
 
 def mnist(spec: Spec) -> ImageSet:
     """MNIST's ``split`` (train: 60000, test: 10000) from its IDX files."""
-    prefix = {"train": "train", "test": "t10k"}[spec.choice("split", ["train", "test"], "train")]
-    root = spec.root(MNIST_LAYOUT.removeprefix("MNIST expects "), "MNIST's four IDX files (Yann LeCun's MNIST page "
-                     "or any mirror, e.g. torchvision's)")
-    images = _read_idx(spec, root, f"{prefix}-images-idx3-ubyte")
-    labels = _read_idx(spec, root, f"{prefix}-labels-idx1-ubyte")
-    require(images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels), spec.name("root"),
-            f"{root}: {prefix}-images has shape {images.shape} and {prefix}-labels {labels.shape}; "
-            "expected [N, H, W] images and N labels")
+    images, labels = _mnist_files(spec, header_only=False)
     return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), None,
                     "mnist")
 
 
-def tmnist(spec: Spec) -> ImageSet:
-    """TMNIST from its CSV: a header row, then font name, digit and 784 pixels (28x28, 0..255) per row."""
+def _tmnist_file(spec: Spec) -> tuple[Path, str]:
+    """The TMNIST CSV, its header checked, and the layout it should have."""
     file = spec.get("file", "TMNIST_Data.csv")
+    require(isinstance(file, str), spec.name("file"), f"must be a file name, got {file!r}")
     layout = (f"TMNIST expects the Kaggle CSV {file}: header {','.join(TMNIST_COLUMNS[:4])},...,784, then one row "
               "per image")
     root = spec.root(f"{file}; {layout}", "TMNIST_Data.csv from Kaggle's 'TMNIST (Typography MNIST)' data set")
-    path = root / str(file)
+    path = root / file
     if not path.is_file():
         raise spec.error("root", f"{root} has no {file}; {layout}")
-    with path.open() as f:
-        header = [c.strip().strip('"') for c in f.readline().split(",")]
+    try:
+        with path.open() as f:
+            header = [c.strip().strip('"') for c in f.readline().split(",")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise spec.error("file", f"cannot read {path}: {e}") from None
     require(header == TMNIST_COLUMNS, spec.name("file"),
             f"{path} starts with columns {','.join(header[:4])}... ({len(header)} columns); {layout}")
+    return path, layout
+
+
+def tmnist_shape(spec: Spec) -> tuple[int, int, int]:
+    _tmnist_file(spec)
+    return 1, 28, 28
+
+
+def tmnist(spec: Spec) -> ImageSet:
+    """TMNIST from its CSV: a header row, then font name, digit and 784 pixels (28x28, 0..255) per row."""
+    path, _ = _tmnist_file(spec)
     try:
         rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(1, 786), dtype=np.int64, quotechar='"',
                           ndmin=2)
@@ -119,14 +148,29 @@ def _celeba_partition(spec: Spec, root: Path, files: list[str]) -> np.ndarray:
     return np.array([partition[f] for f in files], dtype=np.int64)
 
 
+def _celeba_settings(spec: Spec) -> tuple[str, int, Path]:
+    """The split, the crop and the root of a CelebA config, the root holding the files it needs."""
+    split = spec.choice("split", ["train", "valid", "test", "all"], "train")
+    crop = spec.positive_int("crop", 140, optional=False)
+    root = spec.root(CELEBA_LAYOUT.removeprefix("CelebA expects "), "CelebA's aligned and cropped images "
+                     "(img_align_celeba.zip) and its Anno and Eval text files from the CelebA project page")
+    needs = ["img_align_celeba", "list_attr_celeba.txt"] + (["list_eval_partition.txt"] if split != "all" else [])
+    missing = next((name for name in needs if not (root / name).exists()), None)
+    if missing is not None:
+        raise spec.error("root", f"{root} has no {missing}; {CELEBA_LAYOUT}")
+    return split, crop, root
+
+
+def celeba_shape(spec: Spec) -> tuple[int, int, int]:
+    _, crop, _ = _celeba_settings(spec)
+    return 3, crop, crop
+
+
 def celeba(spec: Spec) -> ImageSet:
     """CelebA's ``split``, each image centre-cropped to ``crop`` and resized to ``image_size``; with
     ``limit`` only the drawn images are decoded."""
-    split = spec.choice("split", ["train", "valid", "test", "all"], "train")
-    crop = spec.positive_int("crop", 140, optional=False)
+    split, crop, root = _celeba_settings(spec)
     size = spec.positive_int("image_size") or crop
-    root = spec.root(CELEBA_LAYOUT.removeprefix("CelebA expects "), "CelebA's aligned and cropped images "
-                     "(img_align_celeba.zip) and its Anno and Eval text files from the CelebA project page")
     files, names, values = _celeba_table(spec, root)
     rows = np.arange(len(files))
     if split != "all":
@@ -152,7 +196,19 @@ def celeba(spec: Spec) -> ImageSet:
 
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's array-rebuilding function, whichever module holds it
+
+
+def _latin1_bytes(text: object, encoding: object) -> bytes:
+    """``_codecs.encode`` as Python 3 uses it to write bytes at protocol 2 (``encode(text, 'latin1')``),
+    and nothing else: a str and the latin-1 codec make bytes, and no code runs."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"it asks for _codecs.encode of {type(text).__name__} with {encoding!r}, "
+                                     "which is refused (only latin-1 text to bytes)")
+    return text.encode("latin-1")
+
+
 _PICKLE_ALLOWED = {
+    ("_codecs", "encode"): _latin1_bytes,  # bytes as Python 3 writes them at protocol 2
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as written by the original (numpy 1.x) files
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as numpy >= 2 writes them
     ("numpy", "ndarray"): np.ndarray,
@@ -161,7 +217,7 @@ _PICKLE_ALLOWED = {
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays; any other class or function is refused."""
+    """Unpickles plain containers, bytes and numpy arrays; any other class or function is refused."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
@@ -169,11 +225,29 @@ class _ArraysOnly(pickle.Unpickler):
         return _PICKLE_ALLOWED[module, name]
 
 
-def _cifar_batch(spec: Spec, root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_paths(spec: Spec) -> list[Path]:
+    """The batch files of CIFAR-10's ``split`` (train: data_batch_1..5, test: test_batch), each
+    present and starting as a pickle (protocol 2 or later) does."""
+    split = spec.choice("split", ["train", "test"], "train")
+    root = spec.root(CIFAR_LAYOUT.removeprefix("CIFAR-10 expects "), "the CIFAR-10 python version "
+                     "(cifar-10-python.tar.gz) from Alex Krizhevsky's CIFAR page")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    paths = [root / "cifar-10-batches-py" / name for name in names]
+    for path in paths:
+        if not path.is_file():
+            raise spec.error("root", f"{root} has no cifar-10-batches-py/{path.name}; {CIFAR_LAYOUT}")
+        with path.open("rb") as f:
+            require(f.read(1) == pickle.PROTO, spec.name("root"), f"{path} is not a CIFAR-10 batch: not a pickle")
+    return paths
+
+
+def cifar10_shape(spec: Spec) -> tuple[int, int, int]:
+    _cifar_paths(spec)
+    return 3, 32, 32
+
+
+def _cifar_batch(spec: Spec, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 [N, 3072] pixels and N labels of one pickled CIFAR-10 batch."""
-    path = root / "cifar-10-batches-py" / name
-    if not path.is_file():
-        raise spec.error("root", f"{root} has no cifar-10-batches-py/{name}; {CIFAR_LAYOUT}")
     try:
         with path.open("rb") as f:
             batch = _ArraysOnly(f, encoding="bytes").load()
@@ -189,10 +263,6 @@ def _cifar_batch(spec: Spec, root: Path, name: str) -> tuple[np.ndarray, np.ndar
 
 def cifar10(spec: Spec) -> ImageSet:
     """CIFAR-10's ``split`` (train: data_batch_1..5, test: test_batch), 32x32 RGB."""
-    split = spec.choice("split", ["train", "test"], "train")
-    root = spec.root(CIFAR_LAYOUT.removeprefix("CIFAR-10 expects "), "the CIFAR-10 python version "
-                     "(cifar-10-python.tar.gz) from Alex Krizhevsky's CIFAR page")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    data, labels = zip(*(_cifar_batch(spec, root, name) for name in names))
+    data, labels = zip(*(_cifar_batch(spec, path) for path in _cifar_paths(spec)))
     images = torch.from_numpy(np.concatenate(data)).reshape(-1, 3, 32, 32)
     return ImageSet(images, torch.from_numpy(np.concatenate(labels)), None, "cifar10")

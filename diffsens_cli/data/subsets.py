@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli.data.base import ImageSet, Spec, draw
-from diffsens_cli.data.load import load_images
+from diffsens_cli.data.load import check_images, load_images
 from diffsens_cli.errors import ConfigError, one_of, require
 
 
@@ -76,23 +76,78 @@ def read_scores(path_value: str, count: int, key: str) -> torch.Tensor:
     return torch.from_numpy(scores)
 
 
-def _source(p: Spec, base: ImageSet, base_cfg: DictConfig | dict, direction: str) -> ImageSet:
-    """The set S is selected from: rho's own (``source`` null or the same config), else ``source``
-    loaded with rho's image size unless it sets its own."""
+def _other_source(p: Spec, base_cfg: DictConfig | dict, base_side: int) -> dict | None:
+    """The ``source`` config S is selected from, with rho's image side unless it sets its own;
+    None when S comes from rho's own data set (``source`` null or the same config)."""
     source = p.get("source")
     if source is None or source == Spec(base_cfg, "dataset").values:
-        return base
+        return None
     require(isinstance(source, dict), p.name("source"), f"must be null or a dataset config, got {source!r}")
-    require(direction == "add", p.name("source"),
+    require(p.choice("direction", ["add", "remove"], "add") == "add", p.name("source"),
             "direction=remove takes S from rho's own data set: leave source null and select with classes, "
             "attributes, scores_file/top_k or num_samples")
-    if source.get("image_size") is None:
-        source = {**source, "image_size": base.images.shape[-1]}
+    return {**source, "image_size": base_side} if source.get("image_size") is None else source
+
+
+def _same_shape(p: Spec, name: str, shape: tuple[int, ...], base_name: str, base_shape: tuple[int, ...]) -> None:
+    require(tuple(shape) == tuple(base_shape), p.name("source"),
+            f"{name} images are {'x'.join(map(str, shape))}, but rho's data set {base_name} has "
+            f"{'x'.join(map(str, base_shape))} (channels x height x width)")
+
+
+def _source(p: Spec, base: ImageSet, base_cfg: DictConfig | dict) -> ImageSet:
+    """The set S is selected from: rho's own data set, or ``source`` loaded."""
+    source = _other_source(p, base_cfg, base.images.shape[-1])
+    if source is None:
+        return base
     loaded = load_images(source, key=p.name("source"))
-    require(loaded.images.shape[1:] == base.images.shape[1:], p.name("source"),
-            f"{loaded.name} images are {'x'.join(map(str, loaded.images.shape[1:]))}, but rho's data set "
-            f"{base.name} has {'x'.join(map(str, base.images.shape[1:]))} (channels x height x width)")
+    _same_shape(p, loaded.name, loaded.images.shape[1:], base.name, base.images.shape[1:])
     return loaded
+
+
+def _classes(p: Spec) -> list[int] | None:
+    classes = p.get("classes")
+    if classes is None:
+        return None
+    classes = [classes] if isinstance(classes, int) and not isinstance(classes, bool) else classes
+    require(isinstance(classes, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in classes),
+            p.name("classes"), f"must be null or a list of integer labels, got {p.get('classes')!r}")
+    return classes
+
+
+def _expression(p: Spec) -> str | None:
+    expression = p.get("attributes")
+    require(expression is None or isinstance(expression, str), p.name("attributes"),
+            f"must be null or a boolean expression over attribute names, got {expression!r}")
+    return expression
+
+
+def _top_k(p: Spec) -> int | None:
+    top_k = p.positive_int("top_k")
+    require((top_k is None) == (p.get("scores_file") is None), p.name("top_k"),
+            "scores_file and top_k go together: keep the top_k highest scores")
+    return top_k
+
+
+def check_perturbation_set(pcfg: DictConfig | dict, base_cfg: DictConfig | dict,
+                           base_shape: tuple[int, int, int]) -> None:
+    """Check an image_set ``perturbation`` node without loading images: its values, its source
+    data set (files and image shape against rho's ``base_shape``) and that its scores file exists."""
+    p = Spec(pcfg, "perturbation")
+    one_of(p.get("kind"), ["image_set"], p.name("kind"))
+    p.choice("direction", ["add", "remove"], "add")
+    source = _other_source(p, base_cfg, base_shape[-1])
+    if source is not None:
+        _same_shape(p, str(source.get("kind")), check_images(source, key=p.name("source")),
+                    str(Spec(base_cfg, "dataset").get("kind")), base_shape)
+    _classes(p)
+    _expression(p)
+    if _top_k(p) is not None:
+        path = Path(str(p.get("scores_file"))).expanduser()
+        require(path.is_file(), p.name("scores_file"), f"no such file: {path} (expected one score per image of the "
+                "source set)")
+    p.positive_int("num_samples")
+    p.seed()
 
 
 def perturbation_set(pcfg: DictConfig | dict, base: ImageSet, base_cfg: DictConfig | dict) -> ImageSet:
@@ -100,7 +155,7 @@ def perturbation_set(pcfg: DictConfig | dict, base: ImageSet, base_cfg: DictConf
     data set and ``base_cfg`` its ``dataset`` node. A selection of no images is a ConfigError."""
     p = Spec(pcfg, "perturbation")
     one_of(p.get("kind"), ["image_set"], p.name("kind"))
-    src = _source(p, base, base_cfg, p.choice("direction", ["add", "remove"], "add"))
+    src = _source(p, base, base_cfg)
     keep = torch.arange(len(src))
     applied: list[str] = []
 
@@ -111,25 +166,18 @@ def perturbation_set(pcfg: DictConfig | dict, base: ImageSet, base_cfg: DictConf
         applied.append(f"{p.name(field)}={p.get(field)!r}")
         return keep[mask]
 
-    classes = p.get("classes")
+    classes = _classes(p)
     if classes is not None:
-        classes = [classes] if isinstance(classes, int) else classes
-        require(isinstance(classes, list) and all(isinstance(c, int) for c in classes), p.name("classes"),
-                f"must be null or a list of integer labels, got {p.get('classes')!r}")
         require(src.labels is not None, p.name("classes"), f"the source set {src.name} has no class labels")
         keep = narrow(torch.isin(src.labels[keep], torch.tensor(classes, dtype=torch.int64)), "classes")
 
-    expression = p.get("attributes")
+    expression = _expression(p)
     if expression is not None:
-        require(isinstance(expression, str), p.name("attributes"),
-                f"must be null or a boolean expression over attribute names, got {expression!r}")
         require(src.attributes is not None, p.name("attributes"),
                 f"the source set {src.name} has no attributes (celeba and lfw_faces have them)")
         keep = narrow(attribute_mask(expression, src.attributes, p.name("attributes"))[keep], "attributes")
 
-    top_k = p.positive_int("top_k")
-    require((top_k is None) == (p.get("scores_file") is None), p.name("top_k"),
-            "scores_file and top_k go together: keep the top_k highest scores")
+    top_k = _top_k(p)
     if top_k is not None:
         scores = read_scores(p.get("scores_file"), len(src), p.name("scores_file"))
         keep = keep[torch.argsort(scores[keep], descending=True, stable=True)[:top_k]].sort().values

@@ -42,10 +42,10 @@ def _read_config(root: Path, name: str) -> dict:
     return config
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    forward_ad: bool = True) -> NetworkScore:
-    """The score model saved at ``path``: network in ``dtype``, the scheduler's discrete
-    VP schedule and prediction type; ``forward_ad`` installs the JVP fixes."""
+def check_pretrained(path: str | os.PathLike) -> tuple[Path, dict, VPDiscrete, str]:
+    """Check the layout at ``path`` without loading weights (run before a run directory exists):
+    the directory, the network's class name and its config (returned), the scheduler's schedule
+    and prediction type, and that weights are present."""
     root = Path(path).expanduser()
     require(root.is_dir(), "model.path", f"{root} is not a directory; {LAYOUT}")
     net_config = _read_config(root, "unet/config.json")
@@ -63,15 +63,24 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         schedule = schedule_from_scheduler_config(scheduler_config)
     except ConfigError as e:
         raise ConfigError("model.path", f"{scheduler_file}: {e}") from None
+    steps = net_config.get("num_train_timesteps")
+    require(name != "FourierMLP" or steps == schedule.num_train_timesteps, "model.path",
+            f"{root / 'unet/config.json'} has num_train_timesteps {steps}, "
+            f"but the scheduler has {schedule.num_train_timesteps}")
+    return root, net_config, schedule, prediction
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    forward_ad: bool = True) -> NetworkScore:
+    """The score model saved at ``path``: network in ``dtype``, the scheduler's discrete
+    VP schedule and prediction type; ``forward_ad`` installs the JVP fixes."""
+    root, net_config, schedule, prediction = check_pretrained(path)
+    name = net_config["_class_name"]
     try:
         net = NETWORKS[name].from_pretrained(root / "unet", torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise ConfigError("model.path", f"{root / 'unet'}: cannot load the {name}: {str(e).splitlines()[0]}") from None
-    if isinstance(net, FourierMLP):
-        require(net.config.num_train_timesteps == schedule.num_train_timesteps, "model.path",
-                f"{root / 'unet/config.json'} has num_train_timesteps {net.config.num_train_timesteps}, "
-                f"but the scheduler has {schedule.num_train_timesteps}")
-    else:
+    if not isinstance(net, FourierMLP):
         net = UNetAdapter(net).eval()
     if forward_ad:
         enable_forward_ad(net)

@@ -16,9 +16,9 @@ from diffusers import UNet2DModel
 from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.core.schedule import Schedule
-from diffsens_cli.errors import ConfigError, one_of, require
-from diffsens_cli.models.network import FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
-from diffsens_cli.models.pretrained import LAYOUT, load_pretrained
+from diffsens_cli.errors import ConfigError, listed, number, one_of, require, whole
+from diffsens_cli.models.network import PREDICTION_TYPES, FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
+from diffsens_cli.models.pretrained import LAYOUT, check_pretrained, load_pretrained
 
 NETWORK_KINDS = ("unet", "mlp", "pretrained")
 
@@ -27,36 +27,85 @@ def _plain(cfg: DictConfig | Mapping) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def _positive(value: object, key: str) -> int:
+    n = whole(value, key)
+    require(n >= 1, key, f"must be >= 1, got {n}")
+    return n
+
+
+def _block_type(value: object, key: str) -> str:
+    require(isinstance(value, str), key, f"must be a diffusers block type name, got {value!r}")
+    return value
+
+
+def _unet_settings(cfg: dict, event_shape: tuple[int, ...]) -> dict:
+    """The checked ``UNet2DModel`` arguments of a ``model`` config of kind unet, for ``event_shape``."""
+    require(len(event_shape) == 3, "model.kind",
+            f"a UNet needs image data (channels, height, width), the dataset gives samples of shape {event_shape}")
+    channels, height, width = event_shape
+    blocks = listed(cfg["block_out_channels"], "model.block_out_channels", _positive)
+    levels = len(blocks)
+    types = {key: listed(cfg[key], f"model.{key}", _block_type) for key in ("down_block_types", "up_block_types")}
+    for key, names in types.items():
+        require(len(names) == levels, f"model.{key}",
+                f"needs one block type per entry of model.block_out_channels ({levels}), got {len(names)}")
+    factor = 2 ** (levels - 1)
+    require(height % factor == 0 and width % factor == 0, "model.block_out_channels",
+            f"{levels} levels need dataset.image_size divisible by 2^{levels - 1} = {factor}; got {height}x{width}")
+    divisors = {key: _positive(cfg[key], f"model.{key}") for key in ("norm_num_groups", "attention_head_dim")}
+    for key, d in divisors.items():
+        require(all(c % d == 0 for c in blocks), f"model.{key}",
+                f"must divide every entry of model.block_out_channels {blocks}, got {d}")
+    dropout = number(cfg.get("dropout", 0.0), "model.dropout")
+    require(0 <= dropout < 1, "model.dropout", f"must be in [0, 1), got {dropout}")
+    return dict(sample_size=height if height == width else (height, width), in_channels=channels,
+                out_channels=channels, layers_per_block=_positive(cfg["layers_per_block"], "model.layers_per_block"),
+                block_out_channels=tuple(blocks), down_block_types=tuple(types["down_block_types"]),
+                up_block_types=tuple(types["up_block_types"]), dropout=dropout, **divisors)
+
+
 def build_unet(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...]) -> UNet2DModel:
     """A freshly initialised ``UNet2DModel`` (seeded by ``model.seed``) for images of
     ``event_shape = (channels, height, width)``; every bad value is a one-line ConfigError."""
     cfg = _plain(cfg_model)
-    require(len(event_shape) == 3, "model.kind",
-            f"a UNet needs image data (channels, height, width), the dataset gives samples of shape {event_shape}")
-    channels, height, width = event_shape
-    blocks = [int(c) for c in cfg["block_out_channels"]]
-    levels = len(blocks)
-    require(levels >= 1, "model.block_out_channels", "needs at least one level")
-    for key in ("down_block_types", "up_block_types"):
-        require(len(cfg[key]) == levels, f"model.{key}",
-                f"needs one block type per entry of model.block_out_channels ({levels}), got {len(cfg[key])}")
-    factor = 2 ** (levels - 1)
-    require(height % factor == 0 and width % factor == 0, "model.block_out_channels",
-            f"{levels} levels need dataset.image_size divisible by 2^{levels - 1} = {factor}; got {height}x{width}")
-    for key in ("norm_num_groups", "attention_head_dim"):
-        require(all(c % int(cfg[key]) == 0 for c in blocks), f"model.{key}",
-                f"must divide every entry of model.block_out_channels {blocks}, got {cfg[key]}")
+    settings = _unet_settings(cfg, event_shape)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.get("seed", 0)))
+        torch.manual_seed(whole(cfg.get("seed", 0), "model.seed"))
         try:
-            return UNet2DModel(
-                sample_size=height if height == width else (height, width), in_channels=channels,
-                out_channels=channels, layers_per_block=int(cfg["layers_per_block"]),
-                block_out_channels=tuple(blocks), down_block_types=tuple(cfg["down_block_types"]),
-                up_block_types=tuple(cfg["up_block_types"]), norm_num_groups=int(cfg["norm_num_groups"]),
-                attention_head_dim=int(cfg["attention_head_dim"]), dropout=float(cfg.get("dropout", 0.0)))
+            return UNet2DModel(**settings)
         except ValueError as e:  # unknown block types
             raise ConfigError("model", str(e).splitlines()[0]) from None
+
+
+def _mlp_settings(cfg: dict) -> dict:
+    """The checked ``FourierMLP`` sizes of a ``model`` config of kind mlp."""
+    scale = number(cfg["fourier_scale"], "model.fourier_scale")
+    require(scale > 0, "model.fourier_scale", f"must be > 0, got {scale}")
+    return dict(hidden=_positive(cfg["hidden"], "model.hidden"), depth=_positive(cfg["depth"], "model.depth"),
+                num_frequencies=_positive(cfg["num_frequencies"], "model.num_frequencies"), fourier_scale=scale)
+
+
+def check_network(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...]) -> None:
+    """Check a ``model`` config of kind unet, mlp or pretrained for samples of ``event_shape``
+    without building or loading the network (run before a run directory exists)."""
+    cfg = _plain(cfg_model)
+    kind = one_of(cfg["kind"], NETWORK_KINDS, "model.kind")
+    if kind == "pretrained":
+        _, net_config, _, _ = check_pretrained(_pretrained_path(cfg))
+        _check_event_shape(net_config, event_shape, cfg["path"])
+        return
+    whole(cfg.get("seed", 0), "model.seed")
+    one_of(cfg.get("prediction", "epsilon"), PREDICTION_TYPES, "model.prediction")
+    if kind == "mlp":
+        _mlp_settings(cfg)
+    else:
+        _unet_settings(cfg, event_shape)
+
+
+def _pretrained_path(cfg: dict) -> str:
+    path = cfg.get("path")
+    require(isinstance(path, str) and path not in ("", "???"), "model.path", f"must be set; {LAYOUT}")
+    return path
 
 
 def build_network_model(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...], schedule: Schedule,
@@ -68,16 +117,16 @@ def build_network_model(cfg_model: DictConfig | Mapping, event_shape: tuple[int,
     cfg = _plain(cfg_model)
     kind = one_of(cfg["kind"], NETWORK_KINDS, "model.kind")
     if kind == "pretrained":
-        require(cfg.get("path") not in (None, "", "???"), "model.path", f"must be set; {LAYOUT}")
-        model = load_pretrained(cfg["path"], dtype=dtype, forward_ad=forward_ad)
-        _check_event_shape(model, event_shape, cfg["path"])
+        model = load_pretrained(_pretrained_path(cfg), dtype=dtype, forward_ad=forward_ad)
+        net = model.net.model if isinstance(model.net, UNetAdapter) else model.net
+        _check_event_shape(net.config, event_shape, cfg["path"])
         return model
     if kind == "mlp":
+        seed = whole(cfg["seed"], "model.seed")
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
-            torch.manual_seed(int(cfg["seed"]))
-            net = FourierMLP(math.prod(event_shape), hidden=int(cfg["hidden"]), depth=int(cfg["depth"]),
-                             num_frequencies=int(cfg["num_frequencies"]), fourier_scale=float(cfg["fourier_scale"]),
-                             num_train_timesteps=schedule.num_train_timesteps, seed=int(cfg["seed"]))
+            torch.manual_seed(seed)
+            net = FourierMLP(math.prod(event_shape), **_mlp_settings(cfg),
+                             num_train_timesteps=schedule.num_train_timesteps, seed=seed)
     else:
         net = UNetAdapter(build_unet(cfg, event_shape))
     net = net.to(dtype).eval()  # a score model is deterministic (dropout off); a trainer calls .train()
@@ -86,15 +135,14 @@ def build_network_model(cfg_model: DictConfig | Mapping, event_shape: tuple[int,
     return NetworkScore(net, schedule, cfg.get("prediction", "epsilon"))
 
 
-def _check_event_shape(model: NetworkScore, event_shape: tuple[int, ...], path: str) -> None:
-    """A loaded network must take the data set's samples."""
-    net = model.net.model if isinstance(model.net, UNetAdapter) else model.net
-    if isinstance(net, FourierMLP):
-        ok, takes = net.config.dim == math.prod(event_shape), f"{net.config.dim} coordinates"
+def _check_event_shape(config: Mapping, event_shape: tuple[int, ...], path: str) -> None:
+    """A saved network (its config: unet/config.json, or the loaded network's) must take the data set's samples."""
+    if "dim" in config:  # a FourierMLP
+        ok, takes = config["dim"] == math.prod(event_shape), f"{config['dim']} coordinates"
     else:
-        size = net.config.sample_size  # None: any size
+        size = config.get("sample_size")  # None: any size
         side = (tuple(size) if isinstance(size, (list, tuple)) else (size, size)) if size else tuple(event_shape[1:])
-        want = (net.config.in_channels, *side)
+        want = (config.get("in_channels"), *side)
         ok, takes = len(event_shape) == 3 and tuple(event_shape) == want, f"images of shape {want}"
     require(ok, "model.path", f"the model at {path} takes {takes}, but the dataset gives samples of shape "
             f"{tuple(event_shape)} (see dataset.image_size)")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli import plots
 from diffsens_cli.builders import solver_settings
-from diffsens_cli.errors import require
+from diffsens_cli.errors import listed, number, require, whole
 from diffsens_cli.pipelines.image_stages import ImageStages, check_training
 from diffsens_cli.rundir import RunDir
 
@@ -33,9 +33,9 @@ def check(cfg: DictConfig) -> None:
     check_training(cfg)
     solver_settings(cfg.solver)
     _sets(cfg)
-    require(int(cfg.attributes.num_samples) >= 1, "attributes.num_samples",
+    require(whole(cfg.attributes.num_samples, "attributes.num_samples") >= 1, "attributes.num_samples",
             f"must be >= 1, got {cfg.attributes.num_samples}")
-    require(len(cfg.attributes.coefficients) >= 1, "attributes.coefficients", "needs at least one coefficient a")
+    listed(cfg.attributes.coefficients, "attributes.coefficients", number)
 
 
 def run(cfg: DictConfig, run: RunDir) -> None:
@@ -62,5 +62,6 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     run.save_arrays("arrays", arrays)
     norms = {label: float(np.median(np.linalg.norm(psi.reshape(len(psi), -1), axis=1))) for label, psi in rows}
     totals = {k: sum(w[k] for w in weights.values()) for k in next(iter(weights.values()))}
+    run.warn_if_zero_psi([psi for _, psi in rows], totals)
     run.write_summary({"median_psi_norm": norms}, sizes=sizes, weights=totals, weights_by_set=weights, num_samples=n,
                       device=str(stages.device), dtype=str(stages.dtype), figures=figures)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from diffsens_cli.builders import Components
 from diffsens_cli.core.integrate import Integrator
-from diffsens_cli.errors import require
+from diffsens_cli.errors import require, whole
 from diffsens_cli.rundir import RunDir
 
 
@@ -37,11 +37,17 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return timed
 
 
+def check(cfg: DictConfig) -> None:
+    Components(cfg)
+    for field in ("batch_size", "repeats"):
+        key = f"bench.{field}"
+        require(whole(cfg.bench[field], key) >= 1, key, f"must be >= 1, got {cfg.bench[field]}")
+
+
 def run(cfg: DictConfig, run: RunDir) -> None:
+    check(cfg)
     comp = Components(cfg).on_device()
     bc = cfg.bench
-    require(int(bc.batch_size) >= 1, "bench.batch_size", f"must be >= 1, got {bc.batch_size}")
-    require(int(bc.repeats) >= 1, "bench.repeats", f"must be >= 1, got {bc.repeats}")
     dev, dt = comp.device, comp.dtype
     gen = torch.Generator(dev).manual_seed(int(cfg.seed))
     b, d = int(bc.batch_size), comp.target.dim

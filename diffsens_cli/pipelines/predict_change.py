@@ -19,9 +19,9 @@ from diffsens_cli import plots
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core.compare import correlation
 from diffsens_cli.core.transport import METRICS
-from diffsens_cli.errors import one_of, require
+from diffsens_cli.errors import number, one_of, require, whole
 from diffsens_cli.pipelines.image_stages import ImageStages, check_training
-from diffsens_cli.rundir import RunDir
+from diffsens_cli.rundir import RunDir, dotted
 
 MODES = ("retrain", "finetune")
 STAGES = ("train_base", "train_retrain", "train_finetune", "sensitivity", "samples_retrain", "samples_finetune",
@@ -34,15 +34,16 @@ def check(cfg: DictConfig) -> None:
     check_training(cfg)
     solver_settings(cfg.solver)
     pc = cfg.predict
-    require(int(pc.num_samples) >= 2, "predict.num_samples", f"must be >= 2, got {pc.num_samples}")
-    require(int(pc.grid_samples) >= 1, "predict.grid_samples", f"must be >= 1, got {pc.grid_samples}")
+    for field, low in (("num_samples", 2), ("grid_samples", 1)):
+        key = f"predict.{field}"
+        require(whole(pc[field], key) >= low, key, f"must be >= {low}, got {pc[field]}")
     modes = OmegaConf.to_container(pc.modes)
     require(isinstance(modes, list) and len(modes) >= 1, "predict.modes", f"must list some of {', '.join(MODES)}")
     for m in modes:
         one_of(m, MODES, "predict.modes")
     require(cfg.perturbation.get("direction", "add") == "add", "perturbation.direction",
             "retraining and fine-tuning add S to the training data: use direction=add")
-    require(float(cfg.ot.reg) > 0, "ot.reg", f"must be > 0, got {cfg.ot.reg}")
+    require(number(cfg.ot.reg, "ot.reg") > 0, "ot.reg", f"must be > 0, got {cfg.ot.reg}")
     one_of(cfg.ot.metric, METRICS, "ot.metric")
 
 
@@ -74,11 +75,21 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     sizes = {"rho": len(stages.rho), "S": len(stages.S)}
     weights = {k.split("/")[1]: int(v) for k, v in base.items() if k.startswith("weights/")}
     paper = OmegaConf.to_container(cfg.predict.paper) if cfg.predict.get("paper") else None
-    run.write_summary(metrics, paper=paper, num_samples=n, sizes=sizes, weights=weights, device=str(stages.device),
-                      dtype=str(stages.dtype), figures=figures)
+    run.warn_if_zero_psi(base["psi"], weights)
+    run.write_summary(metrics, _reasons(metrics), paper=paper, num_samples=n, sizes=sizes, weights=weights,
+                      device=str(stages.device), dtype=str(stages.dtype), figures=figures)
     for mode, m in metrics.items():
         print(f"{cfg.name} {mode}: median correlation {m['median_corr']:.3f} (OT baseline {m['median_corr_ot']:.3f}) "
               f"over {m['num_samples']} samples")
+
+
+def _reasons(metrics: dict) -> dict[str, str]:
+    """Why a headline number of ``_comparison`` may be NaN, by its summary path."""
+    why = {"median_corr": "no sample had a finite correlation (psi or the change is constant)",
+           "median_corr_ot": "no sample had a finite OT correlation (a ray or the change is constant)",
+           "fraction_ours_better": "no sample had both correlations finite",
+           "median_fitted_eta": "psi of some sample is zero or non-finite (the fitted scale is 0/0)"}
+    return {dotted("metrics", mode, key): text for mode in metrics for key, text in why.items()}
 
 
 def _comparison(corr: np.ndarray, corr_ot: np.ndarray, psi: torch.Tensor, change: torch.Tensor) -> dict:

@@ -26,7 +26,7 @@ from diffsens_cli import plots
 from diffsens_cli.builders import Components, train_settings
 from diffsens_cli.core.compare import SIMILARITIES
 from diffsens_cli.core.integrate import Integrator
-from diffsens_cli.errors import one_of, require
+from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.rundir import RunDir
@@ -40,8 +40,9 @@ def check(cfg: DictConfig) -> None:
     require(comp.solver.density == "ccov", "solver.density", "the learned model's densities come from ccov")
     train_settings(cfg.train, None)
     se = cfg.score_error
-    require(int(se.num_samples) >= 1, "score_error.num_samples", f"must be >= 1, got {se.num_samples}")
-    require(int(se.eval_every) >= 1, "score_error.eval_every", f"must be >= 1, got {se.eval_every}")
+    for field, low in (("num_samples", 1), ("eval_every", 1), ("loss_window", 1), ("omit_first", 0)):
+        key = f"score_error.{field}"
+        require(whole(se[field], key) >= low, key, f"must be >= {low}, got {se[field]}")
     one_of(se.metric, sorted(SIMILARITIES), "score_error.metric")
 
 

@@ -15,7 +15,7 @@ from diffsens_cli import plots
 from diffsens_cli.builders import Components
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
-from diffsens_cli.errors import require
+from diffsens_cli.errors import listed, number, require, whole
 from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.rundir import RunDir
 
@@ -30,15 +30,29 @@ def sensitivity_field(comp: Components, grid: torch.Tensor, t: float, stats: Wei
     return comp.perturbation.sign * g
 
 
+def checked(cfg: DictConfig, comp: Components) -> list[float]:
+    """The field times, after checking every ``toy2d`` value and that ``comp`` suits the figures."""
+    require(comp.target.dim == 2, "dataset.dim", "toy2d draws the plane: use a 2-D data set")
+    require(comp.model.has_log_density, "model.kind", "toy2d uses exact densities: closed_form")
+    tc = cfg.toy2d
+    times = listed(tc.field_times, "toy2d.field_times", number)
+    require(all(0 <= t < 1 for t in times), "toy2d.field_times", f"must lie in [0, 1), got {times}")
+    require(whole(tc.grid_size, "toy2d.grid_size") >= 2, "toy2d.grid_size", f"must be >= 2, got {tc.grid_size}")
+    require(number(tc.extent, "toy2d.extent") > 0, "toy2d.extent", f"must be > 0, got {tc.extent}")
+    require(whole(tc.num_paths, "toy2d.num_paths") >= 1, "toy2d.num_paths", f"must be >= 1, got {tc.num_paths}")
+    require(0 < number(tc.eta, "toy2d.eta") <= 1, "toy2d.eta",
+            f"must be in (0, 1] (the weight of nu in the mixture), got {tc.eta}")
+    return times
+
+
+def check(cfg: DictConfig) -> None:
+    checked(cfg, Components(cfg))
+
+
 def run(cfg: DictConfig, run: RunDir) -> None:
     comp = Components(cfg).on_device()
     tc = cfg.toy2d
-    require(comp.target.dim == 2, "dataset.dim", "toy2d draws the plane: use a 2-D data set")
-    require(comp.model.has_log_density, "model.kind", "toy2d uses exact densities: closed_form")
-    times = [float(t) for t in tc.field_times]
-    require(all(0 <= t < 1 for t in times), "toy2d.field_times", f"must lie in [0, 1), got {times}")
-    require(int(tc.grid_size) >= 2, "toy2d.grid_size", f"must be >= 2, got {tc.grid_size}")
-    require(float(tc.eta) > 0, "toy2d.eta", f"must be > 0, got {tc.eta}")
+    times = checked(cfg, comp)
     dev, dt = comp.device, comp.dtype
 
     axis = torch.linspace(-float(tc.extent), float(tc.extent), int(tc.grid_size), dtype=dt, device=dev)
@@ -66,6 +80,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         "support": support, "nu_mean": nu_mean, "eta": np.array(eta),
     }
     metrics = {"median_abs_psi": float(res.psi.norm(dim=1).median())}
+    reasons: dict[str, str] = {}  # why a metric may be NaN, for the summary
     figures = run.save_figure(plots.score_sensitivity_field(arrays["grid"], arrays["field_g"], times, support, nu_mean),
                               "fig1_score_sensitivity")
     if perturbed is not None:
@@ -73,11 +88,16 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         change = perturbed - res.samples
         cos = torch.nn.functional.cosine_similarity(change, res.psi, dim=1)
         metrics["median_cosine_psi_vs_change"] = float(cos.median())
-        metrics["median_relative_error_first_order"] = float(
-            ((change - eta * res.psi).norm(dim=1) / change.norm(dim=1).clamp_min(1e-300)).median())
+        size = change.norm(dim=1)
+        moved = torch.isfinite(size) & (size > 0)  # the relative error of a sample that did not move is undefined
+        rel = (change - eta * res.psi).norm(dim=1) / size
+        metrics["median_relative_error_first_order"] = float(rel[moved].median()) if moved.any() else float("nan")
+        metrics["num_samples_moved"] = int(moved.sum())
+        reasons["metrics.median_relative_error_first_order"] = "no sample has a finite, non-zero change"
         figures += run.save_figure(plots.sample_paths(arrays["path"], arrays["psi"], arrays["perturbed"], eta, support,
                                                       nu_mean), "fig2_sample_sensitivity")
     run.save_arrays("arrays", arrays)
+    run.warn_if_zero_psi(arrays["psi"], res.weights.as_dict())
     stats.merge(res.weights)
-    run.write_summary(metrics, weights=stats.as_dict(), device=str(dev), dtype=str(dt), figures=figures,
+    run.write_summary(metrics, reasons, weights=stats.as_dict(), device=str(dev), dtype=str(dt), figures=figures,
                       sensitivity_wall_time_s=res.wall_time_s)
