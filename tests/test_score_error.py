@@ -44,7 +44,8 @@ def test_learned_sensitivities_approach_the_exact_ones_as_training_proceeds(tmp_
     the median correlation with the exact sensitivities rises from about 0 (measured
     0.47-0.88 at the end over seeds 0-2; single evaluations in between are noisy)."""
     cfg = _cfg("train.steps=1200", "train.batch_size=512", "solver.num_steps=25", "solver.progress=false",
-               "score_error.num_samples=64", "score_error.eval_every=400", "score_error.omit_first=0")
+               "score_error.num_samples=64", "score_error.eval_every=400", "score_error.omit_first=0",
+               f"stages.dir={tmp_path / 'stages'}")  # not the working directory's outputs/
     run_task(cfg, str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     history = summary["metrics"]["history"]
