@@ -45,6 +45,7 @@ ArrayDict = dict[str, np.ndarray]
 DONE = "done.json"
 SET_ASIDE = ".set-aside"
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+_UNFINISHED = "it has no done.json"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -123,14 +124,19 @@ class StageCache:
         ``done.json`` marks it finished."""
         path = self.path(name, depends)
         forcing = (name in self.force or "all" in self.force) and path not in self.forced
-        if not forcing and self._reusable(name, path):  # no lock: a read-only cache serves finished stages
+        problem = None if forcing else self._problem(path)
+        if not forcing and problem is None:  # no lock: a read-only cache serves finished stages
             return self._reused(name, path)
-        with self._locked(name, path):
+        with self._locked(name, path, problem):
             if forcing:
                 shutil.rmtree(path, ignore_errors=True)
                 self.forced.add(path)
-            elif self._reusable(name, path):  # another process finished it while this one waited
-                return self._reused(name, path)
+            else:
+                problem = self._problem(path)  # again: another process may have finished it meanwhile
+                if problem is None:
+                    return self._reused(name, path)
+                if problem != _UNFINISHED:
+                    self._set_aside(name, path, problem)
             created = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
@@ -165,28 +171,17 @@ class StageCache:
                                 f"recompute it with stages.force=[{name}]") from None
 
     # -- checks ------------------------------------------------------------------------
-    def _reusable(self, name: str, path: Path) -> bool:
-        """True if ``path`` is finished and passes its check; a finished stage that fails
-        is set aside (or, where this process may not write, stops the run)."""
-        if not (path / DONE).is_file():
-            return False
-        problem = verify(path)
-        if problem is None:
-            return True
-        where = f"stage {name}/{path.name} ({path})"
+    @staticmethod
+    def _problem(path: Path) -> str | None:
+        """None if the stage in ``path`` is finished and passes its check, else why not."""
+        return verify(path) if (path / DONE).is_file() else _UNFINISHED
+
+    def _set_aside(self, name: str, path: Path, problem: str) -> None:
+        """Move a finished stage that fails its check out of the way, whole (under its lock)."""
         aside = self.root / SET_ASIDE / name / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        try:
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, aside)
-        except FileNotFoundError:  # another process set it aside first
-            return False
-        except OSError as e:
-            if e.errno not in _READ_ONLY:
-                raise
-            raise DiffsensError(f"{where} fails its check: {problem}; the cache is not writable ({e.strerror}), "
-                                f"so recompute it into another cache: stages.dir=DIR stages.force=[{name}]") from None
-        warn(f"{where} fails its check: {problem}; set aside as {aside}, recomputing")
-        return False
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, aside)
+        warn(f"stage {name}/{path.name} ({path}) fails its check: {problem}; set aside as {aside}, recomputing")
 
     def _reused(self, name: str, path: Path) -> Path:
         entry = {"stage": name, "key": path.name, "path": str(path), "reused": True}
@@ -196,9 +191,10 @@ class StageCache:
 
     # -- taking turns ------------------------------------------------------------------
     @contextmanager
-    def _locked(self, name: str, path: Path) -> Iterator[None]:
+    def _locked(self, name: str, path: Path, problem: str | None) -> Iterator[None]:
         """Hold the lock file of ``path`` (removed again on release, so no lock files
-        pile up: a waiter that finds the file replaced after its turn locks afresh)."""
+        pile up: a waiter that finds the file replaced after its turn locks afresh).  In a
+        cache this process may not write, stop in one line saying why the stage is needed."""
         lock_path = path.parent / f".{path.name}.lock"
         while True:
             try:
@@ -209,6 +205,10 @@ class StageCache:
             except OSError as e:
                 if e.errno not in _READ_ONLY:
                     raise
+                if problem not in (None, _UNFINISHED):
+                    raise DiffsensError(f"stage {name}/{path.name} ({path}) fails its check: {problem}; the cache "
+                                        f"is not writable ({e.strerror}), so recompute it into another cache: "
+                                        f"stages.dir=DIR stages.force=[{name}]") from None
                 raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
                                     f"({e.strerror}); finished stages are read from a read-only cache, but "
                                     f"new ones need stages.dir set to a writable folder") from None

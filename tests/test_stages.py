@@ -153,6 +153,7 @@ def test_ctrl_c_during_training_leaves_the_cache_consistent(tmp_path):
     assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
     stages = _stages(tmp_path)
     assert stages["train_base"] and stages["sensitivity"] and not stages["train_retrain"]
+    assert list(retrain.glob("*/done.json")) and not list(retrain.glob("*/checkpoints"))  # finished: its model only
     proc = _run(tmp_path, "predict.grid_samples=1")
     assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
     assert all(_stages(tmp_path).values())

@@ -9,6 +9,7 @@ keys of the stages it reads, so experiments that share a base model share its tr
 
 from __future__ import annotations
 
+import shutil
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,9 @@ class ImageStages:
             settings = train_settings(train_cfg, epoch)
             train_to_completion(model, source, self.event_shape, settings, path, cpu=self.device.type == "cpu",
                                 fingerprint=depends)
+            # Checkpoints serve an interrupted stage only; a finished one is its model (and
+            # every reuse checks every file of the stage, so gigabytes of them would cost).
+            shutil.rmtree(path / "checkpoints")
 
         if mode == "finetune":
             self.trained("base")  # train the base model first, outside this stage's lock
