@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffsens_cli import interrupt
 from diffsens_cli.errors import DiffsensError
@@ -96,6 +96,8 @@ def check_jobs(overrides: list[str], multirun: bool) -> None:
                                 f"(diffsens run -m ...); a list value is written {key}=[a,b]")
         precheck(overrides)
         return
+    for override in sweeps:  # glob(...) sweeps over a group's options ask a config loader for them
+        override.config_loader = _GroupOptions()
     try:
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
     except HydraException as e:
@@ -103,14 +105,25 @@ def check_jobs(overrides: list[str], multirun: bool) -> None:
     swept = {o.get_key_element() for o in sweeps}
     for number, job in enumerate(jobs):
         try:
-            precheck(job)
+            precheck(job, run_dir=False)  # a sweep's jobs write into fresh folders
         except DiffsensError as e:
             values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
             raise DiffsensError(f"{e} (sweep job #{number} of {len(jobs)}: {values}; no job was launched)") from None
 
 
-def precheck(overrides: list[str]) -> None:
-    """Compose ``overrides`` (one job) and build every component; raises a DiffsensError."""
+class _GroupOptions:
+    """As much of Hydra's ConfigLoader as a ``glob()`` sweep needs: a config group's options."""
+
+    def get_group_options(self, group: str, results_filter: object = None) -> list[str]:
+        folder = files(CONFIG_MODULE) / group.lstrip("/")
+        if not folder.is_dir():
+            raise DiffsensError(f"{group}=glob(...): {group} is not a config group")
+        return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def precheck(overrides: list[str], run_dir: bool = True) -> None:
+    """Compose ``overrides`` (one job) and build every component, and with ``run_dir``
+    check what its run directory already holds; raises a DiffsensError."""
     from diffsens_cli.pipelines import check_task
 
     try:
@@ -144,11 +157,16 @@ def precheck(overrides: list[str]) -> None:
                 known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "(none)"
                 raise DiffsensError(f"{key}: no such key; {parent or 'the top level'} has: {known}")
         try:
-            cfg = compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides, return_hydra_config=run_dir)
         except HydraException as e:
             raise DiffsensError(str(e).splitlines()[0]) from None
+        directory = None
+        if run_dir:  # what a single run will write into, without the hydra node the run never sees
+            directory = OmegaConf.select(cfg, "hydra.run.dir")
+            with open_dict(cfg):
+                del cfg["hydra"]
     GlobalHydra.instance().clear()
-    check_task(cfg)
+    check_task(cfg, directory)
 
 
 _MISSING = object()

@@ -119,8 +119,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(run, trained, 
 
 
 def test_no_usable_checkpoint_starts_from_step_zero_untouched(run, tmp_path, capsys):
-    """Both checkpoints load their weights, then fail on the optimizer: the weights taken
-    on are undone, and training starts from step 0 with the initial weights."""
+    """Both checkpoints fail to load their optimizer state: each is set aside, and training
+    starts from step 0 with the initial weights."""
     for ckpt in sorted((run / "checkpoints").glob("step-*")):
         torch.save(Evil(tmp_path / "MARKER"), ckpt / "optimizer.pt")
         _reseal(ckpt)
@@ -144,12 +144,13 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_resuming_with_other_settings_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     """A second `diffsens train` into the same directory with another data set and lr:
-    one line naming what differs and how to start afresh; config.yaml and summary.json
-    unchanged.  Bookkeeping keys (and sample.*) may change."""
+    one line naming what differs and how to start afresh; every file of the run directory
+    unchanged (config.yaml, summary.json, Hydra's .hydra/ record).  Bookkeeping keys (and
+    sample.*) may change."""
     out = tmp_path / "run"
     r = _cli(f"hydra.run.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    before = {name: (out / name).read_bytes() for name in ("config.yaml", "summary.json")}
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
 
     r = _cli(f"hydra.run.dir={out}", "dataset=typography", "train.lr=0.5", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -159,9 +160,30 @@ def test_resuming_with_other_settings_is_refused_and_leaves_the_run_as_it_was(tm
                                "was trained with other settings: ")
     assert "dataset.kind: 'digits' -> 'typography'" in lines[0] and "train.lr: 0.001 -> 0.5" in lines[0]
     assert lines[0].endswith(f"to start afresh, use another hydra.run.dir or delete {out / 'checkpoints'}")
-    assert {name: (out / name).read_bytes() for name in before} == before
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before  # .hydra/ too
 
     r = _cli(f"hydra.run.dir={out}", "train.checkpoint_every=1", "train.keep_checkpoints=3", "sample.num_images=1",
              cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["metrics"]["steps"] == 3
+
+
+def test_a_sound_checkpoint_that_does_not_fit_stops_in_one_line_and_stays(run, tmp_path):
+    """Weights of another shape, resealed: the files load, but the model cannot take them.
+    That is not corruption to fall back from silently: one line, the checkpoint stays where
+    it is, and nothing of it is kept by the trainer."""
+    from safetensors.torch import save_file
+
+    from diffsens_cli.errors import DiffsensError
+
+    newest = run / "checkpoints" / "step-00000006"
+    save_file({"other": torch.zeros(2, 2)}, newest / "model.safetensors")
+    _reseal(newest)
+    trainer = _trainer(run)
+    initial = [p.detach().clone() for p in trainer.net.parameters()]
+    with pytest.raises(DiffsensError) as e:
+        trainer.resume()
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"checkpoint {newest} passed its checks but cannot be resumed here (RuntimeError: ")
+    assert [p.name for p in trainer.checkpoints()] == ["step-00000003", "step-00000006"]
+    assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(initial, trainer.net.parameters()))

@@ -243,6 +243,8 @@ def test_bad_training_input_is_one_clear_line(args, expected, tmp_path):
     (["-m", "experiment=toy2d", "solver.step_size=1e-3,-2e-3"],
      "solver.step_size: must be > 0, got -0.002 (sweep job #1 of 2: solver.step_size=-0.002; no job was launched)"),
     (["--multirun", "experiment=toy2d,nope"], "experiment=nope: no such experiment"),
+    (["-m", "experiment=glob(toy*)", "solver.step_size=-1"],
+     "solver.step_size: must be > 0, got -1 (sweep job #0 of 1: experiment=toy2d; no job was launched)"),
     (["experiment=toy2d", "solver.step_size=1e-3,2e-3"],
      "solver.step_size=1e-3,2e-3: several values sweep solver.step_size, which needs -m"),
 ])

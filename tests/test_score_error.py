@@ -54,3 +54,18 @@ def test_learned_sensitivities_approach_the_exact_ones_as_training_proceeds(tmp_
     first, last = history[0]["median_corr"], history[-1]["median_corr"]
     assert abs(first) < 0.2 and last > 0.4 and last > first + 0.4, history
     assert summary["metrics"]["final_median_corr"] == last
+
+
+def test_a_resume_with_another_target_is_refused(tmp_path):
+    """The learned model's checkpoints record the target, model and schedule too, not only
+    the train group: resuming them against another data set is refused in one line."""
+    import pytest
+
+    from diffsens_cli.errors import DiffsensError
+
+    tiny = ["model.hidden=16", "model.num_frequencies=8", "train.steps=4", "train.batch_size=16",
+            "train.checkpoint_every=2", "solver.num_steps=5", "solver.progress=false", "score_error.num_samples=8",
+            "score_error.eval_every=2", "score_error.omit_first=0", f"stages.dir={tmp_path / 'stages'}"]
+    run_task(_cfg(*tiny), str(tmp_path / "run"))
+    with pytest.raises(DiffsensError, match=r"was trained with other settings: dataset\.std: 0\.1 -> 0\.2"):
+        run_task(_cfg(*tiny, "dataset.std=0.2", "train.steps=6"), str(tmp_path / "run"))

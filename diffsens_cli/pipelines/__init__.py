@@ -2,13 +2,15 @@
 
 Each module ``diffsens_cli.pipelines.<task>`` has ``run(cfg, run_dir)``, and may have
 ``check(cfg)``, the checks the CLI runs before a run directory exists (default: build
-the synthetic ``Components``), and ``STAGES``, the names of its cached stages (what
-``stages.force`` may name).
+the synthetic ``Components``), ``check_run_dir(cfg, path)``, the checks of what an
+existing run directory holds (checkpoints to resume), and ``STAGES``, the names of its
+cached stages (what ``stages.force`` may name).
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,8 +22,9 @@ TASK_NAMES = ("attribute_sensitivity", "bench_engine", "first_order", "predict_c
               "train")
 
 
-def check_task(cfg: DictConfig) -> None:
-    """Check ``cfg`` for its task without doing the work; raises a DiffsensError."""
+def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
+    """Check ``cfg`` for its task without doing the work, and, given the run directory,
+    what is already there (``check_run_dir``); raises a DiffsensError."""
     task = one_of(cfg.task, TASK_NAMES, "task")
     whole(cfg.seed, "seed")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
@@ -32,17 +35,20 @@ def check_task(cfg: DictConfig) -> None:
         from diffsens_cli.builders import Components
 
         Components(cfg)
+    if run_dir is not None and hasattr(module, "check_run_dir"):
+        module.check_run_dir(cfg, Path(run_dir))
 
 
 def run_task(cfg: DictConfig, out_dir: str) -> None:
     """Run ``cfg.task`` into ``out_dir``; writes the resolved config first, after the
-    pipeline's ``prepare(cfg, run_dir)`` if it has one (checks that need the run directory,
-    e.g. that checkpoints there match the config, so a refused run leaves it as it was)."""
+    pipeline's ``check_run_dir(cfg, run_dir)`` if it has one (checks of what the run
+    directory already holds, e.g. that checkpoints there match the config, so a refused
+    run leaves it as it was; the CLI runs it before Hydra writes anything)."""
     task = one_of(cfg.task, TASK_NAMES, "task")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
+    if hasattr(module, "check_run_dir"):
+        module.check_run_dir(cfg, Path(out_dir))
     run = RunDir(out_dir, _stage_cache(cfg, getattr(module, "STAGES", ())))
-    if hasattr(module, "prepare"):
-        module.prepare(cfg, run)
     run.save_config(cfg)
     module.run(cfg, run)
 

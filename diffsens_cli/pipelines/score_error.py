@@ -17,6 +17,8 @@ directions by cosine.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +48,27 @@ def check(cfg: DictConfig) -> None:
     one_of(se.metric, sorted(SIMILARITIES), "score_error.metric")
 
 
+def _problem(cfg: DictConfig) -> dict[str, Any]:
+    """The whole config but training, the stage cache and display: what the exact
+    sensitivities depend on."""
+    depends = OmegaConf.to_container(cfg, resolve=True)
+    del depends["train"], depends["stages"], depends["solver"]["progress"]
+    return depends
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What the learned model and its evaluations depend on (the problem and the train
+    group but its bookkeeping): recorded in checkpoints, checked on resume."""
+    return {**_problem(cfg), **train_settings(cfg.train, None).fingerprint()}
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to resume checkpoints in ``run_dir`` trained with other settings."""
+    from diffsens_cli.training.trainer import check_resumable
+
+    check_resumable(run_dir / "checkpoints", fingerprint(cfg), train_settings(cfg.train, None))
+
+
 def run(cfg: DictConfig, run: RunDir) -> None:
     from diffsens_cli.training.trainer import Trainer  # accelerate and diffusers: only when training
 
@@ -58,12 +81,10 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     t0 = torch.tensor(0.0, dtype=comp.dtype, device=comp.device)
     z0 = exact.sample_base(n, (d,), t0, torch.Generator(comp.device).manual_seed(int(cfg.seed)))
 
-    depends = OmegaConf.to_container(cfg, resolve=True)
-    del depends["train"], depends["stages"], depends["solver"]["progress"]
     exact_settings = replace(comp.solver, density="closed_form", progress=False)
     psi_exact = torch.from_numpy(run.stage(
         "exact_psi", lambda: {"psi": Integrator(exact, exact_settings, comp.perturbation).run(z0).psi.numpy()},
-        depends=depends)["psi"])
+        depends=_problem(cfg))["psi"])
 
     learned_settings = replace(comp.solver, progress=False)
     similarity = SIMILARITIES[se.metric]
@@ -77,7 +98,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
                 "median_corr": float(similarity(psi, psi_exact).nanmedian())}
 
     trainer = Trainer(comp.model, comp.target, (d,), settings, run.path / "checkpoints",
-                      cpu=comp.device.type == "cpu")
+                      cpu=comp.device.type == "cpu", fingerprint=fingerprint(cfg))
     trainer.resume()
     trainer.train(every=int(se.eval_every), callback=evaluate)
     psi_learned = last.get(trainer.step)

@@ -3,11 +3,12 @@ paper's three modes (base model on rho; retrained on ``(1 - eta_bar) rho + eta_b
 a pretrained model fine-tuned on S), then save it in save_pretrained layout, with its
 loss curve and a grid of PF-ODE samples.
 
-A run resumes from the checkpoints in its directory; ``prepare`` refuses, before
-config.yaml is rewritten, a checkpoint there that was trained with other settings."""
+A run resumes from the checkpoints in its directory; ``check_run_dir`` refuses, before
+anything is written there, a checkpoint that was trained with other settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,17 +56,14 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def prepare(cfg: DictConfig, run: RunDir) -> None:
-    """Before anything is written to the run directory: refuse to resume its newest sound
-    checkpoint if it was trained with other settings (the trainer checks again when it
-    resumes, and sets aside corrupt checkpoints)."""
-    from diffsens_cli.training.trainer import check_compatible, newest_manifest
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to resume the newest sound checkpoint in ``run_dir`` if it was trained with
+    other settings (the trainer checks again when it resumes, and sets aside corrupt ones)."""
+    from diffsens_cli.training.trainer import check_resumable, list_checkpoints
 
-    found = newest_manifest(run.path / "checkpoints")
-    if found is None:
-        return
-    _, _, epoch_size, _ = training_source(cfg)
-    check_compatible(*found, fingerprint(cfg), train_settings(cfg.train, epoch_size))
+    if list_checkpoints(run_dir / "checkpoints"):  # only then is the epoch's size worth loading
+        _, _, epoch_size, _ = training_source(cfg)
+        check_resumable(run_dir / "checkpoints", fingerprint(cfg), train_settings(cfg.train, epoch_size))
 
 
 def training_measure(mode: str, rho: ImageSet, s: ImageSet | None, eta_bar: float) -> tuple[GaussianMixture, int]:

@@ -13,8 +13,9 @@ A checkpoint (``step-NNNNNNNN/``) holds only formats that load without running c
 the file, since a run directory may be shared: the weights and the EMA weights in
 safetensors, the optimizer and lr-scheduler states for ``torch.load(weights_only=True)``,
 the losses as ``.npy`` (no pickles), each process's RNG states as JSON, and, written
-last, ``trainer.json``: the step, the callback history, what the run was trained with
-(its fingerprint) and the SHA-256 of every other file.  It is written under a temporary
+last, ``trainer.json``: the step, the callback history, the fp16 loss scale (under mixed
+precision), what the run was trained with (its fingerprint) and the SHA-256 of every
+other file.  It is written under a temporary
 name and renamed into place, so a directory that exists is complete.  A resume refuses a
 checkpoint trained with other settings, and sets aside (``corrupt-step-...``) one that
 fails its checksums or does not load, falling back to the one before.
@@ -87,14 +88,16 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
-def newest_manifest(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that passes its checksums, and its manifest; None if none does."""
+def check_resumable(checkpoint_dir: Path, fingerprint: dict[str, Any], settings: TrainSettings) -> None:
+    """Refuse (one-line DiffsensError) if the newest checkpoint in ``checkpoint_dir`` that
+    passes its checksums was trained with other settings; checks nothing else, writes nothing."""
     for ckpt in reversed(list_checkpoints(checkpoint_dir)):
         try:
-            return ckpt, read_manifest(ckpt)
+            manifest = read_manifest(ckpt)
         except CorruptCheckpoint:
             continue
-    return None
+        check_compatible(ckpt, manifest, _as_json(fingerprint), settings)
+        return
 
 
 def check_compatible(ckpt: Path, manifest: dict[str, Any], fingerprint: dict[str, Any],
@@ -152,8 +155,9 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+    if torch.cuda.is_available():  # the devices both runs see (a resume may see fewer or more)
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(state, dtype=torch.uint8), index)
 
 
 class Trainer:
@@ -260,6 +264,7 @@ class Trainer:
             "scheduler": copy.deepcopy(self.lr_scheduler.state_dict()),
             "rng": _rng_states(), "step": self.step, "losses": list(self.losses),
             "history": copy.deepcopy(self.history),
+            "scaler": None if self.accelerator.scaler is None else self.accelerator.scaler.state_dict(),
         }
         if self.ema is not None:
             state["ema"] = {k: [p.clone() for p in v] if k == "shadow_params" else v
@@ -274,6 +279,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
             self.ema.to(self.device)
+        if self.accelerator.scaler is not None and state.get("scaler") is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         if state.get("rng") is not None:
             _set_rng_states(state["rng"])
         self.step, self.losses, self.history = int(state["step"]), list(state["losses"]), list(state["history"])
@@ -296,7 +303,8 @@ class Trainer:
             torch.save(self.lr_scheduler.state_dict(), tmp / SCHEDULER)
             np.save(tmp / LOSSES, np.asarray(self.losses, dtype=np.float64))
             manifest = {"format": FORMAT, "step": self.step, "total_steps": self.cfg.steps,
-                        "fingerprint": self.fingerprint, "history": self.history}
+                        "fingerprint": self.fingerprint, "history": self.history,
+                        "scaler": None if self.accelerator.scaler is None else self.accelerator.scaler.state_dict()}
             if self.ema is not None:
                 ema = self.ema.state_dict()
                 shadow = ema.pop("shadow_params")
@@ -326,7 +334,7 @@ class Trainer:
                 "optimizer": torch.load(path(OPTIMIZER), map_location="cpu", weights_only=True),
                 "scheduler": torch.load(path(SCHEDULER), map_location="cpu", weights_only=True),
                 "losses": np.load(path(LOSSES), allow_pickle=False).tolist(),
-                "step": manifest["step"], "history": manifest["history"],
+                "step": manifest["step"], "history": manifest["history"], "scaler": manifest.get("scaler"),
             }
         if self.ema is not None:
             shadow = load_file(path(EMA))
@@ -339,14 +347,17 @@ class Trainer:
         """Rename a checkpoint that fails to ``corrupt-step-NNNNNNNN-<time>``, with one warning line."""
         aside = ckpt.with_name(f"corrupt-{ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         self.accelerator.wait_for_everyone()
+        why = "another process renames it"
         if self.accelerator.is_main_process:
             try:
                 os.rename(ckpt, aside)
+                warn(f"checkpoint {ckpt} fails its check: {problem}; set aside as {aside.name}")
             except OSError as e:
-                raise DiffsensError(f"checkpoint {ckpt} fails its check ({problem}) and cannot be set aside "
-                                    f"({e.strerror}): move it away, or train into another hydra.run.dir") from None
-            warn(f"checkpoint {ckpt} fails its check: {problem}; set aside as {aside.name}")
+                why = e.strerror
         self.accelerator.wait_for_everyone()
+        if ckpt.exists():  # every process stops, not only the one that tried (no one waits forever)
+            raise DiffsensError(f"checkpoint {ckpt} fails its check ({problem}) and cannot be set aside "
+                                f"({why}): move it away, or train into another hydra.run.dir")
 
     def checkpoints(self) -> list[Path]:
         """Finished checkpoints, oldest first (temporary directories are never listed)."""
@@ -368,13 +379,20 @@ class Trainer:
                 continue
             check_compatible(ckpt, manifest, self.fingerprint, self.cfg)
             try:
-                self._apply(self._load(ckpt, manifest))
-                return True
-            # The files are untrusted: safetensors, torch's unpickler, numpy and the state
-            # loaders each raise their own errors, and any of them means "not this one".
+                state = self._load(ckpt, manifest)
+            # The files are untrusted: safetensors, torch's unpickler, numpy and JSON each
+            # raise their own errors, and any of them means "not this one".
             except Exception as e:  # noqa: BLE001
-                self._apply(initial)  # undo what was taken on before the failure
                 self._set_aside(ckpt, _one_line(e))
+                continue
+            try:
+                self._apply(state)
+            except Exception as e:  # noqa: BLE001 (read back whole, yet it does not fit this model or machine)
+                self._apply(initial)
+                raise DiffsensError(f"checkpoint {ckpt} passed its checks but cannot be resumed here "
+                                    f"({_one_line(e)}); to start afresh, use another hydra.run.dir or delete "
+                                    f"{ckpt.parent}") from None
+            return True
         if self.accelerator.is_main_process:
             warn(f"no usable checkpoint is left in {self.checkpoint_dir}: training starts from step 0")
         return False
