@@ -216,11 +216,11 @@ def test_a_nan_perturbation_file_stops_the_cli(tmp_path, monkeypatch, capsys):
 # --- CIFAR-10 batches re-saved by Python 3 ---------------------------------------------------
 
 
-def _cifar(root: Path, batch: dict) -> dict:
+def _cifar(root: Path, batch: dict, protocol: int = 2) -> dict:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(exist_ok=True)
     with open(folder / "test_batch", "wb") as f:
-        pickle.dump(batch, f, protocol=2)
+        pickle.dump(batch, f, protocol=protocol)
     return {"kind": "cifar10", "root": str(root), "split": "test", "image_size": None, "limit": None, "seed": 0}
 
 
@@ -232,6 +232,19 @@ def test_cifar_batch_resaved_by_python3_at_protocol_2_loads(tmp_path):
     images = load_images(cfg)
     assert images.labels.tolist() == [3, 1, 4]
     assert np.array_equal(((images.images + 1) * 127.5).round().numpy().astype(np.uint8).reshape(3, 3072), data)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("keys", ["bytes", "str"])
+def test_cifar_batch_resaved_at_newer_protocols_or_with_str_keys_loads(tmp_path, protocol, keys):
+    """Protocol 5 pickles arrays through numpy's _frombuffer; a batch loaded with
+    encoding='latin1' and saved again has str keys."""
+    data = np.random.default_rng(1).integers(0, 256, (2, 3072), dtype=np.uint8)
+    key = (lambda k: k.encode()) if keys == "bytes" else (lambda k: k)
+    cfg = _cifar(tmp_path, {key("labels"): [7, 2], key("data"): data}, protocol=protocol)
+    images = load_images(cfg)
+    assert images.labels.tolist() == [7, 2]
+    assert np.array_equal(((images.images + 1) * 127.5).round().numpy().astype(np.uint8).reshape(2, 3072), data)
 
 
 class _Rot13:

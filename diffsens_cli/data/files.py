@@ -207,8 +207,16 @@ def _latin1_bytes(text: object, encoding: object) -> bytes:
     return text.encode("latin-1")
 
 
+def _array_from_buffer(buffer: object, dtype: object, shape: object, order: object) -> np.ndarray:
+    """numpy's ``_frombuffer`` (how arrays are pickled at protocol 5): bytes to an array of
+    a plain dtype; ``np.frombuffer`` refuses object dtypes, so only numbers come back."""
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
 _PICKLE_ALLOWED = {
     ("_codecs", "encode"): _latin1_bytes,  # bytes as Python 3 writes them at protocol 2
+    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,  # arrays at protocol 5 (numpy 1.x)
+    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,  # arrays at protocol 5 (numpy >= 2)
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as written by the original (numpy 1.x) files
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as numpy >= 2 writes them
     ("numpy", "ndarray"): np.ndarray,
@@ -253,8 +261,10 @@ def _cifar_batch(spec: Spec, path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArraysOnly(f, encoding="bytes").load()
     except Exception as e:  # a malformed pickle can raise nearly anything; all mean "not a batch"
         raise spec.error("root", f"{path} is not a CIFAR-10 batch: {e}") from None
-    data = batch.get(b"data") if isinstance(batch, dict) else None
-    labels = np.asarray(batch.get(b"labels", []) if isinstance(batch, dict) else [])
+    if isinstance(batch, dict):  # bytes keys as published; str keys once re-saved after loading with latin1
+        batch = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = np.asarray(batch.get("labels", []) if isinstance(batch, dict) else [])
     require(isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
             and labels.shape == (len(data),), spec.name("root"),
             f"{path} is not a CIFAR-10 batch: expected a dict with b'data' (uint8 [N, 3072]) and b'labels' (N ints)")
