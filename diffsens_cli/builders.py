@@ -12,28 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffsens_cli.core.integrate import Perturbation, SolverSettings
+from diffsens_cli.core.steppers import STEPPERS
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import SCHEDULES, Schedule
-from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, require, whole
-from diffsens_cli.models.base import ScoreModel
-from diffsens_cli.models.closed_form import MixtureScore
-from diffsens_cli.models.unet import build_network_model
+from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain, require, whole
+from diffsens_cli.core.score_model import ScoreModel
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.models import VECTOR_KINDS
 from diffsens_cli.training.settings import TrainSettings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
-
-
 def build_schedule(cfg: DictConfig) -> Schedule:
     kind = one_of(cfg.kind, sorted(SCHEDULES), "schedule.kind")
     kwargs = {k: (whole if k == "num_train_timesteps" else number)(v, f"schedule.{k}")
-              for k, v in _plain(cfg).items() if k != "kind"}
+              for k, v in plain(cfg).items() if k != "kind"}
     try:
         return SCHEDULES[kind](**kwargs)
     except TypeError as e:
@@ -42,7 +39,7 @@ def build_schedule(cfg: DictConfig) -> Schedule:
 
 def _points(value, dim: int, key: str) -> torch.Tensor:
     """A list of points, each a scalar (that value in every coordinate) or ``dim`` values."""
-    value = _plain(value)
+    value = plain(value)
     if not isinstance(value, list):
         value = [value]
     rows = []
@@ -57,7 +54,7 @@ def _points(value, dim: int, key: str) -> torch.Tensor:
 
 
 def _per_component(value, k: int, key: str, positive: bool = False) -> torch.Tensor:
-    value = _plain(value)
+    value = plain(value)
     vals = listed(value, key, number) if isinstance(value, list) else [number(value, key)] * k
     require(len(vals) == k, key, f"needs one value or {k} (one per component), got {len(vals)}")
     require(all(v > 0 if positive else v >= 0 for v in vals), key,
@@ -103,14 +100,14 @@ def build_perturbation(cfg: DictConfig, target: GaussianMixture, seed: int = 0) 
     kind = one_of(cfg.kind, ["gaussian", "gaussian_mixture", "empirical"], "perturbation.kind")
     sign = one_of(cfg.get("direction", "add"), ["add", "remove"], "perturbation.direction")
     if kind == "gaussian":
-        mean = _points([_plain(cfg.mean)], dim, "perturbation.mean")
+        mean = _points([plain(cfg.mean)], dim, "perturbation.mean")
         std = _per_component(cfg.std, 1, "perturbation.std", positive=True)
         measure = GaussianMixture(mean, std, torch.ones(1, dtype=torch.float64))
     elif kind == "gaussian_mixture":
         measure = _mixture(cfg, dim, "perturbation")
     else:
         measure = GaussianMixture.empirical(_empirical_points(cfg, target, seed))
-    return Perturbation(measure, sign=1.0 if sign == "add" else -1.0)
+    return Perturbation([measure], [1.0 if sign == "add" else -1.0])
 
 
 def _empirical_points(cfg: DictConfig, target: GaussianMixture, seed: int) -> torch.Tensor:
@@ -149,16 +146,18 @@ def read_points(value: object, dim: int, key: str = "perturbation.path") -> np.n
 
 def build_model(cfg: DictConfig, target: GaussianMixture, schedule: Schedule) -> ScoreModel:
     """The exact score of the synthetic target, or a network on its ``dim`` coordinates."""
-    kind = one_of(cfg.kind, ["closed_form", "mlp", "pretrained"], "model.kind")
+    kind = one_of(cfg.kind, VECTOR_KINDS, "model.kind")
     if kind == "closed_form":
         return MixtureScore(target, schedule)
+    from diffsens_cli.models.unet import build_network_model  # diffusers: only for networks
+
     return build_network_model(cfg, (target.dim,), schedule)
 
 
 def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverSettings:
     """Checked ``SolverSettings`` from the ``solver`` group."""
     method = one_of(cfg.method, ["ode", "sde"], "solver.method")
-    integrator = one_of(cfg.integrator, ["euler", "heun"], "solver.integrator")
+    integrator = one_of(cfg.integrator, list(STEPPERS), "solver.integrator")
     require(not (method == "sde" and integrator == "heun"), "solver.integrator",
             "the SDE is integrated with Euler-Maruyama: use integrator=euler with method=sde")
     step_size = number(cfg.step_size, "solver.step_size", null=True)
@@ -178,7 +177,7 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
     divergence = one_of(cfg.divergence, ["exact", "hutchinson"], "solver.divergence")
     hutchinson_samples = whole(cfg.hutchinson_samples, "solver.hutchinson_samples")
     require(hutchinson_samples >= 1, "solver.hutchinson_samples", f"must be >= 1, got {hutchinson_samples}")
-    clamp = _plain(cfg.weight_clamp)
+    clamp = plain(cfg.weight_clamp)
     if clamp is not None:
         need = f"must be null or [low, high] with 0 < low < high, got {clamp}"
         require(isinstance(clamp, list) and len(clamp) == 2, "solver.weight_clamp", need)
@@ -188,6 +187,9 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
     batch_size = whole(cfg.batch_size, "solver.batch_size", null=True)
     require(batch_size is None or batch_size >= 1, "solver.batch_size",
             f"must be null (as memory allows) or >= 1, got {batch_size}")
+    tangent_batch_size = whole(cfg.tangent_batch_size, "solver.tangent_batch_size", null=True)
+    require(tangent_batch_size is None or tangent_batch_size >= 1, "solver.tangent_batch_size",
+            f"must be null (as memory allows) or >= 1, got {tangent_batch_size}")
     record_every = whole(cfg.get("record_every"), "solver.record_every", null=True)
     require(record_every is None or record_every >= 1, "solver.record_every",
             f"must be null or >= 1, got {record_every}")
@@ -195,7 +197,7 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
         method=method, integrator=integrator, step_size=step_size, num_steps=num_steps,
         t_min=t_min, density=density, divergence=divergence, hutchinson_samples=hutchinson_samples,
         probe=one_of(cfg.probe, ["gaussian", "rademacher"], "solver.probe"),
-        weight_clamp=clamp, batch_size=batch_size,
+        weight_clamp=clamp, batch_size=batch_size, tangent_batch_size=tangent_batch_size,
         seed=whole(cfg.seed, "solver.seed"), progress=flag(cfg.progress, "solver.progress"),
         record_every=record_every,
         sde_sensitivity=one_of(cfg.sde_sensitivity, ["drift", "velocity"], "solver.sde_sensitivity"),
@@ -231,7 +233,7 @@ class Components:
     def on_device(self) -> Components:
         """Move measures and model to the run's device and dtype."""
         self.target = self.target.to(self.device, self.dtype)
-        self.perturbation.measure = self.perturbation.measure.to(self.device, self.dtype)
+        self.perturbation = self.perturbation.to(self.device, self.dtype)
         if isinstance(self.model, MixtureScore):
             self.model = MixtureScore(self.target, self.schedule)
         else:

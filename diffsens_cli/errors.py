@@ -12,9 +12,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 T = TypeVar("T")
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain, resolved Python containers (other values as they are)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 class DiffsensError(Exception):

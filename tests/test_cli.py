@@ -178,13 +178,13 @@ def test_synthetic_problem_is_configurable_from_overrides():
                  "perturbation.mean=0.5", "perturbation.std=0.25", "perturbation.direction=remove"]
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
         comp = Components(compose("config", overrides=overrides))
-    rho, nu = comp.target, comp.perturbation.measure
+    rho, nu = comp.target, comp.perturbation.measures[0]
     np.testing.assert_allclose(rho.means.numpy(), [[-2, -2, -2], [0, 0, 0], [1, 2, 3]])
     np.testing.assert_allclose(rho.log_weights.exp().numpy(), [0.25, 0.25, 0.5])
     np.testing.assert_allclose(rho.stds.numpy(), [0.1, 0.2, 0.3])
     np.testing.assert_allclose(nu.means.numpy(), [[0.5, 0.5, 0.5]])
     np.testing.assert_allclose(nu.stds.numpy(), [0.25])
-    assert comp.perturbation.sign == -1.0
+    assert comp.perturbation.signs == [-1.0]
 
 
 def test_train_modes_and_resume(tmp_path):

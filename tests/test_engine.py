@@ -11,7 +11,7 @@ from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
-from diffsens_cli.models.closed_form import MixtureScore
+from diffsens_cli.core.closed_form import MixtureScore
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 SCHED = VPLinear()
@@ -97,9 +97,9 @@ def test_underflow_counts_survive_chunking_and_say_why_psi_is_zero():
     nu = gaussian(1e4, d=4, std=1e-3).to(torch.device("cpu"), torch.float32)
     z0 = torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     s = SolverSettings(num_steps=10, density="closed_form", progress=False, batch_size=5)
-    res = Integrator(MixtureScore(rho, SCHED), s, Perturbation(nu)).run(z0)
-    assert (res.psi == 0).all()
-    assert res.weights.as_dict() == {"evaluated": 120, "clamped_low": 0, "clamped_high": 0, "nonfinite": 0,
+    res = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)
+    assert (res.psi[0] == 0).all()
+    assert res.weights[0].as_dict() == {"evaluated": 120, "clamped_low": 0, "clamped_high": 0, "nonfinite": 0,
                                      "underflow": 120, "overflow": 0}
 
 
@@ -112,11 +112,11 @@ def _setup(d=10, n=64, seed=0):
 
 def _remainders(settings, etas, d=10):
     rho, nu, z0 = _setup(d)
-    res = Integrator(MixtureScore(rho, SCHED), settings, Perturbation(nu)).run(z0)
+    res = Integrator(MixtureScore(rho, SCHED), settings, Perturbation([nu])).run(z0)
     out = []
     for eta in etas:
         pert = Integrator(MixtureScore(rho.mix(nu, eta), SCHED), settings).run(z0).samples
-        rem = pert - res.samples - eta * res.psi
+        rem = pert - res.samples - eta * res.psi[0]
         out.append((rem.norm(dim=1) / eta).median().item())
     return res, torch.tensor(out)
 
@@ -128,10 +128,10 @@ def test_sample_sensitivity_is_the_derivative_of_the_discrete_flow(method, integ
     s = SolverSettings(method=method, integrator=integrator, num_steps=100, density="closed_form", progress=False)
     etas = [1e-1, 1e-2, 1e-3, 1e-4]
     res, r = _remainders(s, etas)
-    assert res.psi.norm(dim=1).median() > 1e-3
+    assert res.psi[0].norm(dim=1).median() > 1e-3
     slopes = (r[:-1] / r[1:]).log10()
     assert (slopes > 0.8).all() and (slopes < 1.2).all(), r
-    assert r[-1] < 1e-3 * res.psi.norm(dim=1).median()
+    assert r[-1] < 1e-3 * res.psi[0].norm(dim=1).median()
 
 
 def test_sde_sensitivity_needs_the_drift_not_the_velocity():
@@ -140,12 +140,12 @@ def test_sde_sensitivity_needs_the_drift_not_the_velocity():
     instead, and only that version matches the finite difference (DESIGN.md section 5)."""
     rho, nu, z0 = _setup()
     s = SolverSettings(method="sde", num_steps=100, density="closed_form", progress=False)
-    base = Integrator(MixtureScore(rho, SCHED), s, Perturbation(nu)).run(z0)
+    base = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)
     pert = Integrator(MixtureScore(rho.mix(nu, 1e-5), SCHED), s).run(z0).samples
     fd = (pert - base.samples) / 1e-5
     s.sde_sensitivity = "velocity"
-    literal = Integrator(MixtureScore(rho, SCHED), s, Perturbation(nu)).run(z0).psi
-    err_drift = ((fd - base.psi).norm(dim=1) / fd.norm(dim=1)).median()
+    literal = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0).psi[0]
+    err_drift = ((fd - base.psi[0]).norm(dim=1) / fd.norm(dim=1)).median()
     err_literal = ((fd - literal).norm(dim=1) / fd.norm(dim=1)).median()
     assert err_drift < 1e-3 and err_literal > 0.05, (err_drift, err_literal)
 
@@ -174,7 +174,7 @@ def test_hutchinson_is_unbiased_for_the_trace(probe):
     z = torch.randn(4, 20)
     s = SolverSettings(hutchinson_samples=4000, probe=probe, density="ccov", progress=False)
     integ = Integrator(model, s, track_density=True)
-    probes = integ._probes(z, torch.Generator().manual_seed(0))
+    probes = integ._probes(z, torch.arange(4), step=0, replicas=1)
     _, jp = model.score_and_jvp(z, t, probes)
     est = (probes * jp).sum(-1)  # [h, B]
     exact = model.score_trace(z, t)
@@ -188,27 +188,27 @@ def test_chunked_integration_equals_one_batch_and_survives_out_of_memory(monkeyp
     rho, nu, z0 = _setup(d=6, n=40)
     s = SolverSettings(num_steps=30, density="ccov", divergence="exact", progress=False)
     model = MixtureScore(rho, SCHED)
-    whole = Integrator(model, s, Perturbation(nu)).run(z0)
+    whole = Integrator(model, s, Perturbation([nu])).run(z0)
     s.batch_size = 7
-    chunked = Integrator(model, s, Perturbation(nu)).run(z0)
-    for a, b in [(whole.samples, chunked.samples), (whole.psi, chunked.psi), (whole.logp, chunked.logp)]:
+    chunked = Integrator(model, s, Perturbation([nu])).run(z0)
+    for a, b in [(whole.samples, chunked.samples), (whole.psi[0], chunked.psi[0]), (whole.logp, chunked.logp)]:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert chunked.weights.total == whole.weights.total
+    assert chunked.weights[0].total == whole.weights[0].total
 
     s.batch_size = None
-    integ = Integrator(model, s, Perturbation(nu))
+    integ = Integrator(model, s, Perturbation([nu]))
     real_chunk, sizes = integ._chunk, []
 
-    def small_memory(z, *args):
-        sizes.append(z.shape[0])
-        if z.shape[0] > 10:
+    def small_memory(state, *args):
+        sizes.append(state.z.shape[0])
+        if state.z.shape[0] > 10:
             raise torch.OutOfMemoryError("simulated")
-        return real_chunk(z, *args)
+        return real_chunk(state, *args)
 
     monkeypatch.setattr(integ, "_chunk", small_memory)
     out = integ.run(z0)
     assert sizes[:4] == [40, 20, 10, 10] and max(sizes[2:]) <= 10
-    torch.testing.assert_close(out.psi, whole.psi, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.psi[0], whole.psi[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["ode", "sde"])

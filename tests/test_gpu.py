@@ -6,7 +6,7 @@ import torch
 from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
-from diffsens_cli.models.closed_form import MixtureScore
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.models.network import FourierMLP, NetworkScore
 
 pytestmark = [pytest.mark.gpu,
@@ -31,12 +31,12 @@ def test_closed_form_cuda_matches_cpu(method):
     for dev in ("cpu", "cuda"):
         rho, nu, z0 = _problem(dev, torch.float64)
         s = SolverSettings(method=method, num_steps=200, density="closed_form", progress=False)
-        out[dev] = Integrator(MixtureScore(rho, SCHED), s, Perturbation(nu)).run(z0)
+        out[dev] = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)
         if method == "sde":
             eta = 1e-5
             pert = Integrator(MixtureScore(rho.mix(nu, eta), SCHED), s).run(z0).samples
             fd = (pert - out[dev].samples) / eta
-            rel = ((fd - out[dev].psi).norm(dim=1) / fd.norm(dim=1).clamp_min(1e-12)).median()
+            rel = ((fd - out[dev].psi[0]).norm(dim=1) / fd.norm(dim=1).clamp_min(1e-12)).median()
             assert rel < 1e-3
     if method == "ode":
         torch.testing.assert_close(out["cuda"].psi, out["cpu"].psi, rtol=1e-9, atol=1e-9)
@@ -69,9 +69,9 @@ def test_fused_sensitivity_run_on_cuda_float32():
         rho, nu, z0 = _problem(dev, dtype)
         model = NetworkScore(net.to(dev, dtype), SCHED)
         s = SolverSettings(num_steps=100, density="ccov", divergence="exact", progress=False)
-        res = Integrator(model, s, Perturbation(nu)).run(z0)
-        assert torch.isfinite(res.psi).all() and res.weights.as_dict()["nonfinite"] == 0
-        psis[dev] = res.psi.double()
+        res = Integrator(model, s, Perturbation([nu])).run(z0)
+        assert torch.isfinite(res.psi[0]).all() and res.weights[0].as_dict()["nonfinite"] == 0
+        psis[dev] = res.psi[0].double()
     rel = (psis["cuda"] - psis["cpu"]).norm(dim=1) / psis["cpu"].norm(dim=1).clamp_min(1e-12)
     assert rel.median() < 1e-3, rel.median()
 

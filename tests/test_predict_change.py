@@ -47,9 +47,9 @@ def test_the_sensitivity_run_draws_the_same_samples_as_plain_sampling():
     JVPs riding along), bit for bit."""
     model = build_network_model(TINY_UNET, (1, 8, 8), VPDiscrete())
     z0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    nu = Perturbation(GaussianMixture.empirical(torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))))
+    nu = Perturbation([GaussianMixture.empirical(torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3)))])
     settings = SolverSettings(num_steps=6, progress=False, weight_clamp=(0.1, 10), batch_size=3)
     fused = Integrator(model, settings, nu).run(z0)
     plain = Integrator(model, settings).run(z0)
     assert torch.equal(fused.samples, plain.samples)
-    assert fused.psi.abs().sum() > 0
+    assert fused.psi[0].abs().sum() > 0

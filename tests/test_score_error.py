@@ -28,7 +28,7 @@ def test_exact_sensitivities_of_the_paper_problem_lie_on_the_diagonal():
                "solver.density=closed_form", "solver.num_steps=50")
     comp = Components(cfg).on_device()
     z0 = comp.model.sample_base(64, (10,), torch.tensor(0.0, dtype=torch.float64), torch.Generator().manual_seed(0))
-    psi = Integrator(comp.model, replace(comp.solver, progress=False), comp.perturbation).run(z0).psi
+    psi = Integrator(comp.model, replace(comp.solver, progress=False), comp.perturbation).run(z0).psi[0]
     centred = psi - psi.mean(1, keepdim=True)
     assert (centred.norm(dim=1) / psi.norm(dim=1)).max() < 1e-12
     assert psi.norm(dim=1).min() > 1e-3

@@ -2,10 +2,15 @@
 
 One loop over time steps integrates, for a whole batch at once on its device, the state
 ``(z, log rho, psi)``: the sample path (PF-ODE or reverse SDE), the CCoV log-density
-and the sample sensitivity.  Each step makes one model call for the score, its JVP with
-the sensitivity and the Hutchinson terms (for a network: one vmapped JVP covering the
-tangent and every probe).  Batches larger than memory are split into chunks, each
-integrated by the same loop, its results sent to the host as it finishes.
+and the sensitivities ``psi`` [K, B, *event] to K perturbation measures at once (or,
+from given initial tangents, the flow map's Jacobian along the path).  Each step makes
+one model call for the score, its JVPs with all K sensitivities and the Hutchinson
+terms (for a network: one vmapped JVP covering every tangent and probe, sharing the
+primal).  The step rules live in ``steppers``; this module owns the bookkeeping:
+batches larger than memory are split into chunks over samples and, when one sample's
+K tangents do not fit, over tangents; each chunk is integrated by the same loop and
+sent to the host as it finishes.  Every random number is keyed by (seed, sample
+index, step) (``keyed_random``), so results do not depend on the split.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
-from diffsens_cli import interrupt
-from diffsens_cli.core import dynamics
+from diffsens_cli import interrupt, progress
+from diffsens_cli.core import dynamics, keyed_random
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Coefficients, time_grid
+from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
-from diffsens_cli.models.base import ScoreModel
+from diffsens_cli.core.steppers import STEPPERS, State, euler_maruyama
 
 
 @dataclass
@@ -41,8 +46,9 @@ class SolverSettings:
     probe: str = "gaussian"  # gaussian | rademacher
     weight_clamp: tuple[float, float] | None = None
     # Paths integrated at once (in each replica group); None: as many as memory allows.
-    # SDE noise is drawn per chunk, so runs compared path by path need equal batch sizes.
     batch_size: int | None = None
+    # Sensitivity tangents integrated at once; None: as many as memory allows.
+    tangent_batch_size: int | None = None
     seed: int = 0
     progress: bool = True
     record_every: int | None = None  # keep every k-th state of the path
@@ -56,10 +62,42 @@ class SolverSettings:
 
 @dataclass
 class Perturbation:
-    """A closed-form perturbation measure ``nu``; ``sign = -1`` removes it instead."""
+    """K closed-form perturbation measures ``nu_k``, integrated together along one path;
+    ``signs[k] = -1`` removes ``nu_k`` instead of adding it."""
 
-    measure: GaussianMixture
-    sign: float = 1.0
+    measures: list[GaussianMixture]
+    signs: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.measures:
+            raise ValueError("a perturbation needs at least one measure")
+        self.signs = [1.0] * len(self.measures) if self.signs is None else [float(s) for s in self.signs]
+        if len(self.signs) != len(self.measures):
+            raise ValueError(f"{len(self.measures)} measures but {len(self.signs)} signs")
+
+    def __len__(self) -> int:
+        return len(self.measures)
+
+    def select(self, ks: slice) -> Perturbation:
+        """The measures ``ks`` (a chunk of tangents)."""
+        return Perturbation(self.measures[ks], self.signs[ks])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Perturbation:
+        return Perturbation([m.to(device, dtype) for m in self.measures], self.signs)
+
+    def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
+                clamp: tuple[float, float] | None, weights: list[WeightStats]) -> torch.Tensor:
+        """``sign_k g^k_t(z)`` (paper Eq. 1) for every measure: [K, B, *event]; each
+        measure's weights are counted in its own ``weights[k]``."""
+        out = []
+        for measure, sign, stats in zip(self.measures, self.signs, weights, strict=True):
+            nu = measure.diffused(z.flatten(1), co.alpha, co.sigma)
+            out.append(sign * score_sensitivity(nu.log_density, nu.score.view_as(z), log_rho, s_rho, clamp, stats))
+        return torch.stack(out)
+
+    def memory_per_sample(self, itemsize: int) -> int:
+        """Bytes of the intermediates one point needs while the forcing is formed."""
+        return max(m.memory_per_sample(0, itemsize) for m in self.measures)
 
 
 @dataclass
@@ -69,20 +107,18 @@ class IntegrationResult:
     z0: torch.Tensor
     samples: torch.Tensor
     logp: torch.Tensor | None
-    psi: torch.Tensor | None
+    psi: torch.Tensor | None  # [K, B, *event]
     times: torch.Tensor
     path: torch.Tensor | None = None  # [S, B, *event] at `path_times`
-    psi_path: torch.Tensor | None = None
+    psi_path: torch.Tensor | None = None  # [S, K, B, *event]
     path_times: torch.Tensor | None = None
-    weights: WeightStats = field(default_factory=WeightStats)
+    weights: list[WeightStats] = field(default_factory=list)  # one per perturbation measure
     wall_time_s: float = 0.0
 
 
 class _ChunkResult(NamedTuple):
-    z: torch.Tensor
-    logp: torch.Tensor | None
-    psi: torch.Tensor | None
-    weights: WeightStats
+    state: State
+    weights: list[WeightStats]
     path: torch.Tensor | None
     psi_path: torch.Tensor | None
     path_times: torch.Tensor | None
@@ -90,7 +126,7 @@ class _ChunkResult(NamedTuple):
 
 class Integrator:
     """Integrates a batch of paths of ``model`` and, optionally, their log-densities and
-    their sensitivities to ``perturbation`` (see module docstring)."""
+    their sensitivities to the measures of ``perturbation`` (see module docstring)."""
 
     def __init__(self, model: ScoreModel, settings: SolverSettings, perturbation: Perturbation | None = None,
                  track_density: bool = False):
@@ -100,87 +136,92 @@ class Integrator:
         self.needs_rho = perturbation is not None and settings.density == "closed_form"
         self.ccov = settings.density == "ccov" and (track_density or perturbation is not None)
         self.num_probes = settings.hutchinson_samples if self.ccov and settings.divergence == "hutchinson" else 0
+        self.step = STEPPERS[settings.integrator]
 
-    # -- one evaluation of the augmented vector field -------------------------------
-    def _field(self, t: torch.Tensor, co: Coefficients, z, logp, psi, probes, weights: WeightStats):
-        s, jpsi, quad = self.model.score_with_derivatives(z, t, psi, probes)
-        dz = dynamics.drift(co, z, s, self.gain)
+    # -- the augmented vector field at one grid point -----------------------------------
+    def _field(self, times: torch.Tensor, co_all: Coefficients, probes: torch.Tensor | None,
+               perturbation: Perturbation | None, weights: list[WeightStats]):
+        """``field(k, state)`` for the step rules; the probes are those of the current step."""
 
-        dlogp = None
-        if self.ccov:
-            tr = quad.mean(0) if self.num_probes else self.model.score_trace(z, t)
-            dlogp = -dynamics.velocity_divergence(co, z[0].numel(), tr)
+        def at(k: int, state: State) -> State:
+            t, co = times[k], _coefficients_at(co_all, k)
+            s, jpsi, quad = self.model.score_with_derivatives(state.z, t, state.psi, probes)
+            dz = dynamics.drift(co, state.z, s, self.gain)
+            dlogp = None
+            if self.ccov:
+                tr = quad.mean(0) if self.num_probes else self.model.score_trace(state.z, t)
+                dlogp = -dynamics.velocity_divergence(co, state.z[0].numel(), tr)
+            dpsi = None
+            if state.psi is not None:
+                dpsi = dynamics.drift_jvp(co, state.psi, jpsi, self.psi_gain)
+                if perturbation is not None:
+                    log_rho = self.model.log_density(state.z, t) if self.needs_rho else state.logp
+                    g = perturbation.forcing(state.z, co, log_rho, s, self.cfg.weight_clamp, weights)
+                    dpsi = dpsi + self.psi_gain * co.c * g
+            return State(dz, dlogp, dpsi)
 
-        dpsi = None
-        if psi is not None:
-            log_rho = self.model.log_density(z, t) if self.needs_rho else logp
-            nu = self.perturbation.measure.diffused(z.flatten(1), co.alpha, co.sigma)
-            g = score_sensitivity(nu.log_density, nu.score.view_as(z), log_rho, s, self.cfg.weight_clamp, weights)
-            dpsi = self.psi_gain * co.c * self.perturbation.sign * g + dynamics.drift_jvp(co, psi, jpsi, self.psi_gain)
-        return dz, dlogp, dpsi
+        return at
 
-    def _probes(self, z: torch.Tensor, gen: torch.Generator, replicas: int = 1) -> torch.Tensor | None:
-        """Hutchinson probes for the batch ``z``; replicas share theirs."""
+    def _probes(self, z: torch.Tensor, ids: torch.Tensor, step: int, replicas: int) -> torch.Tensor | None:
+        """Hutchinson probes [h, B, *event] of step ``step``, keyed by sample; replicas share theirs."""
         if not self.num_probes:
             return None
-        shape = (self.num_probes, z.shape[0] // replicas, *z.shape[1:])
-        e = torch.empty(shape, device=z.device, dtype=z.dtype)
-        if self.cfg.probe == "rademacher":
-            e.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
-        else:
-            e.normal_(generator=gen)
+        draw = keyed_random.rademacher if self.cfg.probe == "rademacher" else keyed_random.normal
+        e = draw((self.num_probes, *z.shape[1:]), ids, seed=self.cfg.seed, stream=keyed_random.PROBES, step=step,
+                 dtype=z.dtype).movedim(1, 0)
         return e if replicas == 1 else e.repeat(1, replicas, *([1] * (z.ndim - 1)))
 
+    def _wiener(self, z: torch.Tensor, ids: torch.Tensor, step: int, replicas: int) -> torch.Tensor:
+        """Standard normal increments of step ``step``, keyed by sample; replicas share theirs."""
+        xi = keyed_random.normal(tuple(z.shape[1:]), ids, seed=self.cfg.seed, stream=keyed_random.WIENER, step=step,
+                                 dtype=z.dtype)
+        return xi.repeat(replicas, *([1] * (z.ndim - 1)))
+
     # -- the fused loop over one chunk -------------------------------------------------
-    def _chunk(self, z: torch.Tensor, logp: torch.Tensor | None, chunk_index: int, desc: str, replicas: int):
+    def _chunk(self, state: State, ids: torch.Tensor, perturbation: Perturbation | None, desc: str,
+               replicas: int) -> _ChunkResult:
         cfg = self.cfg
         t0, t1, n = cfg.grid()
+        z = state.z
         times = torch.linspace(t0, t1, n + 1, dtype=z.dtype, device=z.device)
         co_all = self.model.schedule.coefficients(times)
         h = (t1 - t0) / n
-        probe_gen = torch.Generator(z.device).manual_seed(cfg.seed * 7919 + 2 * chunk_index)
-        noise_gen = torch.Generator(z.device).manual_seed(cfg.seed * 7919 + 2 * chunk_index + 1)
-        psi = torch.zeros_like(z) if self.perturbation is not None else None
-        weights = WeightStats()
+        weights = [WeightStats() for _ in range(len(perturbation) if perturbation is not None else 0)]
         path, psi_path, path_idx = [], [], []
 
         def record(k: int) -> None:
             if cfg.record_every and (k % cfg.record_every == 0 or k == n):
-                path.append(z.detach().cpu())
-                psi_path.append(psi.detach().cpu() if psi is not None else None)
+                path.append(state.z.detach().cpu())
+                psi_path.append(state.psi.detach().cpu() if state.psi is not None else None)
                 path_idx.append(k)
 
         record(0)
-        for k in tqdm(range(n), desc=desc, disable=not cfg.progress, leave=False):
+        for k in progress.bar(range(n), desc=desc, enabled=cfg.progress, leave=False):
             interrupt.check()
-            t = times[k]
-            co = _coefficients_at(co_all, k)
-            probes = self._probes(z, probe_gen, replicas)
-            dz, dlogp, dpsi = self._field(t, co, z, logp, psi, probes, weights)
-            if cfg.integrator == "heun":
-                z2, logp2, psi2 = _step(h, z, logp, psi, dz, dlogp, dpsi)
-                dz2, dlogp2, dpsi2 = self._field(times[k + 1], _coefficients_at(co_all, k + 1), z2, logp2, psi2,
-                                                 probes, weights)
-                z, logp, psi = _step(h / 2, z, logp, psi, dz + dz2, _add(dlogp, dlogp2), _add(dpsi, dpsi2))
-            else:
-                z, logp, psi = _step(h, z, logp, psi, dz, dlogp, dpsi)
+            field = self._field(times, co_all, self._probes(z, ids, k, replicas), perturbation, weights)
             if cfg.method == "sde":
-                xi = torch.randn((z.shape[0] // replicas, *z.shape[1:]), generator=noise_gen, device=z.device,
-                                 dtype=z.dtype)
-                z = z + dynamics.diffusion(co) * math.sqrt(h) * xi.repeat(replicas, *([1] * (z.ndim - 1)))
+                xi = self._wiener(z, ids, k, replicas)
+                state = euler_maruyama(field, k, h, state, dynamics.diffusion(_coefficients_at(co_all, k)), xi)
+            else:
+                state = self.step(field, k, h, state)
             record(k + 1)
         return _ChunkResult(
-            z, logp, psi, weights,
+            state, weights,
             path=torch.stack(path) if path else None,
-            psi_path=torch.stack(psi_path) if path and psi is not None else None,
+            psi_path=torch.stack(psi_path) if path and state.psi is not None else None,
             path_times=times[path_idx].cpu() if path else None,
         )
 
     @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
-    def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None, replicas: int = 1) -> IntegrationResult:
+    def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None, replicas: int = 1,
+            psi0: torch.Tensor | None = None, first_index: int = 0) -> IntegrationResult:
         """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to the model's
         ``base_log_density``.
 
+        ``psi0`` [K, B, *event] are initial tangents (default zero, one per perturbation
+        measure); without a perturbation they follow ``d psi/dt = J_z v psi`` alone, so
+        ``psi0 = I`` gives the flow map's Jacobian.  ``first_index`` is the index of
+        ``z0``'s first row among all samples of the run (the key of its random numbers).
         ``replicas = R`` says that ``z0`` is ``R`` equal, consecutive groups of paths (a
         model family such as ``GaussianMixture.mix`` with several etas): chunks keep the
         groups aligned, and the groups share Wiener increments and Hutchinson probes.
@@ -189,30 +230,54 @@ class Integrator:
         t0, t1, n = self.cfg.grid()
         if z0.shape[0] % replicas:
             raise ValueError(f"a batch of {z0.shape[0]} is not {replicas} equal groups")
+        num_k = len(self.perturbation) if self.perturbation is not None else 0
+        if psi0 is not None:
+            if psi0.shape[1:] != z0.shape or (num_k and psi0.shape[0] != num_k):
+                raise ValueError(f"psi0 of shape {tuple(psi0.shape)} does not fit z0 {tuple(z0.shape)} "
+                                 f"and {num_k or 'any number of'} measures")
+            num_k = psi0.shape[0]
+        elif num_k:
+            psi0 = z0.new_zeros(num_k, *z0.shape)
         if self.ccov and logp0 is None:
             logp0 = self.model.base_log_density(z0, torch.tensor(t0, dtype=z0.dtype, device=z0.device))
         inner = z0.shape[0] // replicas
 
-        def rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
-            return None if x is None else x.view(replicas, inner, *x.shape[1:])[:, sl].reshape(-1, *x.shape[1:])
+        def rows(x: torch.Tensor | None, sl: slice, dim: int = 0) -> torch.Tensor | None:
+            if x is None:
+                return None
+            grouped = x.unflatten(dim, (replicas, inner)).narrow(dim + 1, sl.start, sl.stop - sl.start)
+            return grouped.flatten(dim, dim + 1)
 
-        chunk = self.cfg.batch_size or max(1, self._auto_chunk_size(z0) // replicas)
-        outs, weights = [], WeightStats()
+        chunk_b, chunk_k = self._chunk_sizes(z0, num_k, replicas)
+        outs: list[_ChunkResult] = []
         begin, index = 0, 0
         while begin < inner:
-            sl = slice(begin, begin + chunk)
-            num = math.ceil(inner / chunk)
-            desc = f"integrate {index + 1}/{num}" if num > 1 else "integrate"
+            sl = slice(begin, min(begin + chunk_b, inner))
+            num = math.ceil((inner - begin) / chunk_b) + index
+            ids = torch.arange(sl.start, sl.stop, device=z0.device) + first_index
             try:
-                out = self._chunk(rows(z0, sl), rows(logp0, sl) if self.ccov else None, index, desc, replicas)
+                parts = []
+                for kb in range(0, max(num_k, 1), max(chunk_k, 1)):
+                    ks = slice(kb, min(kb + chunk_k, num_k))
+                    desc = f"integrate {index + 1}/{num}" if num > 1 else "integrate"
+                    if chunk_k < num_k:
+                        desc += f" tangents {ks.start + 1}-{ks.stop}/{num_k}"
+                    state = State(rows(z0, sl), rows(logp0, sl) if self.ccov else None,
+                                  rows(psi0[ks], sl, dim=1) if num_k else None)
+                    pert = self.perturbation.select(ks) if self.perturbation is not None else None
+                    out = self._chunk(state, ids, pert, desc, replicas)
+                    s = out.state
+                    parts.append(out._replace(state=State(_to_host(s.z), _to_host(s.logp), _to_host(s.psi))))
             except torch.OutOfMemoryError:
-                if self.cfg.batch_size is not None or chunk == 1:
+                if self.cfg.batch_size is None and chunk_b > 1:
+                    chunk_b = max(1, chunk_b // 2)
+                elif self.cfg.tangent_batch_size is None and chunk_k > 1:
+                    chunk_k = max(1, chunk_k // 2)
+                else:
                     raise
-                chunk = max(1, chunk // 2)
                 continue
-            outs.append(out._replace(z=_to_host(out.z), logp=_to_host(out.logp), psi=_to_host(out.psi)))
-            weights.merge(out.weights)
-            begin, index = begin + chunk, index + 1
+            outs.append(_join_tangent_chunks(parts))
+            begin, index = sl.stop, index + 1
         if z0.device.type == "cuda":
             torch.cuda.synchronize(z0.device)  # the non-blocking copies to the host
 
@@ -223,23 +288,51 @@ class Integrator:
             grouped = [p.unflatten(dim, (replicas, -1)) for p in parts]
             return torch.cat(grouped, dim + 1).flatten(dim, dim + 1)
 
+        weights = [WeightStats() for _ in range(len(self.perturbation) if self.perturbation is not None else 0)]
+        for out in outs:
+            for total, part in zip(weights, out.weights, strict=True):
+                total.merge(part)
         return IntegrationResult(
-            z0=z0.cpu(), samples=merge([o.z for o in outs]), logp=merge([o.logp for o in outs]),
-            psi=merge([o.psi for o in outs]), times=torch.linspace(t0, t1, n + 1, dtype=torch.float64),
-            path=merge([o.path for o in outs], dim=1), psi_path=merge([o.psi_path for o in outs], dim=1),
-            path_times=outs[0].path_times,
-            weights=weights, wall_time_s=time.perf_counter() - start,
+            z0=z0.cpu(), samples=merge([o.state.z for o in outs]), logp=merge([o.state.logp for o in outs]),
+            psi=merge([o.state.psi for o in outs], dim=1), times=torch.linspace(t0, t1, n + 1, dtype=torch.float64),
+            path=merge([o.path for o in outs], dim=1), psi_path=merge([o.psi_path for o in outs], dim=2),
+            path_times=outs[0].path_times, weights=weights, wall_time_s=time.perf_counter() - start,
         )
 
-    def _auto_chunk_size(self, z0: torch.Tensor) -> int:
-        """The largest number of rows that fits in about half of the free memory."""
+    def _chunk_sizes(self, z0: torch.Tensor, num_k: int, replicas: int) -> tuple[int, int]:
+        """Rows (per replica group) and tangents per chunk: the settings' sizes, or the
+        largest that fit in about half of the free memory, splitting the tangents only
+        when one row's tangents do not fit."""
+        inner = z0.shape[0] // replicas
         numel, itemsize = z0[0].numel(), z0.element_size()
-        tangents = self.num_probes + (self.perturbation is not None)
-        per_sample = self.model.memory_per_sample(numel, tangents, itemsize)
-        per_sample += itemsize * numel * (6 + 2 * tangents)  # the state, its derivatives, probes
-        if self.perturbation is not None:
-            per_sample += self.perturbation.measure.memory_per_sample(0, itemsize)
-        return max(1, min(z0.shape[0], int(0.5 * _free_memory(z0.device) // per_sample)))
+
+        def per_row(k: int) -> int:
+            tangents = self.num_probes + k
+            b = self.model.memory_per_sample(numel, tangents, itemsize)
+            b += itemsize * numel * (6 + 2 * tangents)  # the state, its derivatives, probes
+            if self.perturbation is not None:
+                b += self.perturbation.memory_per_sample(itemsize) + itemsize * numel * 2 * k  # the forcing
+            return b * replicas
+
+        budget = 0.5 * _free_memory(z0.device)
+        chunk_k = self.cfg.tangent_batch_size or num_k
+        if self.cfg.tangent_batch_size is None:
+            while chunk_k > 1 and per_row(chunk_k) > budget:
+                chunk_k = (chunk_k + 1) // 2
+        chunk_k = min(chunk_k, num_k)
+        chunk_b = self.cfg.batch_size or max(1, min(inner, int(budget // per_row(chunk_k))))
+        return chunk_b, chunk_k
+
+
+def _join_tangent_chunks(parts: list[_ChunkResult]) -> _ChunkResult:
+    """One row chunk's results from its tangent chunks (which share the path)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    psi = torch.cat([p.state.psi for p in parts])
+    psi_path = torch.cat([p.psi_path for p in parts], 1) if first.psi_path is not None else None
+    return first._replace(state=first.state._replace(psi=psi), weights=[w for p in parts for w in p.weights],
+                          psi_path=psi_path)
 
 
 def _to_host(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -253,14 +346,6 @@ def _to_host(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _coefficients_at(co: Coefficients, k: int) -> Coefficients:
     return Coefficients(alpha=co.alpha[k], sigma=co.sigma[k], a=co.a[k], c=co.c[k])
-
-
-def _add(x, y):
-    return None if x is None else x + y
-
-
-def _step(h, z, logp, psi, dz, dlogp, dpsi):
-    return z + h * dz, None if logp is None else logp + h * dlogp, None if psi is None else psi + h * dpsi
 
 
 def _free_memory(device: torch.device) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 
 from diffsens_cli.core.schedule import Schedule
 from diffsens_cli.errors import one_of
-from diffsens_cli.models.base import ScoreModel
+from diffsens_cli.core.score_model import ScoreModel
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "score")
 

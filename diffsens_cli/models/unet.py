@@ -13,19 +13,13 @@ from collections.abc import Mapping
 
 import torch
 from diffusers import UNet2DModel
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffsens_cli.core.schedule import Schedule
-from diffsens_cli.errors import ConfigError, listed, number, one_of, require, whole
+from diffsens_cli.errors import ConfigError, listed, number, one_of, plain, require, whole
+from diffsens_cli.models import NETWORK_KINDS
 from diffsens_cli.models.network import PREDICTION_TYPES, FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
 from diffsens_cli.models.pretrained import LAYOUT, check_pretrained, load_pretrained
-
-NETWORK_KINDS = ("unet", "mlp", "pretrained")
-
-
-def _plain(cfg: DictConfig | Mapping) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
 
 def _positive(value: object, key: str) -> int:
     n = whole(value, key)
@@ -67,7 +61,7 @@ def _unet_settings(cfg: dict, event_shape: tuple[int, ...]) -> dict:
 def build_unet(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...]) -> UNet2DModel:
     """A freshly initialised ``UNet2DModel`` (seeded by ``model.seed``) for images of
     ``event_shape = (channels, height, width)``; every bad value is a one-line ConfigError."""
-    cfg = _plain(cfg_model)
+    cfg = plain(cfg_model)
     settings = _unet_settings(cfg, event_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(whole(cfg.get("seed", 0), "model.seed"))
@@ -88,7 +82,7 @@ def _mlp_settings(cfg: dict) -> dict:
 def check_network(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...]) -> None:
     """Check a ``model`` config of kind unet, mlp or pretrained for samples of ``event_shape``
     without building or loading the network (run before a run directory exists)."""
-    cfg = _plain(cfg_model)
+    cfg = plain(cfg_model)
     kind = one_of(cfg["kind"], NETWORK_KINDS, "model.kind")
     if kind == "pretrained":
         _, net_config, _, _ = check_pretrained(_pretrained_path(cfg))
@@ -114,7 +108,7 @@ def build_network_model(cfg_model: DictConfig | Mapping, event_shape: tuple[int,
     ``prod(event_shape)`` coordinates) or ``pretrained`` (``model.path``; its own
     scheduler config gives the schedule and prediction type, so ``schedule`` is unused
     there).  ``forward_ad`` installs the JVP fixes (``network.enable_forward_ad``)."""
-    cfg = _plain(cfg_model)
+    cfg = plain(cfg_model)
     kind = one_of(cfg["kind"], NETWORK_KINDS, "model.kind")
     if kind == "pretrained":
         model = load_pretrained(_pretrained_path(cfg), dtype=dtype, forward_ad=forward_ad)

@@ -2,7 +2,7 @@
 perturbation sets, one per attribute (CelebA: bald, goatee, smiling, eyeglasses).
 
 Stages (cached, see ``image_stages``): train the base model, then one sensitivity
-integration per set, all from the same ``z0``.  Fig. 15 shows the samples above one row
+integration that carries one tangent per set along each sample's path.  Fig. 15 shows the samples above one row
 of sensitivities per set; Fig. 16 the line segments ``x + a psi`` for each set.
 """
 
@@ -43,15 +43,14 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     stages = ImageStages(cfg, run.cache)
     n = int(cfg.attributes.num_samples)
     base_model = stages.trained("base")
-    rows, arrays, sizes, weights = [], {}, {}, {}
-    for label in _sets(cfg):
-        perturbation = OmegaConf.merge(cfg.perturbation, {"attributes": label})
-        _, out = stages.sensitivity(base_model, n, perturbation)
-        rows.append((label, out["psi"]))
-        arrays[f"psi/{label}"] = out["psi"]
-        sizes[label] = int(out["size_S"])
-        weights[label] = {k.split("/")[1]: int(v) for k, v in out.items() if k.startswith("weights/")}
-    arrays |= {k: out[k] for k in ("z0", "samples", "logp")}  # the base samples: the same for every set
+    labels = _sets(cfg)
+    # Every set's sensitivities along one path per sample: one stage, K = len(labels) tangents.
+    _, out = stages.sensitivity(base_model, n, [OmegaConf.merge(cfg.perturbation, {"attributes": v}) for v in labels])
+    rows = list(zip(labels, out["psi"], strict=True))
+    arrays = {k: out[k] for k in ("z0", "samples", "logp")} | {f"psi/{label}": psi for label, psi in rows}
+    sizes = {label: int(size) for label, size in zip(labels, out["size_S"], strict=True)}
+    weights = {label: {k.split("/")[1]: int(v[i]) for k, v in out.items() if k.startswith("weights/")}
+               for i, label in enumerate(labels)}
 
     samples = out["samples"]
     coefficients = np.asarray(OmegaConf.to_container(cfg.attributes.coefficients), dtype=float)

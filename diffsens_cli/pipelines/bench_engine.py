@@ -97,7 +97,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     run.save_arrays("arrays", {f"times_{k}": torch.tensor(v).numpy() for k, v in times.items()})
     run.write_summary(metrics, device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                       dtype=str(dt), batch_size=b, dim=d, num_steps=steps, hutchinson_samples=h,
-                      perturbation_size=comp.perturbation.measure.means.shape[0], repeats=int(bc.repeats),
+                      perturbation_size=comp.perturbation.measures[0].means.shape[0], repeats=int(bc.repeats),
                       threads=torch.get_num_threads())
     print(f"bench_engine on {dev}: (c)/(b) = {metrics['ratio_sensitivity_vs_likelihood']:.3f}, "
           f"(c)/(a) = {metrics['ratio_sensitivity_vs_sampling']:.3f}, "

@@ -13,13 +13,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from diffsens_cli import plots
+from diffsens_cli import plots, progress
 from diffsens_cli.builders import Components
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.errors import listed, number, one_of, require, whole
-from diffsens_cli.models.closed_form import MixtureScore
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.rundir import RunDir, dotted
 
 STAGES = ("curve",)
@@ -60,7 +59,7 @@ def variants(fo: DictConfig, solver: SolverSettings) -> list[tuple[str, str, Sol
 def checked(cfg: DictConfig, comp: Components) -> tuple[list[float], int]:
     """The sorted etas and the number of samples, after checking every ``first_order`` value
     and that ``comp`` suits the experiment."""
-    require(comp.perturbation.sign > 0, "perturbation.direction",
+    require(comp.perturbation.signs[0] > 0, "perturbation.direction",
             "first_order compares against the mixture (1 - eta) rho + eta nu: use direction=add")
     require(comp.model.has_log_density, "model.kind", "first_order needs closed-form perturbed targets: closed_form")
     fo = cfg.first_order
@@ -84,15 +83,16 @@ def remainder_curve(comp: Components, settings: SolverSettings, z0: torch.Tensor
     n, r = z0.shape[0], len(etas)
     settings = replace(settings, batch_size=settings.batch_size or n)
     base = Integrator(comp.model, settings, comp.perturbation).run(z0)
-    family = MixtureScore(comp.target.mix(comp.perturbation.measure, etas), comp.schedule)
+    family = MixtureScore(comp.target.mix(comp.perturbation.measures[0], etas), comp.schedule)
     perturbed = Integrator(family, replace(settings, progress=False)).run(z0.repeat(r, 1), replicas=r).samples
-    eta = torch.tensor(etas, dtype=base.psi.dtype)[:, None, None]
-    rem = perturbed.view(r, n, -1) - base.samples.flatten(1) - eta * base.psi.flatten(1)
+    psi = base.psi[0]  # the one measure nu
+    eta = torch.tensor(etas, dtype=psi.dtype)[:, None, None]
+    rem = perturbed.view(r, n, -1) - base.samples.flatten(1) - eta * psi.flatten(1)
     medians = (rem.norm(dim=-1) / eta[..., 0]).median(dim=1).values.tolist()
     t1 = torch.tensor(settings.grid()[1], dtype=z0.dtype, device=z0.device)
     logp = base.logp if base.logp is not None else comp.model.log_density(base.samples.to(z0.device), t1).cpu()
-    weights = {f"weights/{k}": np.array(v) for k, v in base.weights.as_dict().items()}
-    return {"samples": base.samples.numpy(), "psi": base.psi.numpy(), "logp": logp.numpy(),
+    weights = {f"weights/{k}": np.array(v) for k, v in base.weights[0].as_dict().items()}
+    return {"samples": base.samples.numpy(), "psi": psi.numpy(), "logp": logp.numpy(),
             "remainder_over_eta": np.array(medians), "wall_time_s": np.array(base.wall_time_s), **weights}
 
 
@@ -109,7 +109,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     del depends["first_order"], depends["stages"], depends["solver"]["progress"]
     depends["etas"], depends["num_samples"] = etas, n
     curves, reference = [], None
-    for panel, label, settings in tqdm(variants(fo, comp.solver), desc="first_order", disable=not comp.solver.progress):
+    panels = progress.bar(variants(fo, comp.solver), desc="first_order", enabled=comp.solver.progress)
+    for panel, label, settings in panels:
         # Keyed by what the curve depends on, so equal settings in two panels run once.
         arrays = run.stage("curve", lambda: remainder_curve(comp, settings, z0, etas),
                            depends={**depends, "settings": repr(replace(settings, progress=True))})

@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +23,7 @@ from diffsens_cli.core.integrate import Integrator, Perturbation
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.transport import transport_rays
 from diffsens_cli.data import ImageSet, check_images, check_perturbation_set, load_images, perturbation_set
-from diffsens_cli.errors import require
+from diffsens_cli.errors import plain, require
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
 from diffsens_cli.pipelines.train import training_measure
@@ -30,11 +31,10 @@ from diffsens_cli.stages import ArrayDict, StageCache
 from diffsens_cli.training.settings import BOOKKEEPING
 
 # Keys of the solver group that change no result.
-_SOLVER_DISPLAY = ("progress", "record_every")
-
-
-def _plain(node: DictConfig | Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+_SOLVER_DISPLAY = ("progress", "record_every", "batch_size", "tangent_batch_size")
+# The engine's random numbers: "keyed" draws them per sample (keyed_random); stages
+# computed before, with one stream per chunk, are not reused.
+RANDOM_STREAMS = "keyed"
 
 
 def finetune_config(cfg: DictConfig) -> DictConfig:
@@ -89,16 +89,16 @@ class ImageStages:
     def _train_depends(self, mode: str) -> dict[str, Any]:
         cfg = self.cfg
         train = finetune_config(cfg) if mode == "finetune" else OmegaConf.merge(cfg.train, {"mode": mode})
-        train = {k: v for k, v in _plain(train).items() if k not in BOOKKEEPING}
+        train = {k: v for k, v in plain(train).items() if k not in BOOKKEEPING}
         if mode != "retrain":
             train.pop("eta_bar")
-        depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype), "dataset": _plain(cfg.dataset)}
+        depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype), "dataset": plain(cfg.dataset)}
         if mode == "finetune":
             depends["base"] = self.cache.path("train_base", self._train_depends("base")).name
         else:
-            depends |= {"model": _plain(cfg.model), "schedule": _plain(cfg.schedule)}
+            depends |= {"model": plain(cfg.model), "schedule": plain(cfg.schedule)}
         if mode != "base":
-            depends["perturbation"] = _plain(cfg.perturbation)
+            depends["perturbation"] = plain(cfg.perturbation)
         return depends
 
     def trained(self, mode: str) -> tuple[str, Path]:
@@ -151,28 +151,30 @@ class ImageStages:
         return z0.to(self.device, self.dtype)
 
     def _solver_depends(self) -> dict[str, Any]:
-        solver = {k: v for k, v in _plain(self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
-        return solver | {"device": self.device.type}
+        solver = {k: v for k, v in plain(self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
+        return solver | {"device": self.device.type, "random": RANDOM_STREAMS}
 
-    def sensitivity(self, model: tuple[str, Path], n: int, perturbation: DictConfig | None = None,
-                      name: str = "sensitivity") -> tuple[str, ArrayDict]:
+    def sensitivity(self, model: tuple[str, Path], n: int, perturbations: list[DictConfig] | None = None,
+                    name: str = "sensitivity") -> tuple[str, ArrayDict]:
         """Stage: the base model's samples from ``z0``, their CCoV log-densities and their
-        sensitivities ``psi`` to upweighting S (``perturbation``, default the experiment's);
-        returns the stage's ``name/key`` and its arrays."""
-        perturbation = perturbation or self.cfg.perturbation
-        depends = {"model": model[0], "perturbation": _plain(perturbation), "dataset": _plain(self.cfg.dataset),
-                   "solver": self._solver_depends(), "num_samples": n, "seed": int(self.cfg.seed)}
+        sensitivities ``psi`` [K, B, *event] to each of K image sets S_k (``perturbations``,
+        default the experiment's one), all along one path per sample; returns the stage's
+        ``name/key`` and its arrays (``size_S`` and ``weights/<count>`` per set: [K])."""
+        perturbations = perturbations or [self.cfg.perturbation]
+        depends = {"model": model[0], "perturbations": [plain(p) for p in perturbations],
+                   "dataset": plain(self.cfg.dataset), "solver": self._solver_depends(), "num_samples": n,
+                   "seed": int(self.cfg.seed)}
 
         def compute() -> ArrayDict:
-            s = self.perturbation_set(perturbation)
-            sign = 1.0 if perturbation.get("direction", "add") == "add" else -1.0
-            nu = Perturbation(GaussianMixture.empirical(s.images).to(self.device, self.dtype), sign)
+            sets = [self.perturbation_set(p) for p in perturbations]
+            signs = [1.0 if p.get("direction", "add") == "add" else -1.0 for p in perturbations]
+            nu = Perturbation([GaussianMixture.empirical(s.images) for s in sets], signs).to(self.device, self.dtype)
             score = self.score_model(model[1])
             out = Integrator(score, self.solver, nu).run(self.z0(score, n))
-            weights = out.weights.as_dict()
+            counts = [w.as_dict() for w in out.weights]
             return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
-                    "logp": out.logp.numpy(), "size_S": torch.tensor(len(s)).numpy(),
-                    **{f"weights/{k}": torch.tensor(v).numpy() for k, v in weights.items()}}
+                    "logp": out.logp.numpy(), "size_S": np.array([len(s) for s in sets]),
+                    **{f"weights/{k}": np.array([c[k] for c in counts]) for k in counts[0]}}
 
         return f"{name}/{self.cache.path(name, depends).name}", self.cache.arrays(name, depends, compute)
 
@@ -194,8 +196,8 @@ class ImageStages:
         S after fine-tuning."""
         ot = self.cfg.ot
         eta = float(self.cfg.train.eta_bar)
-        depends = {"samples": base[0], "mode": mode, "ot": _plain(ot), "dataset": _plain(self.cfg.dataset),
-                   "perturbation": _plain(self.cfg.perturbation), "eta_bar": eta if mode == "retrain" else None}
+        depends = {"samples": base[0], "mode": mode, "ot": plain(ot), "dataset": plain(self.cfg.dataset),
+                   "perturbation": plain(self.cfg.perturbation), "eta_bar": eta if mode == "retrain" else None}
 
         def compute() -> ArrayDict:
             x = torch.from_numpy(base[1]["samples"])

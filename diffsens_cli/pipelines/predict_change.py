@@ -53,9 +53,9 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     n = int(cfg.predict.num_samples)
     base_model = stages.trained("base")
     base_key, base = stages.sensitivity(base_model, n)
-    psi = torch.from_numpy(base["psi"])
+    psi = torch.from_numpy(base["psi"][0])  # the one set S
 
-    arrays = {k: base[k] for k in ("z0", "samples", "psi", "logp")}
+    arrays = {k: base[k] for k in ("z0", "samples", "logp")} | {"psi": psi.numpy()}
     metrics, figures = {}, []
     for mode in OmegaConf.to_container(cfg.predict.modes):
         perturbed = stages.samples(stages.trained(mode), n)["samples"]
@@ -68,14 +68,14 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         hist, grid = FIGURES[mode]
         figures += run.save_figure(plots.correlation_histograms([(f"{mode}: {cfg.name}", corr, corr_ot)]), hist)
         k = int(cfg.predict.grid_samples)
-        figures += run.save_figure(plots.change_grid(base["samples"][:k], perturbed[:k], base["psi"][:k],
+        figures += run.save_figure(plots.change_grid(base["samples"][:k], perturbed[:k], psi[:k].numpy(),
                                                      change[:k].numpy(), title=f"{mode}: {cfg.name}", ncol=k), grid)
 
     run.save_arrays("arrays", arrays)
     sizes = {"rho": len(stages.rho), "S": len(stages.S)}
-    weights = {k.split("/")[1]: int(v) for k, v in base.items() if k.startswith("weights/")}
+    weights = {k.split("/")[1]: int(v[0]) for k, v in base.items() if k.startswith("weights/")}
     paper = OmegaConf.to_container(cfg.predict.paper) if cfg.predict.get("paper") else None
-    run.warn_if_zero_psi(base["psi"], weights)
+    run.warn_if_zero_psi(psi.numpy(), weights)
     run.write_summary(metrics, _reasons(metrics), paper=paper, num_samples=n, sizes=sizes, weights=weights,
                       device=str(stages.device), dtype=str(stages.dtype), figures=figures)
     for mode, m in metrics.items():

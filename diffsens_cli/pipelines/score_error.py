@@ -29,7 +29,7 @@ from diffsens_cli.builders import Components, train_settings
 from diffsens_cli.core.compare import SIMILARITIES
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.errors import one_of, require, whole
-from diffsens_cli.models.closed_form import MixtureScore
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.rundir import RunDir
 
@@ -83,7 +83,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
 
     exact_settings = replace(comp.solver, density="closed_form", progress=False)
     psi_exact = torch.from_numpy(run.stage(
-        "exact_psi", lambda: {"psi": Integrator(exact, exact_settings, comp.perturbation).run(z0).psi.numpy()},
+        "exact_psi", lambda: {"psi": Integrator(exact, exact_settings, comp.perturbation).run(z0).psi[0].numpy()},
         depends=_problem(cfg))["psi"])
 
     learned_settings = replace(comp.solver, progress=False)
@@ -92,7 +92,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
 
     def evaluate(trainer: Trainer) -> dict[str, float]:
         learned = trainer.sampling_model()
-        psi = Integrator(learned, learned_settings, comp.perturbation).run(z0).psi
+        psi = Integrator(learned, learned_settings, comp.perturbation).run(z0).psi[0]
         last[trainer.step] = psi
         return {"loss": trainer.recent_loss(int(se.loss_window)) if trainer.losses else None,  # None: untrained
                 "median_corr": float(similarity(psi, psi_exact).nanmedian())}
@@ -103,7 +103,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     trainer.train(every=int(se.eval_every), callback=evaluate)
     psi_learned = last.get(trainer.step)
     if psi_learned is None:  # finished in an earlier attempt
-        psi_learned = Integrator(trainer.sampling_model(), learned_settings, comp.perturbation).run(z0).psi
+        psi_learned = Integrator(trainer.sampling_model(), learned_settings, comp.perturbation).run(z0).psi[0]
 
     hist = trainer.history
     steps = np.array([h["step"] for h in hist])

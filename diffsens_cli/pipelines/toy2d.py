@@ -13,21 +13,18 @@ from omegaconf import DictConfig
 
 from diffsens_cli import plots
 from diffsens_cli.builders import Components
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator
-from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
+from diffsens_cli.core.score_sensitivity import WeightStats
 from diffsens_cli.errors import listed, number, require, whole
-from diffsens_cli.models.closed_form import MixtureScore
 from diffsens_cli.rundir import RunDir
 
 
 def sensitivity_field(comp: Components, grid: torch.Tensor, t: float, stats: WeightStats) -> torch.Tensor:
     """``g_t`` (Eq. 1, exact densities) at the points of ``grid``."""
-    tt = torch.tensor(t, dtype=grid.dtype, device=grid.device)
-    alpha, sigma = comp.schedule.alpha(tt), comp.schedule.sigma(tt)
-    rho = comp.target.diffused(grid, alpha, sigma)
-    nu = comp.perturbation.measure.diffused(grid, alpha, sigma)
-    g = score_sensitivity(nu.log_density, nu.score, rho.log_density, rho.score, comp.solver.weight_clamp, stats)
-    return comp.perturbation.sign * g
+    co = comp.schedule.coefficients(torch.tensor(t, dtype=grid.dtype, device=grid.device))
+    rho = comp.target.diffused(grid, co.alpha, co.sigma)
+    return comp.perturbation.forcing(grid, co, rho.log_density, rho.score, comp.solver.weight_clamp, [stats])[0]
 
 
 def checked(cfg: DictConfig, comp: Components) -> list[float]:
@@ -65,39 +62,41 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     n = int(tc.num_paths)
     z0 = comp.model.sample_base(n, (2,), t0, gen)
     res = Integrator(comp.model, comp.solver, comp.perturbation).run(z0)
+    psi = res.psi[0]  # the one measure nu
     eta = float(tc.eta)
-    mixed = comp.target.mix(comp.perturbation.measure, eta) if comp.perturbation.sign > 0 else None
+    nu = comp.perturbation.measures[0]
+    mixed = comp.target.mix(nu, eta) if comp.perturbation.signs[0] > 0 else None
     perturbed = Integrator(MixtureScore(mixed, comp.schedule), comp.solver).run(z0).samples if mixed else None
     t1 = torch.tensor(comp.solver.grid()[1], dtype=dt, device=dev)
     logp = comp.model.log_density(res.samples.to(dev), t1).cpu()
 
     support = comp.target.means.cpu().numpy()
-    nu_mean = comp.perturbation.measure.means.mean(0).cpu().numpy()
+    nu_mean = nu.means.mean(0).cpu().numpy()
     arrays = {
-        "z0": z0.cpu().numpy(), "samples": res.samples.numpy(), "psi": res.psi.numpy(), "logp": logp.numpy(),
-        "path": res.path.numpy(), "psi_path": res.psi_path.numpy(), "path_times": res.path_times.numpy(),
+        "z0": z0.cpu().numpy(), "samples": res.samples.numpy(), "psi": psi.numpy(), "logp": logp.numpy(),
+        "path": res.path.numpy(), "psi_path": res.psi_path[:, 0].numpy(), "path_times": res.path_times.numpy(),
         "grid": grid.cpu().numpy(), "field_times": np.array(times), "field_g": fields.cpu().numpy(),
         "support": support, "nu_mean": nu_mean, "eta": np.array(eta),
     }
-    metrics = {"median_abs_psi": float(res.psi.norm(dim=1).median())}
+    metrics = {"median_abs_psi": float(psi.norm(dim=1).median())}
     reasons: dict[str, str] = {}  # why a metric may be NaN, for the summary
     figures = run.save_figure(plots.score_sensitivity_field(arrays["grid"], arrays["field_g"], times, support, nu_mean),
                               "fig1_score_sensitivity")
     if perturbed is not None:
         arrays["perturbed"] = perturbed.numpy()
         change = perturbed - res.samples
-        cos = torch.nn.functional.cosine_similarity(change, res.psi, dim=1)
+        cos = torch.nn.functional.cosine_similarity(change, psi, dim=1)
         metrics["median_cosine_psi_vs_change"] = float(cos.median())
         size = change.norm(dim=1)
         moved = torch.isfinite(size) & (size > 0)  # the relative error of a sample that did not move is undefined
-        rel = (change - eta * res.psi).norm(dim=1) / size
+        rel = (change - eta * psi).norm(dim=1) / size
         metrics["median_relative_error_first_order"] = float(rel[moved].median()) if moved.any() else float("nan")
         metrics["num_samples_moved"] = int(moved.sum())
         reasons["metrics.median_relative_error_first_order"] = "no sample has a finite, non-zero change"
         figures += run.save_figure(plots.sample_paths(arrays["path"], arrays["psi"], arrays["perturbed"], eta, support,
                                                       nu_mean), "fig2_sample_sensitivity")
     run.save_arrays("arrays", arrays)
-    run.warn_if_zero_psi(arrays["psi"], res.weights.as_dict())
-    stats.merge(res.weights)
+    run.warn_if_zero_psi(arrays["psi"], res.weights[0].as_dict())
+    stats.merge(res.weights[0])
     run.write_summary(metrics, reasons, weights=stats.as_dict(), device=str(dev), dtype=str(dt), figures=figures,
                       sensitivity_wall_time_s=res.wall_time_s)

@@ -41,9 +41,8 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from diffsens_cli import interrupt
+from diffsens_cli import interrupt, progress
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.errors import DiffsensError, warn
 from diffsens_cli.models.network import NetworkScore, enable_forward_ad
@@ -223,7 +222,7 @@ class Trainer:
         """Train to step ``until`` (default: all steps); at the start, every ``every``
         steps and at the end, call ``callback`` and keep what it returns in ``history``."""
         until = self.cfg.steps if until is None else until
-        bar = tqdm(total=until, initial=self.step, desc="train", disable=not self.cfg.progress, leave=False)
+        bar = progress.bar(total=until, initial=self.step, desc="train", enabled=self.cfg.progress, leave=False)
         pending: list[torch.Tensor] = []
         if callback is not None and every and self.step == 0 and not self.history:
             self.history.append({"step": 0, **callback(self)})

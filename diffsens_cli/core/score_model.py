@@ -38,15 +38,16 @@ class ScoreModel(ABC):
 
     def score_with_derivatives(self, z: torch.Tensor, t: torch.Tensor, psi: torch.Tensor | None = None,
                                probes: torch.Tensor | None = None):
-        """What one integration step needs, from one evaluation: ``s``, ``J_z s psi`` and
-        the Hutchinson terms ``e^T J_z s e`` [h, B] for the probes ``e`` [h, B, *event].
-        Here: one vmapped JVP over psi and the probes together, sharing the primal."""
-        parts = ([psi[None]] if psi is not None else []) + ([probes] if probes is not None else [])
+        """What one integration step needs, from one evaluation: ``s``, ``J_z s psi`` [K, B,
+        *event] for the sensitivity tangents ``psi`` [K, B, *event], and the Hutchinson
+        terms ``e^T J_z s e`` [h, B] for the probes ``e`` [h, B, *event].  Here: one
+        vmapped JVP over every tangent and probe together, sharing the primal."""
+        parts = [x for x in (psi, probes) if x is not None]
         if not parts:
             return self.score(z, t), None, None
         s, jt = self.score_and_jvp(z, t, torch.cat(parts))
         quad = (probes * jt[-probes.shape[0]:]).flatten(2).sum(-1) if probes is not None else None
-        return s, jt[0] if psi is not None else None, quad
+        return s, jt[: psi.shape[0]] if psi is not None else None, quad
 
     def score_trace(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Exact ``tr J_z s`` from the full Jacobian (one tangent per coordinate): small ``d`` only."""

@@ -1,4 +1,5 @@
-"""Exact score models: the diffused closed-form measures of ``core.measures``."""
+"""Exact score models: the diffused closed-form measures of ``core.measures``, the
+oracle every approximate path is tested against."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Schedule
-from diffsens_cli.models.base import ScoreModel
+from diffsens_cli.core.score_model import ScoreModel
 
 
 class MixtureScore(ScoreModel):
@@ -36,9 +37,9 @@ class MixtureScore(ScoreModel):
                                probes: torch.Tensor | None = None):
         """As the base class, but the probes' quadratic forms come from the closed form
         without forming ``J e`` (h probes cost O(h B K), not O(h B d))."""
-        st = self.measure.diffused(z.flatten(1), *self._ab(t), tangents=None if psi is None else psi.flatten(1)[None],
+        st = self.measure.diffused(z.flatten(1), *self._ab(t), tangents=None if psi is None else psi.flatten(2),
                                    quadratic=None if probes is None else probes.flatten(2))
-        return st.score.view_as(z), None if psi is None else st.jvp[0].view_as(psi), st.quadratic
+        return st.score.view_as(z), None if psi is None else st.jvp.view_as(psi), st.quadratic
 
     def score_trace(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.measure.diffused(z.flatten(1), *self._ab(t), trace=True).trace
