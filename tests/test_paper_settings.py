@@ -14,7 +14,8 @@ def test_fig3_at_paper_settings_has_o_eta_remainders(tmp_path):
     ODE and SDE step size (slope ~1 on the log-log plot); Hutchinson's estimator puts a
     floor under it that shrinks as probes are added."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "diffsens_cli", "run", f"hydra.run.dir={out}", "solver.progress=false"],
+    args = ["experiment=gmm_first_order", f"hydra.run.dir={out}", "solver.progress=false"]
+    r = subprocess.run([sys.executable, "-m", "diffsens_cli", "run", *args],
                        cwd=tmp_path, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "summary.json").read_text())["metrics"]

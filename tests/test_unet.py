@@ -4,6 +4,7 @@ and the one-line errors."""
 
 import json
 import math
+from pathlib import Path
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ from torch.func import jvp
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import BETA_SCHEDULES, VE, VPDiscrete, VPLinear, schedule_from_scheduler_config
 from diffsens_cli.errors import ConfigError, DiffsensError
-from diffsens_cli.models.closed_form import MixtureScore
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.models.network import (
     ContiguousGroupNorm,
     FourierMLP,
@@ -30,7 +31,7 @@ from diffsens_cli.models.network import (
 from diffsens_cli.models.pretrained import LAYOUT, load_pretrained, save_pretrained
 from diffsens_cli.models.unet import build_network_model, build_unet
 
-CONFIGS = "configs/model"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs/model"  # from any working directory
 TINY_UNET = {"kind": "unet", "prediction": "epsilon", "block_out_channels": [8, 16], "layers_per_block": 1,
              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
              "norm_num_groups": 4, "attention_head_dim": 4, "seed": 0}
