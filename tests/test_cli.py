@@ -21,36 +21,14 @@ from diffsens_cli.pipelines import check_task
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
 
-# Tiny settings per experiment (smoke-sized runs of the real pipelines).
-TINY = {
-    "gmm_first_order": ["dataset.dim=5", "first_order.num_samples=16", "first_order.etas=[0.1,0.01]",
-                        "first_order.ode_step_sizes=[0.05]", "first_order.sde_step_sizes=[0.05]",
-                        "first_order.hutchinson_step_size=0.05", "first_order.hutchinson_samples=[1]",
-                        "first_order.hutchinson_probes=[gaussian]"],
-    "toy2d": ["solver.step_size=0.05", "toy2d.num_paths=8", "toy2d.grid_size=5", "dataset.num_points=50",
-              "solver.record_every=5"],
-    "bench_engine": ["dataset.dim=8", "model.hidden=16", "model.num_frequencies=8", "bench.batch_size=4",
-                     "bench.repeats=1", "solver.num_steps=3", "perturbation.from_dataset=3"],
-    "gmm_score_error": ["model.hidden=16", "model.num_frequencies=8", "train.steps=4",
-                        "train.batch_size=16", "solver.num_steps=5", "score_error.num_samples=8",
-                        "score_error.eval_every=2", "score_error.omit_first=0"],
-    "train": ["train.steps=3", "train.batch_size=8", "sample.num_images=4", "sample.num_steps=3",
-              "dataset.limit=64"],
+# Smoke-sized runs of the real pipelines: each experiment's tiny settings
+# (configs/experiment_size/), and the fake data of the fixture ("{data}") for those that read files.
+DATA_ROOTS = {
+    "mnist_tmnist": ["dataset.root={data}/mnist", "perturbation.source.root={data}/tmnist"],
+    "celeba_oldman": ["dataset.root={data}/celeba"],
+    "celeba_attributes_paper": ["dataset.root={data}/celeba"],
 }
-TINY["gmm_score_error_paper"] = TINY["gmm_score_error"]
-# The image experiments: tiny training, integration and S; "{data}" is the fake_data fixture's folder.
-_TINY_IMAGES = ["train.steps=3", "train.batch_size=8", "solver.num_steps=3", "train.ema_decay=null"]
-_TINY_PREDICT = [*_TINY_IMAGES, "predict.num_samples=4", "predict.grid_samples=2"]
-_SMALL_UNET = ["model=unet", "model.block_out_channels=[8,16]", "model.norm_num_groups=4",
-               "model.attention_head_dim=4"]
-TINY |= {
-    "digits_typography": [*_TINY_PREDICT, "dataset.limit=64", "perturbation.source.num_images=30"],
-    "mnist_tmnist": [*_TINY_PREDICT, "dataset.root={data}/mnist", "perturbation.source.root={data}/tmnist"],
-    "celeba_oldman": [*_TINY_PREDICT, *_SMALL_UNET, "dataset.root={data}/celeba", "dataset.image_size=16"],
-    "celeba_attributes": [*_TINY_IMAGES, "dataset.limit=40", "attributes.num_samples=2"],
-    "celeba_attributes_paper": [*_TINY_IMAGES, *_SMALL_UNET, "dataset.root={data}/celeba", "dataset.image_size=16",
-                                "attributes.num_samples=2"],
-}
+TINY = {e: ["size=tiny", *DATA_ROOTS.get(e, [])] for e in EXPERIMENTS}
 # What each pipeline must leave in arrays.npz, finite.
 ARRAYS = {"bench_engine": ("times_sensitivity",), "train": ("train_loss", "z0", "samples"),
           "gmm_score_error": ("z0", "psi_exact", "psi_learned", "eval_median_corr")}
@@ -69,7 +47,15 @@ def diffsens(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Compl
 
 
 def test_every_experiment_has_tiny_settings():
-    assert set(EXPERIMENTS) == set(TINY)
+    """size=tiny selects configs/experiment_size/tiny_<experiment>.yaml, which must exist
+    for every experiment and change what it says (it is optional to Hydra)."""
+    sized = sorted(p.stem.removeprefix("tiny_") for p in (REPO / "configs" / "experiment_size").glob("tiny_*.yaml"))
+    assert sized == EXPERIMENTS
+    with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
+        for experiment in EXPERIMENTS:
+            full, tiny = (compose("config", overrides=[f"experiment={experiment}", f"size={size}"])
+                          for size in ("full", "tiny"))
+            assert full != tiny, experiment
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -257,7 +243,7 @@ def test_every_job_of_a_sweep_is_checked_before_any_is_launched(args, expected, 
 
 def test_a_checked_sweep_runs_every_job(tmp_path):
     """-m after the overrides, as users type it: both jobs run into multirun/."""
-    r = diffsens("run", "experiment=toy2d", "solver.step_size=0.05,0.1", *TINY["toy2d"][1:], "solver.progress=false",
+    r = diffsens("run", "experiment=toy2d", "solver.step_size=0.05,0.1", "size=tiny", "solver.progress=false",
                  "hydra.sweep.dir=sweep", "-m", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     from omegaconf import OmegaConf

@@ -112,11 +112,8 @@ def test_experiments_that_share_a_base_model_share_its_training_stage(tmp_path):
 
 
 def _run(tmp_path: Path, *args: str, **kw) -> subprocess.Popen:
-    from test_cli import TINY
-
-    tiny = [a for a in TINY["digits_typography"] if not a.startswith("train.steps=")]
-    cmd = [sys.executable, "-m", "diffsens_cli", "run", "experiment=digits_typography", "hydra.run.dir=run",
-           "solver.progress=false", "train.steps=150", "train.checkpoint_every=5", *tiny, *args]
+    cmd = [sys.executable, "-m", "diffsens_cli", "run", "experiment=digits_typography", "size=tiny",
+           "hydra.run.dir=run", "solver.progress=false", "train.steps=150", "train.checkpoint_every=5", *args]
     return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HYDRA_FULL_ERROR": "0"}, **kw)
 
