@@ -1,4 +1,6 @@
-"""From config groups to objects: schedules, measures, score models, solver settings.
+"""From config groups to engine objects: schedules, score models, solver settings,
+device and dtype, and the ``Components`` of a synthetic experiment (its data and
+perturbation come from ``data.synthetic``).
 
 Every builder checks the values it reads and raises a ConfigError naming the key, so
 a bad config fails before any work (the CLI runs these checks before Hydra starts a
@@ -7,22 +9,18 @@ run directory).
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli.core.integrate import Perturbation, SolverSettings
-from diffsens_cli.core.steppers import STEPPERS
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.integrate import SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import SCHEDULES, Schedule
-from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain, require, whole
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.steppers import STEPPERS
+from diffsens_cli.data.synthetic import build_dataset, build_perturbation
+from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain, require, whole
 from diffsens_cli.models import VECTOR_KINDS
-from diffsens_cli.training.settings import TrainSettings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -35,113 +33,6 @@ def build_schedule(cfg: DictConfig) -> Schedule:
         return SCHEDULES[kind](**kwargs)
     except TypeError as e:
         raise ConfigError("schedule", f"bad keys for kind {kind!r}: {e}") from None
-
-
-def _points(value, dim: int, key: str) -> torch.Tensor:
-    """A list of points, each a scalar (that value in every coordinate) or ``dim`` values."""
-    value = plain(value)
-    if not isinstance(value, list):
-        value = [value]
-    rows = []
-    for i, v in enumerate(value):
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            rows.append([number(v, f"{key}[{i}]")] * dim)
-        else:
-            require(isinstance(v, list) and len(v) == dim, f"{key}[{i}]",
-                    f"needs a scalar or {dim} values (the dataset's dim), got {v!r}")
-            rows.append(listed(v, f"{key}[{i}]", number))
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def _per_component(value, k: int, key: str, positive: bool = False) -> torch.Tensor:
-    value = plain(value)
-    vals = listed(value, key, number) if isinstance(value, list) else [number(value, key)] * k
-    require(len(vals) == k, key, f"needs one value or {k} (one per component), got {len(vals)}")
-    require(all(v > 0 if positive else v >= 0 for v in vals), key,
-            f"must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return torch.tensor(vals, dtype=torch.float64)
-
-
-def _mixture(cfg: DictConfig, dim: int, group: str) -> GaussianMixture:
-    means = _points(cfg.means, dim, f"{group}.means")
-    k = means.shape[0]
-    weights = _per_component(cfg.get("weights", 1.0), k, f"{group}.weights")
-    require(weights.sum() > 0, f"{group}.weights", "must not all be zero")
-    return GaussianMixture(means, _per_component(cfg.std, k, f"{group}.std"), weights)
-
-
-def _curve(cfg: DictConfig) -> GaussianMixture:
-    """Points along a planar curve with a small isotropic spread: rho 'on a curve'."""
-    num_points = whole(cfg.num_points, "dataset.num_points")
-    require(num_points >= 2, "dataset.num_points", f"must be >= 2, got {num_points}")
-    s = torch.linspace(-1.0, 1.0, num_points, dtype=torch.float64)
-    shape = one_of(cfg.shape, ["sine", "arc"], "dataset.shape")
-    if shape == "sine":
-        pts = torch.stack([1.5 * s, 0.6 * torch.sin(math.pi * s)], 1)
-    else:
-        pts = torch.stack([torch.cos(math.pi * (s + 1) / 2), torch.sin(math.pi * (s + 1) / 2)], 1)
-    return GaussianMixture(pts, _per_component(cfg.std, pts.shape[0], "dataset.std"), torch.ones(pts.shape[0]))
-
-
-def build_dataset(cfg: DictConfig) -> GaussianMixture:
-    """The closed-form target measure rho of a synthetic data set."""
-    kind = one_of(cfg.kind, ["gaussian_mixture", "curve"], "dataset.kind")
-    dim = whole(cfg.dim, "dataset.dim")
-    require(dim >= 1, "dataset.dim", f"must be >= 1, got {dim}")
-    if kind == "curve":
-        require(dim == 2, "dataset.dim", "a curve data set lives in 2 dimensions")
-        return _curve(cfg)
-    return _mixture(cfg, dim, "dataset")
-
-
-def build_perturbation(cfg: DictConfig, target: GaussianMixture, seed: int = 0) -> Perturbation:
-    """The perturbation measure nu (closed form), with its sign (add or remove)."""
-    dim = target.dim
-    kind = one_of(cfg.kind, ["gaussian", "gaussian_mixture", "empirical"], "perturbation.kind")
-    sign = one_of(cfg.get("direction", "add"), ["add", "remove"], "perturbation.direction")
-    if kind == "gaussian":
-        mean = _points([plain(cfg.mean)], dim, "perturbation.mean")
-        std = _per_component(cfg.std, 1, "perturbation.std", positive=True)
-        measure = GaussianMixture(mean, std, torch.ones(1, dtype=torch.float64))
-    elif kind == "gaussian_mixture":
-        measure = _mixture(cfg, dim, "perturbation")
-    else:
-        measure = GaussianMixture.empirical(_empirical_points(cfg, target, seed))
-    return Perturbation([measure], [1.0 if sign == "add" else -1.0])
-
-
-def _empirical_points(cfg: DictConfig, target: GaussianMixture, seed: int) -> torch.Tensor:
-    dim = target.dim
-    if cfg.get("from_dataset") is not None:
-        k = whole(cfg.from_dataset, "perturbation.from_dataset")
-        require(k >= 1, "perturbation.from_dataset", f"must be >= 1 samples, got {k}")
-        return target.sample(k, torch.Generator().manual_seed(seed + 1))
-    if cfg.get("path"):
-        return torch.from_numpy(read_points(cfg.path, dim))
-    require(cfg.get("points") is not None, "perturbation.points",
-            "an empirical perturbation needs points, path or from_dataset")
-    return _points(cfg.points, dim, "perturbation.points")
-
-
-def read_points(value: object, dim: int, key: str = "perturbation.path") -> np.ndarray:
-    """Finite float64 points [K >= 1, dim] from a .npy file (no pickles) or a text file of
-    whitespace-separated rows; a one-line ConfigError naming ``key`` and the file otherwise."""
-    expected = f"expected a .npy or .txt array [K, {dim}] of finite numbers"
-    require(isinstance(value, str), key, f"must be a file name, got {value!r}")
-    path = Path(value).expanduser()
-    require(path.is_file(), key, f"no such file: {path} ({expected})")
-    try:
-        arr = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
-    except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
-        raise ConfigError(key, f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                               f"{expected}") from None
-    require(arr.dtype.kind in "biuf", key, f"{path} holds {arr.dtype} values; {expected}")
-    require(arr.ndim in (1, 2) and arr.size > 0, key, f"{path} holds an array of shape {arr.shape}; {expected}")
-    arr = arr.reshape(len(arr), -1).astype(np.float64)  # [K] is K points of dimension 1
-    require(arr.shape[1] == dim, key, f"{path} holds points of dimension {arr.shape[1]}, "
-            f"but the dataset has dim {dim}")
-    require(bool(np.isfinite(arr).all()), key, f"{path} holds non-finite values (NaN or inf); {expected}")
-    return arr
 
 
 def build_model(cfg: DictConfig, target: GaussianMixture, schedule: Schedule) -> ScoreModel:
@@ -239,49 +130,3 @@ class Components:
         else:
             self.model.net.to(device=self.device, dtype=self.dtype)
         return self
-
-
-TRAIN_MODES = ("base", "retrain", "finetune")
-
-
-def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
-    """Checked ``TrainSettings`` from the ``train`` group; ``epoch_size`` is the number of
-    training items one epoch passes over (None for an endless source such as a
-    closed-form target, which needs ``train.steps``)."""
-    one_of(cfg.mode, TRAIN_MODES, "train.mode")
-    batch_size = whole(cfg.batch_size, "train.batch_size")
-    require(batch_size >= 1, "train.batch_size", f"must be >= 1, got {batch_size}")
-    steps = whole(cfg.steps, "train.steps", null=True)
-    if steps is not None:
-        require(steps >= 1, "train.steps", f"must be >= 1, got {steps}")
-    else:
-        require(epoch_size is not None, "train.steps", "an endless data source (a closed-form target) needs steps")
-        epochs = number(cfg.epochs, "train.epochs", null=True)
-        require(epochs is not None and epochs > 0, "train.epochs", f"must be > 0, got {cfg.epochs}")
-        steps = max(1, math.ceil(epochs * epoch_size / batch_size))
-    lr = number(cfg.lr, "train.lr")
-    require(lr > 0, "train.lr", f"must be > 0, got {lr}")
-    lr_schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-    lr_scheduler = one_of(cfg.lr_scheduler, lr_schedulers, "train.lr_scheduler")
-    lr_warmup_steps = whole(cfg.lr_warmup_steps, "train.lr_warmup_steps")
-    require(lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {lr_warmup_steps}")
-    weight_decay = number(cfg.weight_decay, "train.weight_decay")
-    require(weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {weight_decay}")
-    ema_decay = number(cfg.ema_decay, "train.ema_decay", null=True)
-    require(ema_decay is None or 0 < ema_decay < 1, "train.ema_decay", f"must be null or in (0, 1), got {ema_decay}")
-    eta_bar = number(cfg.eta_bar, "train.eta_bar")
-    require(0 < eta_bar < 1, "train.eta_bar", f"must be in (0, 1), got {eta_bar}")
-    t_min = number(cfg.t_min, "train.t_min")
-    require(0 < t_min < 1, "train.t_min", f"must be in (0, 1), got {t_min}")
-    grad_clip = number(cfg.grad_clip, "train.grad_clip", null=True)
-    require(grad_clip is None or grad_clip > 0, "train.grad_clip", f"must be null or > 0, got {grad_clip}")
-    checkpoint_every = whole(cfg.checkpoint_every, "train.checkpoint_every")
-    require(checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {checkpoint_every}")
-    keep_checkpoints = whole(cfg.keep_checkpoints, "train.keep_checkpoints")
-    require(keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {keep_checkpoints}")
-    return TrainSettings(
-        steps=steps, batch_size=batch_size, lr=lr, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
-        weight_decay=weight_decay, ema_decay=ema_decay, hflip=flag(cfg.hflip, "train.hflip"), t_min=t_min,
-        grad_clip=grad_clip, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        seed=whole(cfg.seed, "train.seed"), progress=flag(cfg.progress, "train.progress"),
-    )

@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.builders import Components

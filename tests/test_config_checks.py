@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from diffsens_cli.builders import read_points
 from diffsens_cli.cli import main
 from diffsens_cli.data import load_images
+from diffsens_cli.data.synthetic import read_points
 from diffsens_cli.errors import ConfigError, flag, listed, number, whole
 from diffsens_cli.pipelines import check_task
 

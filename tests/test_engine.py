@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
-from diffsens_cli.core.closed_form import MixtureScore
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 SCHED = VPLinear()

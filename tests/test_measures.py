@@ -4,9 +4,9 @@
 import pytest
 import torch
 
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
-from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.models.network import FourierMLP, NetworkScore
 
 pytestmark = pytest.mark.usefixtures("float64_default")

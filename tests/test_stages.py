@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from diffsens_cli.pipelines.image_stages import ImageStages
 from diffsens_cli.errors import DiffsensError
+from diffsens_cli.pipelines.image_stages import ImageStages
 from diffsens_cli.stages import StageCache, verify
 
 ONES = {"x": np.ones(3)}

@@ -4,8 +4,8 @@ and the one-line errors."""
 
 import json
 import math
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.func import jvp
 
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import BETA_SCHEDULES, VE, VPDiscrete, VPLinear, schedule_from_scheduler_config
 from diffsens_cli.errors import ConfigError, DiffsensError
-from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.models.network import (
     ContiguousGroupNorm,
     FourierMLP,

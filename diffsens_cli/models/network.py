@@ -20,8 +20,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from diffsens_cli.core.schedule import Schedule
-from diffsens_cli.errors import one_of
 from diffsens_cli.core.score_model import ScoreModel
+from diffsens_cli.errors import one_of
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "score")
 

@@ -21,6 +21,7 @@ from diffsens_cli.models import NETWORK_KINDS
 from diffsens_cli.models.network import PREDICTION_TYPES, FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
 from diffsens_cli.models.pretrained import LAYOUT, check_pretrained, load_pretrained
 
+
 def _positive(value: object, key: str) -> int:
     n = whole(value, key)
     require(n >= 1, key, f"must be >= 1, got {n}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from omegaconf import DictConfig

@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli import plots, progress
 from diffsens_cli.builders import Components
+from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.errors import listed, number, one_of, require, whole
-from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.rundir import RunDir, dotted
 
 STAGES = ("curve",)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings, train_settings
+from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings
 from diffsens_cli.core.integrate import Integrator, Perturbation
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.transport import transport_rays
@@ -26,9 +26,9 @@ from diffsens_cli.data import ImageSet, check_images, check_perturbation_set, lo
 from diffsens_cli.errors import plain, require
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
-from diffsens_cli.pipelines.train import training_measure
 from diffsens_cli.stages import ArrayDict, StageCache
-from diffsens_cli.training.settings import BOOKKEEPING
+from diffsens_cli.training.settings import BOOKKEEPING, train_settings
+from diffsens_cli.training.source import training_measure
 
 # Keys of the solver group that change no result.
 _SOLVER_DISPLAY = ("progress", "record_every", "batch_size", "tangent_batch_size")

@@ -16,13 +16,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli import plots
-from diffsens_cli.builders import TRAIN_MODES, build_schedule, device_and_dtype, train_settings
+from diffsens_cli.builders import build_schedule, device_and_dtype
 from diffsens_cli.core.integrate import Integrator, SolverSettings
-from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.data.base import ImageSet
 from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.rundir import RunDir
-from diffsens_cli.training.settings import BOOKKEEPING
+from diffsens_cli.training.settings import BOOKKEEPING, TRAIN_MODES, train_settings
+from diffsens_cli.training.source import training_source
 
 
 def check(cfg: DictConfig) -> None:
@@ -64,33 +63,6 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     if list_checkpoints(run_dir / "checkpoints"):  # only then is the epoch's size worth loading
         _, _, epoch_size, _ = training_source(cfg)
         check_resumable(run_dir / "checkpoints", fingerprint(cfg), train_settings(cfg.train, epoch_size))
-
-
-def training_measure(mode: str, rho: ImageSet, s: ImageSet | None, eta_bar: float) -> tuple[GaussianMixture, int]:
-    """What ``mode`` trains on, as an empirical measure, and the number of items one epoch
-    passes over: rho (base), ``(1 - eta_bar) rho + eta_bar S`` (retrain) or S (finetune)."""
-    source = GaussianMixture.empirical(rho.images)
-    if mode == "base":
-        return source, len(rho)
-    require(s.images.shape[1:] == rho.images.shape[1:], "perturbation.source",
-            f"S has images of shape {tuple(s.images.shape[1:])}, rho {tuple(rho.images.shape[1:])}")
-    s_measure = GaussianMixture.empirical(s.images)
-    if mode == "retrain":
-        return source.mix(s_measure, eta_bar), len(rho)
-    return s_measure, len(s)
-
-
-def training_source(cfg: DictConfig) -> tuple[GaussianMixture, tuple[int, ...], int, dict[str, int]]:
-    """What the mode trains on (loaded from the config): the measure, the image shape, the
-    number of items an epoch passes over, and the sizes of rho and S."""
-    from diffsens_cli.data import load_images, perturbation_set
-
-    mode = cfg.train.mode
-    rho = load_images(cfg.dataset)
-    s = perturbation_set(cfg.perturbation, rho, cfg.dataset) if mode != "base" else None
-    source, epoch = training_measure(mode, rho, s, float(cfg.train.eta_bar))
-    sizes = {"rho": len(rho)} | ({"S": len(s)} if s is not None else {})
-    return source, tuple(rho.images.shape[1:]), epoch, sizes
 
 
 def run(cfg: DictConfig, run: RunDir) -> None:

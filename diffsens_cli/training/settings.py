@@ -1,9 +1,15 @@
-"""Training settings, kept apart from the loop so that checking a config stays light."""
+"""Training settings and their checked reading from the ``train`` group, kept apart from
+the loop so that checking a config stays light."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from omegaconf import DictConfig
+
+from diffsens_cli.errors import flag, number, one_of, require, whole
 
 # Keys of the ``train`` group that change no result (display and checkpoint bookkeeping):
 # a resumed run may change them freely.
@@ -33,3 +39,49 @@ class TrainSettings:
         """The settings that change the result, but the total number of steps (a resumed
         run checks that apart: it may grow): what a checkpoint records by default."""
         return {"train": {k: v for k, v in asdict(self).items() if k not in (*BOOKKEEPING, "steps")}}
+
+
+TRAIN_MODES = ("base", "retrain", "finetune")
+
+
+def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
+    """Checked ``TrainSettings`` from the ``train`` group; ``epoch_size`` is the number of
+    training items one epoch passes over (None for an endless source such as a
+    closed-form target, which needs ``train.steps``)."""
+    one_of(cfg.mode, TRAIN_MODES, "train.mode")
+    batch_size = whole(cfg.batch_size, "train.batch_size")
+    require(batch_size >= 1, "train.batch_size", f"must be >= 1, got {batch_size}")
+    steps = whole(cfg.steps, "train.steps", null=True)
+    if steps is not None:
+        require(steps >= 1, "train.steps", f"must be >= 1, got {steps}")
+    else:
+        require(epoch_size is not None, "train.steps", "an endless data source (a closed-form target) needs steps")
+        epochs = number(cfg.epochs, "train.epochs", null=True)
+        require(epochs is not None and epochs > 0, "train.epochs", f"must be > 0, got {cfg.epochs}")
+        steps = max(1, math.ceil(epochs * epoch_size / batch_size))
+    lr = number(cfg.lr, "train.lr")
+    require(lr > 0, "train.lr", f"must be > 0, got {lr}")
+    lr_schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+    lr_scheduler = one_of(cfg.lr_scheduler, lr_schedulers, "train.lr_scheduler")
+    lr_warmup_steps = whole(cfg.lr_warmup_steps, "train.lr_warmup_steps")
+    require(lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {lr_warmup_steps}")
+    weight_decay = number(cfg.weight_decay, "train.weight_decay")
+    require(weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {weight_decay}")
+    ema_decay = number(cfg.ema_decay, "train.ema_decay", null=True)
+    require(ema_decay is None or 0 < ema_decay < 1, "train.ema_decay", f"must be null or in (0, 1), got {ema_decay}")
+    eta_bar = number(cfg.eta_bar, "train.eta_bar")
+    require(0 < eta_bar < 1, "train.eta_bar", f"must be in (0, 1), got {eta_bar}")
+    t_min = number(cfg.t_min, "train.t_min")
+    require(0 < t_min < 1, "train.t_min", f"must be in (0, 1), got {t_min}")
+    grad_clip = number(cfg.grad_clip, "train.grad_clip", null=True)
+    require(grad_clip is None or grad_clip > 0, "train.grad_clip", f"must be null or > 0, got {grad_clip}")
+    checkpoint_every = whole(cfg.checkpoint_every, "train.checkpoint_every")
+    require(checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {checkpoint_every}")
+    keep_checkpoints = whole(cfg.keep_checkpoints, "train.keep_checkpoints")
+    require(keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {keep_checkpoints}")
+    return TrainSettings(
+        steps=steps, batch_size=batch_size, lr=lr, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
+        weight_decay=weight_decay, ema_decay=ema_decay, hflip=flag(cfg.hflip, "train.hflip"), t_min=t_min,
+        grad_clip=grad_clip, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        seed=whole(cfg.seed, "train.seed"), progress=flag(cfg.progress, "train.progress"),
+    )
