@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> None:
                 fail(str(e))
         sys.argv = ["diffsens run", *(["-m"] if multirun else []), *overrides]
         _hydra_app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         what = interrupt.stopped()
-        print(f"diffsens: interrupted{f' during {what}' if what else ''}; run the same command again to resume "
+        how = "terminated (SIGTERM)" if isinstance(e, interrupt.Terminated) else "interrupted"
+        print(f"diffsens: {how}{f' during {what}' if what else ''}; run the same command again to resume "
               "(finished stages and training checkpoints are kept)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, interrupt.Terminated) else 130)
 
 
 def check_jobs(overrides: list[str], multirun: bool) -> None:

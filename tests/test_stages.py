@@ -123,8 +123,10 @@ def _stages(tmp_path: Path) -> dict[str, bool]:
     return {s["stage"]: s["reused"] for s in summary["stages"]}
 
 
-def test_ctrl_c_during_training_leaves_the_cache_consistent(tmp_path):
-    """SIGINT while the retrained model trains (after the base model and the
+@pytest.mark.parametrize("sig,status,how", [(signal.SIGINT, 130, "interrupted"),
+                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_a_kill_during_training_leaves_the_cache_consistent(tmp_path, sig, status, how):
+    """SIGINT or SIGTERM while the retrained model trains (after the base model and the
     sensitivities finished): the retraining stage is not marked finished, and the next run
     reuses what finished, completes the rest, and a plot-only change recomputes nothing."""
     proc = _run(tmp_path)
@@ -133,13 +135,13 @@ def test_ctrl_c_during_training_leaves_the_cache_consistent(tmp_path):
     while not list(retrain.glob("*/checkpoints/step-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     # one line, not a 50-line traceback: what stopped, and that the same command resumes it
     lines = [line for line in err.splitlines() if line.startswith("diffsens:")]
     assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-    assert lines[0].startswith("diffsens: interrupted during stage train_retrain (outputs/stages/train_retrain/")
+    assert lines[0].startswith(f"diffsens: {how} during stage train_retrain (outputs/stages/train_retrain/")
     assert lines[0].endswith("run the same command again to resume (finished stages and training checkpoints "
                              "are kept)")
     assert list(retrain.glob("*/checkpoints/step-*"))
@@ -157,12 +159,12 @@ def test_ctrl_c_during_training_leaves_the_cache_consistent(tmp_path):
 
 
 def test_a_dropped_ctrl_c_still_stops_the_next_step(monkeypatch):
-    """SIGINT raises KeyboardInterrupt at once; if that raise is dropped (it happened inside a
+    """SIGINT raises KeyboardInterrupt at once (SIGTERM: Terminated); if that raise is dropped (it happened inside a
     destructor), the next check() in a training or integration loop raises it again."""
     from diffsens_cli import interrupt
 
-    previous = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(interrupt, "_requested", False)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(interrupt, "_requested", None)
     interrupt.check()  # nothing requested: no exception
     try:
         interrupt.install()
@@ -171,8 +173,14 @@ def test_a_dropped_ctrl_c_still_stops_the_next_step(monkeypatch):
             time.sleep(1)  # the handler runs at the next bytecode
         with pytest.raises(KeyboardInterrupt):
             interrupt.check()
+        with pytest.raises(interrupt.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        with pytest.raises(interrupt.Terminated):
+            interrupt.check()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # -- what the cache checks before it trusts a finished stage --------------------------

@@ -135,3 +135,22 @@ def test_toy2d_with_every_weight_underflowing_counts_them_and_warns_once(tmp_pat
     assert summary["metrics"]["median_abs_psi"] == 0.0
     with np.load(out / "arrays.npz") as arrays:
         assert not arrays["psi"].any() and not arrays["field_g"].any()
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(monkeypatch, capsys):
+    """Where stderr is not a terminal, a bar writes one line per interval, never carriage
+    returns (a redrawn bar floods cluster and CI logs)."""
+    import time
+
+    from diffsens_cli import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.1)
+    for _ in progress.bar(range(20), desc="integrate", leave=False):
+        time.sleep(0.02)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and 2 <= len(lines) <= 8, lines
+    assert lines[-1].startswith("integrate: 100%") and "20/20" in lines[-1]
+    for _ in progress.bar(range(3), desc="quiet", enabled=False):
+        pass
+    assert capsys.readouterr().err == ""
