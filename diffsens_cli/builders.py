@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.core.schedule import SCHEDULES, Schedule
+from diffsens_cli.core.schedule import SCHEDULES, SPACINGS, Schedule
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.core.steppers import STEPPERS
+from diffsens_cli.core.steppers import ODE_ONLY, STEPPERS
 from diffsens_cli.data.synthetic import build_dataset, build_perturbation
 from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain, require, whole
 from diffsens_cli.models import VECTOR_KINDS
@@ -49,7 +49,7 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
     """Checked ``SolverSettings`` from the ``solver`` group."""
     method = one_of(cfg.method, ["ode", "sde"], "solver.method")
     integrator = one_of(cfg.integrator, list(STEPPERS), "solver.integrator")
-    require(not (method == "sde" and integrator == "heun"), "solver.integrator",
+    require(not (method == "sde" and integrator in ODE_ONLY), "solver.integrator",
             "the SDE is integrated with Euler-Maruyama: use integrator=euler with method=sde")
     step_size = number(cfg.step_size, "solver.step_size", null=True)
     num_steps = whole(cfg.num_steps, "solver.num_steps", null=True)
@@ -86,6 +86,7 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
             f"must be null or >= 1, got {record_every}")
     return SolverSettings(
         method=method, integrator=integrator, step_size=step_size, num_steps=num_steps,
+        spacing=one_of(cfg.spacing, SPACINGS, "solver.spacing"),
         t_min=t_min, density=density, divergence=divergence, hutchinson_samples=hutchinson_samples,
         probe=one_of(cfg.probe, ["gaussian", "rademacher"], "solver.probe"),
         weight_clamp=clamp, batch_size=batch_size, tangent_batch_size=tangent_batch_size,

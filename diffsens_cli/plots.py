@@ -250,3 +250,51 @@ def line_segments(samples, psi, coefficients, title: str | None = None) -> plt.F
         fig.suptitle(title)
     fig.tight_layout(h_pad=0.3, w_pad=0.3)
     return fig
+
+
+def ot_check_table(row_labels: list[str], col_labels: list[str], cells: list[list[str]], title: str,
+                   note: str | None = None) -> plt.Figure:
+    """Related paper's Table 3 as a figure: one row a (schedule / data set) cell, one column a
+    measure (already formatted as text), and a ``note`` under it; the last column, a yes/no
+    verdict, is shaded."""
+    fig, ax = plt.subplots(figsize=(1.6 * len(col_labels) + 1.8, 0.3 * len(row_labels) + 0.8))
+    ax.axis("off")
+    colours = [["white"] * (len(col_labels) - 1) + ["#d9f0d3" if row[-1] == "yes" else "#f4cccc"] for row in cells]
+    table = ax.table(cellText=cells, rowLabels=row_labels, colLabels=col_labels, cellColours=colours, loc="center",
+                     cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1.0, 1.25)
+    ax.set_title(title, fontsize=9)
+    if note:
+        fig.text(0.01, 0.0, note, fontsize=7, va="top", wrap=True)
+    fig.tight_layout()
+    return fig
+
+
+def cost_accuracy(rows: dict[str, dict], paper_label: str | None = None) -> plt.Figure:
+    """psi's accuracy against its cost, one point per solver setting: the median relative
+    difference to the converged reference (dots) and between two probe seeds (crosses),
+    against score evaluations x tangents per sample, with the 5% and 10% lines and the
+    paper setting's cost."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label, row in rows.items():
+        if label == "reference":
+            continue
+        x = row["tangent_evaluations"]
+        ax.scatter(x, row["median_rel_diff_psi_to_reference"], color="C0", s=18, zorder=3)
+        ax.annotate(label, (x, row["median_rel_diff_psi_to_reference"]), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
+        if "median_rel_diff_psi_between_seeds" in row:
+            ax.scatter(x, row["median_rel_diff_psi_between_seeds"], color="C3", marker="x", s=18, zorder=3)
+    for level, style in ((0.05, "--"), (0.10, ":")):
+        ax.axhline(level, color="gray", ls=style, lw=0.8)
+    if paper_label in rows:
+        ax.axvline(rows[paper_label]["tangent_evaluations"], color="C2", lw=0.8, label="paper setting's cost")
+    ax.scatter([], [], color="C0", s=18, label="to the reference")
+    ax.scatter([], [], color="C3", marker="x", s=18, label="between probe seeds")
+    ax.set(xscale="log", yscale="log", xlabel="score evaluations x tangents per sample",
+           ylabel="median |psi - psi'| / |psi'|", title="How accurate is psi?")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

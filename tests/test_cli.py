@@ -30,9 +30,12 @@ DATA_ROOTS = {
 }
 TINY = {e: ["size=tiny", *DATA_ROOTS.get(e, [])] for e in EXPERIMENTS}
 # What each pipeline must leave in arrays.npz, finite.
-ARRAYS = {"bench_engine": ("times_sensitivity",), "train": ("train_loss", "z0", "samples"),
+ARRAYS = {"bench_engine": tuple(f"{m}/times_sensitivity" for m in ("mlp", "unet_digits", "unet_mnist")),
+          "train": ("train_loss", "z0", "samples"),
           "gmm_score_error": ("z0", "psi_exact", "psi_learned", "eval_median_corr")}
 ARRAYS["gmm_score_error_paper"] = ARRAYS["gmm_score_error"]
+ARRAYS["fisher_ot_check"] = ("z0", "samples", "jacobian", "asymmetry", "eig_sym")
+ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
 for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman"):
     ARRAYS[_e] = ("z0", "samples", "psi", "logp", "retrain/change", "retrain/ot_rays", "finetune/change",
                   "finetune/ot_rays")
@@ -109,7 +112,8 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
     (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, celeba_attributes, "
-                          "celeba_attributes_paper, celeba_oldman, digits_typography, gmm_first_order, "),
+                          "celeba_attributes_paper, celeba_oldman, digits_psi_convergence, digits_typography, "
+                          "fisher_ot_check, gmm_first_order, "),
     (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
     (["experiment=gmm_first_order", "perturbation.mean=[1,2,3]"],
      "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),

@@ -25,10 +25,10 @@ import torch
 from diffsens_cli import interrupt, progress
 from diffsens_cli.core import dynamics, keyed_random
 from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.core.schedule import Coefficients, time_grid
+from diffsens_cli.core.schedule import Coefficients, grid_times, time_grid
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
-from diffsens_cli.core.steppers import STEPPERS, State, euler_maruyama
+from diffsens_cli.core.steppers import STEPPERS, Grid, State, euler_maruyama
 
 
 @dataclass
@@ -39,6 +39,7 @@ class SolverSettings:
     integrator: str = "euler"  # euler | heun (ODE only)
     step_size: float | None = 1e-3
     num_steps: int | None = None
+    spacing: str = "uniform"  # uniform | log_snr: the time grid
     t_min: float = 1e-3  # truncation in diffusion time: integrate t in [0, 1 - t_min]
     density: str = "ccov"  # ccov (CCoV along the path) | closed_form (model's own density)
     divergence: str = "hutchinson"  # exact | hutchinson (for ccov)
@@ -181,11 +182,10 @@ class Integrator:
     def _chunk(self, state: State, ids: torch.Tensor, perturbation: Perturbation | None, desc: str,
                replicas: int) -> _ChunkResult:
         cfg = self.cfg
-        t0, t1, n = cfg.grid()
         z = state.z
-        times = torch.linspace(t0, t1, n + 1, dtype=z.dtype, device=z.device)
+        times = self._times().to(z.device, z.dtype)
         co_all = self.model.schedule.coefficients(times)
-        h = (t1 - t0) / n
+        grid, n = Grid(times, co_all), len(times) - 1
         weights = [WeightStats() for _ in range(len(perturbation) if perturbation is not None else 0)]
         path, psi_path, path_idx = [], [], []
 
@@ -201,9 +201,9 @@ class Integrator:
             field = self._field(times, co_all, self._probes(z, ids, k, replicas), perturbation, weights)
             if cfg.method == "sde":
                 xi = self._wiener(z, ids, k, replicas)
-                state = euler_maruyama(field, k, h, state, dynamics.diffusion(_coefficients_at(co_all, k)), xi)
+                state = euler_maruyama(field, k, grid, state, dynamics.diffusion(_coefficients_at(co_all, k)), xi)
             else:
-                state = self.step(field, k, h, state)
+                state = self.step(field, k, grid, state)
             record(k + 1)
         return _ChunkResult(
             state, weights,
@@ -227,7 +227,7 @@ class Integrator:
         groups aligned, and the groups share Wiener increments and Hutchinson probes.
         """
         start = time.perf_counter()
-        t0, t1, n = self.cfg.grid()
+        t0 = self.cfg.grid()[0]
         if z0.shape[0] % replicas:
             raise ValueError(f"a batch of {z0.shape[0]} is not {replicas} equal groups")
         num_k = len(self.perturbation) if self.perturbation is not None else 0
@@ -294,10 +294,15 @@ class Integrator:
                 total.merge(part)
         return IntegrationResult(
             z0=z0.cpu(), samples=merge([o.state.z for o in outs]), logp=merge([o.state.logp for o in outs]),
-            psi=merge([o.state.psi for o in outs], dim=1), times=torch.linspace(t0, t1, n + 1, dtype=torch.float64),
+            psi=merge([o.state.psi for o in outs], dim=1), times=self._times(),
             path=merge([o.path for o in outs], dim=1), psi_path=merge([o.psi_path for o in outs], dim=2),
             path_times=outs[0].path_times, weights=weights, wall_time_s=time.perf_counter() - start,
         )
+
+    def _times(self) -> torch.Tensor:
+        """The grid times (float64, on the CPU)."""
+        t0, t1, n = self.cfg.grid()
+        return grid_times(self.model.schedule, t0, t1, n, self.cfg.spacing)
 
     def _chunk_sizes(self, z0: torch.Tensor, num_k: int, replicas: int) -> tuple[int, int]:
         """Rows (per replica group) and tangents per chunk: the settings' sizes, or the

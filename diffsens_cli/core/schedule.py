@@ -185,6 +185,25 @@ def schedule_from_scheduler_config(config: Mapping) -> VPDiscrete:
     return VPDiscrete.from_betas(betas, config)
 
 
+SPACINGS = ("uniform", "log_snr")
+
+
+def grid_times(schedule: Schedule, t0: float, t1: float, num_steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """The ``num_steps + 1`` grid times from ``t0`` to ``t1`` (float64): uniform in paper
+    time, or uniform in the log signal-to-noise ratio ``log(alpha^2 / sigma^2)``, which
+    puts the steps where the score changes fastest (small sigma, near the data)."""
+    if spacing == "uniform":
+        return torch.linspace(t0, t1, num_steps + 1, dtype=torch.float64)
+    fine = torch.linspace(t0, t1, 200_001, dtype=torch.float64)
+    lam = 2 * (schedule.alpha(fine).log() - schedule.sigma(fine).log())  # increasing in t
+    targets = torch.linspace(lam[0].item(), lam[-1].item(), num_steps + 1, dtype=torch.float64)
+    i = torch.searchsorted(lam, targets).clamp(1, len(fine) - 1)
+    frac = (targets - lam[i - 1]) / (lam[i] - lam[i - 1])
+    times = fine[i - 1] + frac * (fine[i] - fine[i - 1])
+    times[0], times[-1] = t0, t1
+    return times
+
+
 def time_grid(t_min: float, num_steps: int | None, step_size: float | None) -> tuple[float, float, int]:
     """Integration interval ``[0, 1 - t_min]`` in paper time and its number of uniform steps.
 

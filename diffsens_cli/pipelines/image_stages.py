@@ -150,19 +150,21 @@ class ImageStages:
         z0 = model.sample_base(n, self.event_shape, t0, torch.Generator().manual_seed(int(self.cfg.seed)))
         return z0.to(self.device, self.dtype)
 
-    def _solver_depends(self) -> dict[str, Any]:
-        solver = {k: v for k, v in plain(self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
+    def _solver_depends(self, solver: DictConfig | None = None) -> dict[str, Any]:
+        solver = {k: v for k, v in plain(solver or self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
         return solver | {"device": self.device.type, "random": RANDOM_STREAMS}
 
     def sensitivity(self, model: tuple[str, Path], n: int, perturbations: list[DictConfig] | None = None,
-                    name: str = "sensitivity") -> tuple[str, ArrayDict]:
+                    name: str = "sensitivity", solver: DictConfig | None = None) -> tuple[str, ArrayDict]:
         """Stage: the base model's samples from ``z0``, their CCoV log-densities and their
         sensitivities ``psi`` [K, B, *event] to each of K image sets S_k (``perturbations``,
-        default the experiment's one), all along one path per sample; returns the stage's
-        ``name/key`` and its arrays (``size_S`` and ``weights/<count>`` per set: [K])."""
+        default the experiment's one), all along one path per sample, with the ``solver``
+        group (default the experiment's); returns the stage's ``name/key`` and its arrays
+        (``size_S`` and ``weights/<count>`` per set: [K]; ``wall_time_s``)."""
         perturbations = perturbations or [self.cfg.perturbation]
+        settings = solver_settings(solver) if solver is not None else self.solver
         depends = {"model": model[0], "perturbations": [plain(p) for p in perturbations],
-                   "dataset": plain(self.cfg.dataset), "solver": self._solver_depends(), "num_samples": n,
+                   "dataset": plain(self.cfg.dataset), "solver": self._solver_depends(solver), "num_samples": n,
                    "seed": int(self.cfg.seed)}
 
         def compute() -> ArrayDict:
@@ -170,10 +172,11 @@ class ImageStages:
             signs = [1.0 if p.get("direction", "add") == "add" else -1.0 for p in perturbations]
             nu = Perturbation([GaussianMixture.empirical(s.images) for s in sets], signs).to(self.device, self.dtype)
             score = self.score_model(model[1])
-            out = Integrator(score, self.solver, nu).run(self.z0(score, n))
+            out = Integrator(score, settings, nu).run(self.z0(score, n))
             counts = [w.as_dict() for w in out.weights]
             return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
                     "logp": out.logp.numpy(), "size_S": np.array([len(s) for s in sets]),
+                    "wall_time_s": np.array(out.wall_time_s),
                     **{f"weights/{k}": np.array([c[k] for c in counts]) for k in counts[0]}}
 
         return f"{name}/{self.cache.path(name, depends).name}", self.cache.arrays(name, depends, compute)
