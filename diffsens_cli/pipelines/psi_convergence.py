@@ -105,7 +105,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
             "median_abs_diff_logp_to_reference": float(np.median(np.abs(outs[0]["logp"] - ref["logp"]))),
             "median_rel_diff_samples_to_reference": float(np.median(relative_difference(
                 outs[0]["samples"][None], ref["samples"][None]))),
-            "wall_time_s": float(outs[0]["wall_time_s"]) if "wall_time_s" in outs[0] else None,
+            "wall_time_s": float(outs[0]["wall_time_s"]),
             "settings": {k: v for k, v in OmegaConf.to_container(solver, resolve=True).items()
                          if k in ("integrator", "num_steps", "step_size", "spacing", "divergence",
                                   "hutchinson_samples", "probe")},
@@ -117,11 +117,10 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         rows[label] = row
         arrays[f"{label}/psi_rel_diff"] = psi_diff
     run.save_arrays("arrays", arrays)
-    paper = rows.get(str(cfg.convergence.paper_variant))
-    figures = run.save_figure(plots.cost_accuracy(rows, paper_label=str(cfg.convergence.paper_variant)),
-                              "psi_convergence")
+    paper = str(cfg.convergence.paper_variant)  # check() made sure it is a variant
+    figures = run.save_figure(plots.cost_accuracy(rows, paper_label=paper), "psi_convergence")
     run.write_summary({"variants": rows}, num_samples=n, reference=OmegaConf.to_container(cfg.convergence.reference),
-                      paper_cost=paper["tangent_evaluations"] if paper else None, figures=figures,
+                      paper_cost=rows[paper]["tangent_evaluations"], figures=figures,
                       device=str(stages.device), dtype=str(stages.dtype))
     for label, row in sorted(rows.items(), key=lambda kv: kv[1]["tangent_evaluations"]):
         seeds_diff = row.get("median_rel_diff_psi_between_seeds")
