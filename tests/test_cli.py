@@ -36,6 +36,13 @@ ARRAYS = {"bench_engine": tuple(f"{m}/times_sensitivity" for m in ("mlp", "unet_
 ARRAYS["gmm_score_error_paper"] = ARRAYS["gmm_score_error"]
 ARRAYS["fisher_ot_check"] = ("z0", "samples", "jacobian", "asymmetry", "eig_sym")
 ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
+ARRAYS["bench_influence"] = ("sizes", "speedup", "spearman", "reference_scores")
+ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",
+                                   "influence/singular_vectors")
+# The image experiments clamp the weights: scores without the clamp too.
+for _e in ("digits_influence", "lfw_influence", "digits_crossclass"):
+    ARRAYS[_e] = ("z0", "samples", "train_index", "influence/scores", "influence/scores_noclamp",
+                  "influence/singular_vectors", "influence/shown_psi")
 for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman"):
     ARRAYS[_e] = ("z0", "samples", "psi", "logp", "retrain/change", "retrain/ot_rays", "finetune/change",
                   "finetune/ot_rays")
@@ -111,9 +118,9 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
 
 @pytest.mark.parametrize("args,expected", [
     (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
-    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, celeba_attributes, "
-                          "celeba_attributes_paper, celeba_oldman, digits_psi_convergence, digits_typography, "
-                          "fisher_ot_check, gmm_first_order, "),
+    (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, bench_influence, "
+                          "celeba_attributes, celeba_attributes_paper, celeba_oldman, digits_crossclass, "
+                          "digits_influence, digits_psi_convergence, digits_typography, fisher_ot_check, "),
     (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
     (["experiment=gmm_first_order", "perturbation.mean=[1,2,3]"],
      "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),

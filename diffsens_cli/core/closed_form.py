@@ -33,6 +33,11 @@ class MixtureScore(ScoreModel):
         st = self.measure.diffused(z.flatten(1), *self._ab(t), tangents=tangents.flatten(2))
         return st.score.view_as(z), st.jvp.view_as(tangents)
 
+    def score_and_vjp(self, z: torch.Tensor, t: torch.Tensor,
+                      cotangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score Jacobian is the Hessian of ``log rho_t``, symmetric: ``J^T w = J w``."""
+        return self.score_and_jvp(z, t, cotangents)
+
     def score_with_derivatives(self, z: torch.Tensor, t: torch.Tensor, psi: torch.Tensor | None = None,
                                probes: torch.Tensor | None = None):
         """As the base class, but the probes' quadratic forms come from the closed form

@@ -24,3 +24,21 @@ def cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 SIMILARITIES = {"correlation": correlation, "cosine": cosine}
+
+
+def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares lines ``y ~ slope x + intercept`` per row of [M, N] (float64), and
+    each fit's r^2 (the squared correlation of x and y)."""
+    x, y = x.double(), y.double()
+    xc, yc = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    slope = (xc * yc).sum(-1) / (xc * xc).sum(-1)
+    intercept = y.mean(-1) - slope * x.mean(-1)
+    r2 = (xc * yc).sum(-1) ** 2 / ((xc * xc).sum(-1) * (yc * yc).sum(-1))
+    return slope, intercept, r2
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of two vectors (ties broken by order: for continuous
+    values such as influence scores)."""
+    rank_x, rank_y = (v.argsort().argsort().double() for v in (x.flatten(), y.flatten()))
+    return correlation(rank_x[None], rank_y[None])[0]

@@ -11,6 +11,10 @@ batches larger than memory are split into chunks over samples and, when one samp
 K tangents do not fit, over tangents; each chunk is integrated by the same loop and
 sent to the host as it finishes.  Every random number is keyed by (seed, sample
 index, step) (``keyed_random``), so results do not depend on the split.
+
+With ``tape=True`` the integration also keeps every point where it evaluated the field,
+with the log-density used there (a ``Tape``): what the adjoint of ``core.influence``
+needs to run the sensitivity equation backwards along the same discrete path.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -61,6 +65,23 @@ class SolverSettings:
         return time_grid(self.t_min, self.num_steps, self.step_size)
 
 
+class Forcing(Protocol):
+    """What the integrator needs from a perturbation: K tangents and their forcings."""
+
+    def __len__(self) -> int: ...
+
+    def select(self, ks: slice) -> Forcing: ...
+
+    def rows(self, sl: slice) -> Forcing: ...
+
+    def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
+                clamp: tuple[float, float] | None, weights: list[WeightStats]) -> torch.Tensor: ...
+
+    def memory_per_sample(self, itemsize: int) -> int: ...
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Forcing: ...
+
+
 @dataclass
 class Perturbation:
     """K closed-form perturbation measures ``nu_k``, integrated together along one path;
@@ -83,6 +104,10 @@ class Perturbation:
         """The measures ``ks`` (a chunk of tangents)."""
         return Perturbation(self.measures[ks], self.signs[ks])
 
+    def rows(self, sl: slice) -> Perturbation:
+        """The perturbation of the samples ``sl`` (a chunk of rows): the same measures."""
+        return self
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Perturbation:
         return Perturbation([m.to(device, dtype) for m in self.measures], self.signs)
 
@@ -103,7 +128,8 @@ class Perturbation:
 
 @dataclass
 class IntegrationResult:
-    """Everything a run keeps from one integration (tensors on the CPU)."""
+    """Everything a run keeps from one integration (tensors on the CPU, but the tape's,
+    which stay on the device for the adjoint pass)."""
 
     z0: torch.Tensor
     samples: torch.Tensor
@@ -115,6 +141,21 @@ class IntegrationResult:
     path_times: torch.Tensor | None = None
     weights: list[WeightStats] = field(default_factory=list)  # one per perturbation measure
     wall_time_s: float = 0.0
+    tape: Tape | None = None
+
+
+class Tape(NamedTuple):
+    """The field evaluations of one integration, in order: for evaluation ``i`` the grid
+    index ``index[i]``, the point ``z[i]`` [B, *event] and the log-density ``log_rho[i]``
+    [B] the forcing was (or would have been) weighted with.  Euler makes one evaluation
+    per step, Heun two (at ``z_k`` and at the predictor, grid index ``k + 1``)."""
+
+    times: torch.Tensor  # the grid [n + 1]
+    integrator: str
+    psi_gain: float  # the sensitivity equation's score gain (dynamics.SCORE_GAIN)
+    index: list[int]
+    z: list[torch.Tensor]
+    log_rho: list[torch.Tensor]
 
 
 class _ChunkResult(NamedTuple):
@@ -123,26 +164,29 @@ class _ChunkResult(NamedTuple):
     path: torch.Tensor | None
     psi_path: torch.Tensor | None
     path_times: torch.Tensor | None
+    tape: Tape | None
 
 
 class Integrator:
     """Integrates a batch of paths of ``model`` and, optionally, their log-densities and
     their sensitivities to the measures of ``perturbation`` (see module docstring)."""
 
-    def __init__(self, model: ScoreModel, settings: SolverSettings, perturbation: Perturbation | None = None,
-                 track_density: bool = False):
-        self.model, self.cfg, self.perturbation = model, settings, perturbation
+    def __init__(self, model: ScoreModel, settings: SolverSettings, perturbation: Forcing | None = None,
+                 track_density: bool = False, tape: bool = False):
+        self.model, self.cfg, self.perturbation, self.tape = model, settings, perturbation, tape
         self.gain = dynamics.SCORE_GAIN[settings.method]
         self.psi_gain = self.gain if settings.sde_sensitivity == "drift" else dynamics.SCORE_GAIN["ode"]
-        self.needs_rho = perturbation is not None and settings.density == "closed_form"
-        self.ccov = settings.density == "ccov" and (track_density or perturbation is not None)
+        self.weighted = perturbation is not None or tape  # the forcing's weights are needed
+        self.needs_rho = self.weighted and settings.density == "closed_form"
+        self.ccov = settings.density == "ccov" and (track_density or self.weighted)
         self.num_probes = settings.hutchinson_samples if self.ccov and settings.divergence == "hutchinson" else 0
         self.step = STEPPERS[settings.integrator]
 
     # -- the augmented vector field at one grid point -----------------------------------
     def _field(self, times: torch.Tensor, co_all: Coefficients, probes: torch.Tensor | None,
-               perturbation: Perturbation | None, weights: list[WeightStats]):
-        """``field(k, state)`` for the step rules; the probes are those of the current step."""
+               perturbation: Forcing | None, weights: list[WeightStats], tape: list | None):
+        """``field(k, state)`` for the step rules; the probes are those of the current step;
+        each evaluation's ``(k, z, log rho)`` is appended to ``tape`` if given."""
 
         def at(k: int, state: State) -> State:
             t, co = times[k], _coefficients_at(co_all, k)
@@ -152,11 +196,15 @@ class Integrator:
             if self.ccov:
                 tr = quad.mean(0) if self.num_probes else self.model.score_trace(state.z, t)
                 dlogp = -dynamics.velocity_divergence(co, state.z[0].numel(), tr)
+            log_rho = None
+            if self.weighted:
+                log_rho = self.model.log_density(state.z, t) if self.needs_rho else state.logp
+            if tape is not None:
+                tape.append((k, state.z, log_rho))
             dpsi = None
             if state.psi is not None:
                 dpsi = dynamics.drift_jvp(co, state.psi, jpsi, self.psi_gain)
                 if perturbation is not None:
-                    log_rho = self.model.log_density(state.z, t) if self.needs_rho else state.logp
                     g = perturbation.forcing(state.z, co, log_rho, s, self.cfg.weight_clamp, weights)
                     dpsi = dpsi + self.psi_gain * co.c * g
             return State(dz, dlogp, dpsi)
@@ -179,7 +227,7 @@ class Integrator:
         return xi.repeat(replicas, *([1] * (z.ndim - 1)))
 
     # -- the fused loop over one chunk -------------------------------------------------
-    def _chunk(self, state: State, ids: torch.Tensor, perturbation: Perturbation | None, desc: str,
+    def _chunk(self, state: State, ids: torch.Tensor, perturbation: Forcing | None, desc: str,
                replicas: int) -> _ChunkResult:
         cfg = self.cfg
         z = state.z
@@ -188,6 +236,7 @@ class Integrator:
         grid, n = Grid(times, co_all), len(times) - 1
         weights = [WeightStats() for _ in range(len(perturbation) if perturbation is not None else 0)]
         path, psi_path, path_idx = [], [], []
+        tape = [] if self.tape else None
 
         def record(k: int) -> None:
             if cfg.record_every and (k % cfg.record_every == 0 or k == n):
@@ -198,7 +247,7 @@ class Integrator:
         record(0)
         for k in progress.bar(range(n), desc=desc, enabled=cfg.progress, leave=False):
             interrupt.check()
-            field = self._field(times, co_all, self._probes(z, ids, k, replicas), perturbation, weights)
+            field = self._field(times, co_all, self._probes(z, ids, k, replicas), perturbation, weights, tape)
             if cfg.method == "sde":
                 xi = self._wiener(z, ids, k, replicas)
                 state = euler_maruyama(field, k, grid, state, dynamics.diffusion(_coefficients_at(co_all, k)), xi)
@@ -210,6 +259,7 @@ class Integrator:
             path=torch.stack(path) if path else None,
             psi_path=torch.stack(psi_path) if path and state.psi is not None else None,
             path_times=times[path_idx].cpu() if path else None,
+            tape=tape,
         )
 
     @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
@@ -230,6 +280,8 @@ class Integrator:
         t0 = self.cfg.grid()[0]
         if z0.shape[0] % replicas:
             raise ValueError(f"a batch of {z0.shape[0]} is not {replicas} equal groups")
+        if self.tape and replicas != 1:
+            raise ValueError("a tape is kept for paths without replicas")
         num_k = len(self.perturbation) if self.perturbation is not None else 0
         if psi0 is not None:
             if psi0.shape[1:] != z0.shape or (num_k and psi0.shape[0] != num_k):
@@ -264,7 +316,7 @@ class Integrator:
                         desc += f" tangents {ks.start + 1}-{ks.stop}/{num_k}"
                     state = State(rows(z0, sl), rows(logp0, sl) if self.ccov else None,
                                   rows(psi0[ks], sl, dim=1) if num_k else None)
-                    pert = self.perturbation.select(ks) if self.perturbation is not None else None
+                    pert = self.perturbation.select(ks).rows(sl) if self.perturbation is not None else None
                     out = self._chunk(state, ids, pert, desc, replicas)
                     s = out.state
                     parts.append(out._replace(state=State(_to_host(s.z), _to_host(s.logp), _to_host(s.psi))))
@@ -288,6 +340,13 @@ class Integrator:
             grouped = [p.unflatten(dim, (replicas, -1)) for p in parts]
             return torch.cat(grouped, dim + 1).flatten(dim, dim + 1)
 
+        tape = None
+        if self.tape:
+            first = outs[0].tape
+            tape = Tape(self._times(), self.cfg.integrator if self.cfg.method == "ode" else "euler", self.psi_gain,
+                        index=[k for k, _, _ in first],
+                        z=[torch.cat([o.tape[i][1] for o in outs]) for i in range(len(first))],
+                        log_rho=[torch.cat([o.tape[i][2] for o in outs]) for i in range(len(first))])
         weights = [WeightStats() for _ in range(len(self.perturbation) if self.perturbation is not None else 0)]
         for out in outs:
             for total, part in zip(weights, out.weights, strict=True):
@@ -296,7 +355,7 @@ class Integrator:
             z0=z0.cpu(), samples=merge([o.state.z for o in outs]), logp=merge([o.state.logp for o in outs]),
             psi=merge([o.state.psi for o in outs], dim=1), times=self._times(),
             path=merge([o.path for o in outs], dim=1), psi_path=merge([o.psi_path for o in outs], dim=2),
-            path_times=outs[0].path_times, weights=weights, wall_time_s=time.perf_counter() - start,
+            path_times=outs[0].path_times, weights=weights, wall_time_s=time.perf_counter() - start, tape=tape,
         )
 
     def _times(self) -> torch.Tensor:

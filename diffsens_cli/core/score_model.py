@@ -2,9 +2,10 @@
 
 A score model gives ``s_t(z)`` at paper time ``t`` (a 0-d tensor) for a batch
 ``z`` [B, *event]; the engine asks it for the score together with ``J_z s`` applied to
-several tangents in one call.  The default does that with one ``torch.func.jvp``
-vmapped over the tangents, so the primal is computed once and shared; closed-form
-models override it with exact formulas.
+several tangents in one call, and (for the adjoint of the influence computation) for
+``J_z s^T`` applied to several cotangents.  The defaults do that with one
+``torch.func.jvp`` or ``torch.func.vjp`` vmapped over the vectors, so the primal is
+computed once and shared; closed-form models override them with exact formulas.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from abc import ABC, abstractmethod
 
 import torch
-from torch.func import jvp, vmap
+from torch.func import jvp, vjp, vmap
 
 from diffsens_cli.core.schedule import Schedule
 
@@ -35,6 +36,14 @@ class ScoreModel(ABC):
             return jvp(lambda x: self.score(x, t), (z,), (v,))
 
         return vmap(along, out_dims=(None, 0))(tangents)
+
+    def score_and_vjp(self, z: torch.Tensor, t: torch.Tensor,
+                      cotangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s_t(z), J_z s_t(z)^T w)`` for every ``w`` in ``cotangents`` [n, B, *event]: one
+        reverse pass per cotangent, sharing the forward pass."""
+        with torch.enable_grad():
+            s, pullback = vjp(lambda x: self.score(x, t), z)
+            return s.detach(), vmap(pullback)(cotangents)[0].detach()
 
     def score_with_derivatives(self, z: torch.Tensor, t: torch.Tensor, psi: torch.Tensor | None = None,
                                probes: torch.Tensor | None = None):

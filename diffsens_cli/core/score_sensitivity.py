@@ -61,9 +61,16 @@ def log_weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, 
 def score_sensitivity(log_nu: torch.Tensor, s_nu: torch.Tensor, log_rho: torch.Tensor, s_rho: torch.Tensor,
                       clamp: tuple[float, float] | None = None, stats: WeightStats | None = None) -> torch.Tensor:
     """Paper Eq. 1 for a batch: log-densities [B], scores [B, *event]."""
+    w = weight(log_nu, log_rho, clamp, stats)
+    return w.view(-1, *([1] * (s_rho.ndim - 1))) * (s_nu - s_rho)
+
+
+def weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, float] | None,
+           stats: WeightStats | None = None) -> torch.Tensor:
+    """``nu_t / rho_t`` from its logs (``log_weight``), with under- and overflow counted."""
     lw = log_weight(log_nu, log_rho, clamp, stats)
     w = lw.exp()
     if stats is not None:
         stats.add("underflow", (w == 0) & (lw > -math.inf))
         stats.add("overflow", w == math.inf)
-    return w.view(-1, *([1] * (s_rho.ndim - 1))) * (s_nu - s_rho)
+    return w

@@ -42,12 +42,21 @@ def finetune_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg.train, cfg.get("finetune") or {}, {"mode": "finetune"})
 
 
-def check_data_and_model(cfg: DictConfig, with_s: bool = True) -> None:
-    """rho's data set, S (``with_s``) and the model, without loading images or weights."""
+def solver_depends(solver: DictConfig) -> dict[str, Any]:
+    """What of the ``solver`` group a stage's result depends on (not batch sizes or display)."""
+    device, _ = device_and_dtype(solver)
+    return {k: v for k, v in plain(solver).items() if k not in _SOLVER_DISPLAY} | {"device": device.type,
+                                                                                  "random": RANDOM_STREAMS}
+
+
+def check_data_and_model(cfg: DictConfig, with_s: bool = True) -> tuple[int, int, int]:
+    """rho's data set, S (``with_s``) and the model, without loading images or weights;
+    returns the shape (C, H, W) of its images."""
     shape = check_images(cfg.dataset)
     if with_s:
         check_perturbation_set(cfg.perturbation, cfg.dataset, shape)
     check_network(cfg.model, shape)
+    return shape
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -150,10 +159,6 @@ class ImageStages:
         z0 = model.sample_base(n, self.event_shape, t0, torch.Generator().manual_seed(int(self.cfg.seed)))
         return z0.to(self.device, self.dtype)
 
-    def _solver_depends(self, solver: DictConfig | None = None) -> dict[str, Any]:
-        solver = {k: v for k, v in plain(solver or self.cfg.solver).items() if k not in _SOLVER_DISPLAY}
-        return solver | {"device": self.device.type, "random": RANDOM_STREAMS}
-
     def sensitivity(self, model: tuple[str, Path], n: int, perturbations: list[DictConfig] | None = None,
                     name: str = "sensitivity", solver: DictConfig | None = None) -> tuple[str, ArrayDict]:
         """Stage: the base model's samples from ``z0``, their CCoV log-densities and their
@@ -164,8 +169,8 @@ class ImageStages:
         perturbations = perturbations or [self.cfg.perturbation]
         settings = solver_settings(solver) if solver is not None else self.solver
         depends = {"model": model[0], "perturbations": [plain(p) for p in perturbations],
-                   "dataset": plain(self.cfg.dataset), "solver": self._solver_depends(solver), "num_samples": n,
-                   "seed": int(self.cfg.seed)}
+                   "dataset": plain(self.cfg.dataset), "solver": solver_depends(solver or self.cfg.solver),
+                   "num_samples": n, "seed": int(self.cfg.seed)}
 
         def compute() -> ArrayDict:
             sets = [self.perturbation_set(p) for p in perturbations]
@@ -183,7 +188,8 @@ class ImageStages:
 
     def samples(self, model: tuple[str, Path], n: int) -> ArrayDict:
         """Stage: PF-ODE samples of a (perturbed) model from the same ``z0``, same solver."""
-        depends = {"model": model[0], "solver": self._solver_depends(), "num_samples": n, "seed": int(self.cfg.seed)}
+        depends = {"model": model[0], "solver": solver_depends(self.cfg.solver), "num_samples": n,
+                   "seed": int(self.cfg.seed)}
         stage = "samples_" + model[0].split("/")[0].removeprefix("train_")
 
         def compute() -> ArrayDict:

@@ -1,0 +1,329 @@
+"""Per-training-sample influence (DESIGN.md section 7, paper Sec. 4.4).
+
+For the point masses ``nu = delta_{x_n}`` of N training points, the sensitivity
+``psi^n`` of a model sample follows the same linear equation along the same path for
+every n; only the forcing differs.  Two operations give everything else at a number of
+network passes that does not grow with N:
+
+- forward: ``sum_n u_n psi^n`` for weights ``u`` is one tangent of the ordinary
+  integration with the forcing of ``sum_n u_n delta_{x_n}`` (``EmpiricalForcing`` with
+  ``mix``); with one point per tangent it is the paper's method (``exact``);
+- adjoint: ``omega^T psi^n`` for every n is one reverse pass along the recorded path
+  (``project``): ``lambda_k = A_k^T lambda_{k+1}`` with one VJP per field evaluation,
+  and an ``N x d`` product with the training points per step, no network call.
+
+The adjoint is the exact transpose of the discrete scheme (Euler, and Heun's two
+stages), so both agree to round-off.  ``influence_scores`` (random orthogonal
+projections: exact when their number reaches d) and ``randomized_svd``
+(Halko-Martinsson-Tropp with power iterations) are built from the two.
+
+The weight ``nu_t / rho_t`` of each point is ``N(z; alpha x_n, sigma^2 I) / rho_t(z)``,
+clamped per point, so the forcing stays linear in ``u``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from diffsens_cli import interrupt, progress
+from diffsens_cli.core.integrate import Integrator, SolverSettings, Tape
+from diffsens_cli.core.schedule import Coefficients
+from diffsens_cli.core.score_model import ScoreModel
+from diffsens_cli.core.score_sensitivity import WeightStats, weight
+
+
+class EmpiricalForcing:
+    """The forcing of the sensitivities to training points ``points`` [N, *event].
+
+    Tangent ``k`` is either the point mass of point ``index[k]`` (``mix`` None: one
+    tangent per point, the ``exact`` method) or the combination ``sum_n mix[k, b, n]
+    delta_{x_n}`` for sample ``b`` (``mix`` [K, B, N]).  The weights of all points are
+    counted together, in the first entry of the list the integrator passes (so the
+    integration's ``weights`` hold the counts at the first tangent of each tangent chunk:
+    sum them)."""
+
+    def __init__(self, points: torch.Tensor, index: torch.Tensor | None = None, mix: torch.Tensor | None = None):
+        if index is not None and mix is not None:
+            raise ValueError("give the tangents' points (index) or their mixture weights (mix), not both")
+        self.points = points.flatten(1)
+        self.sq_norms = (self.points * self.points).sum(-1)
+        self.mix = mix
+        self.index = None if mix is not None else (torch.arange(len(points)) if index is None else index)
+
+    def __len__(self) -> int:
+        return len(self.index) if self.mix is None else self.mix.shape[0]
+
+    def select(self, ks: slice) -> EmpiricalForcing:
+        return self._with(index=self.index[ks] if self.mix is None else None,
+                          mix=self.mix[ks] if self.mix is not None else None)
+
+    def rows(self, sl: slice) -> EmpiricalForcing:
+        return self if self.mix is None else self._with(index=None, mix=self.mix[:, sl])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> EmpiricalForcing:
+        return EmpiricalForcing(self.points.to(device, dtype), None if self.index is None else self.index.to(device),
+                                None if self.mix is None else self.mix.to(device, dtype))
+
+    def _with(self, index: torch.Tensor | None, mix: torch.Tensor | None) -> EmpiricalForcing:
+        out = EmpiricalForcing.__new__(EmpiricalForcing)
+        out.points, out.sq_norms, out.index, out.mix = self.points, self.sq_norms, index, mix
+        return out
+
+    def memory_per_sample(self, itemsize: int) -> int:
+        n, d = self.points.shape
+        return itemsize * (n * (2 + (self.mix.shape[0] if self.mix is not None else 0)) + 2 * d)
+
+    def point_weights(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
+                      clamp: tuple[float, float] | None, stats: WeightStats | None,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
+        """``nu^n_t / rho_t`` [B, N'] at ``z`` [B, d] for the points ``index`` (default all),
+        each clamped on its own."""
+        x = self.points if index is None else self.points[index]
+        x2 = self.sq_norms if index is None else self.sq_norms[index]
+        var = co.sigma**2
+        sq = ((z * z).sum(-1, keepdim=True) - 2 * co.alpha * (z @ x.T) + co.alpha**2 * x2).clamp_min(0)
+        log_nu = -sq / (2 * var) - 0.5 * z.shape[1] * torch.log(2 * math.pi * var)
+        return weight(log_nu, log_rho[:, None], clamp, stats)
+
+    def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
+                clamp: tuple[float, float] | None, weights: list[WeightStats]) -> torch.Tensor:
+        """``g^k_t(z)`` [K, B, *event] of every tangent (paper Eq. 1, per point)."""
+        zf, sf = z.flatten(1), s_rho.flatten(1)
+        var = co.sigma**2
+        shift = zf / var + sf  # s^n - s_rho = alpha x_n / sigma^2 - shift
+        if self.mix is None:
+            w = self.point_weights(zf, co, log_rho, clamp, weights[0], self.index).T  # [K, B]
+            g = w[..., None] * (co.alpha / var * self.points[self.index][:, None] - shift)
+        else:
+            c = self.mix * self.point_weights(zf, co, log_rho, clamp, weights[0])  # [K, B, N]
+            g = co.alpha / var * (c @ self.points) - c.sum(-1, keepdim=True) * shift
+        return g.view(len(g), *z.shape)
+
+    def inner(self, lam: torch.Tensor, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
+              s_rho: torch.Tensor, clamp: tuple[float, float] | None, stats: WeightStats | None) -> torch.Tensor:
+        """``<g^n_t(z_b), lam[j, b]>`` [m, B, N] for every point n: an ``N x d`` product."""
+        zf, sf, lf = z.flatten(1), s_rho.flatten(1), lam.flatten(2)
+        var = co.sigma**2
+        w = self.point_weights(zf, co, log_rho, clamp, stats)  # [B, N]
+        shift = (lf * (zf / var + sf)).sum(-1, keepdim=True)  # [m, B, 1]
+        return w * (co.alpha / var * (lf @ self.points.T) - shift)
+
+
+def project(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omega: torch.Tensor,
+            clamps: list[tuple[float, float] | None], stats: list[WeightStats] | None = None,
+            desc: str = "adjoint", show_progress: bool = True, chunk: int | None = None) -> torch.Tensor:
+    """``omega[j, b]^T psi^n_b`` [len(clamps), m, B, N] for every training point n, for
+    the cotangents ``omega`` [m, B, *event] at the end of the path recorded in ``tape``:
+    one reverse pass (one VJP per field evaluation with all m cotangents), the inner
+    products formed for each weight clamp in ``clamps`` (the path is shared).
+
+    The cotangents are independent: ``chunk`` of them go through one pass (None: all,
+    halved while memory runs out), which changes nothing but memory and time."""
+    stats = stats if stats is not None else [WeightStats() for _ in clamps]
+    size = chunk or len(omega)
+    parts, start = [], 0
+    while start < len(omega):
+        stop = min(start + size, len(omega))
+        label = desc if size >= len(omega) else f"{desc} {start + 1}-{stop}/{len(omega)}"
+        try:
+            parts.append(_reverse_pass(model, tape, forcing, omega[start:stop], clamps, stats, label, show_progress))
+        except torch.OutOfMemoryError:
+            if chunk is not None or size == 1:
+                raise
+            size = max(1, size // 2)
+            continue
+        start = stop
+    return torch.cat(parts, 1)
+
+
+def _reverse_pass(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omega: torch.Tensor,
+                  clamps: list[tuple[float, float] | None], stats: list[WeightStats], desc: str,
+                  show_progress: bool) -> torch.Tensor:
+    """``project`` for one chunk of cotangents."""
+    times = tape.times.to(omega.device, omega.dtype)
+    co_all = model.schedule.coefficients(times)
+    gain = tape.psi_gain
+    n = len(times) - 1
+    if len(tape.index) != n * {"euler": 1, "heun": 2}.get(tape.integrator, 0):
+        raise ValueError(f"a tape of {len(tape.index)} evaluations does not fit {n} {tape.integrator} steps")
+    out = omega.new_zeros(len(clamps), omega.shape[0], omega.shape[1], len(forcing.points))
+
+    def pull(i: int, lam: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Adds ``scale <F_i, lam>`` at evaluation i to ``out``; returns ``J_v^T lam`` there."""
+        k = tape.index[i]
+        co = Coefficients(co_all.alpha[k], co_all.sigma[k], co_all.a[k], co_all.c[k])
+        z, log_rho = tape.z[i], tape.log_rho[i]
+        s, jt = model.score_and_vjp(z, times[k], lam)
+        for j, clamp in enumerate(clamps):
+            out[j] += scale * gain * co.c * forcing.inner(lam, z, co, log_rho, s, clamp, stats[j])
+        return co.a * lam + gain * co.c * jt
+
+    lam = omega
+    for k in progress.bar(reversed(range(n)), desc=desc, enabled=show_progress, leave=False, total=n):
+        interrupt.check()
+        h = times[k + 1] - times[k]
+        if tape.integrator == "euler":
+            lam = lam + h * pull(k, lam, h)
+        elif tape.integrator == "heun":  # psi' = psi + h/2 (d1 + d2), d2 at the predictor
+            mu = pull(2 * k + 1, lam, h / 2)
+            lam_pred = lam + h * mu
+            lam = lam + h / 2 * (mu + pull(2 * k, lam_pred, h / 2))
+        else:
+            raise ValueError(f"no adjoint for integrator {tape.integrator!r}")
+    return out
+
+
+def orthogonal_directions(d: int, m: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """``m`` orthonormal directions in R^d [m, d] (Haar-random), scaled by ``sqrt(d / m)``
+    so that ``|Q psi|^2`` is an unbiased estimate of ``|psi|^2`` (exact when ``m = d``)."""
+    g = torch.randn(d, m, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r))  # Haar: fix the signs QR leaves arbitrary
+    return (q.T * math.sqrt(d / m)).to(dtype)
+
+
+def randomized_svd(sketch: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+                   adjoint: Callable[[torch.Tensor], torch.Tensor], rank: int,
+                   power_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular values [B, rank] and right singular vectors [B, rank, d] of
+    each sample's ``N x d`` sensitivity matrix ``Psi_b`` (Halko, Martinsson and Tropp,
+    Alg. 4.4 and 5.1), matrix-free.
+
+    ``sketch`` [B, N, l] is ``Psi_b Omega`` for a random ``Omega`` (its l columns: rank
+    plus oversampling); ``forward(mix)`` gives ``sum_n mix[j, b, n] psi^n_b`` [l, B, d]
+    and ``adjoint(w)`` gives ``w[j, b]^T psi^n_b`` [l, B, N]."""
+    y = sketch
+    for _ in range(power_iterations):
+        q = torch.linalg.qr(y).Q  # [B, N, l]
+        z = forward(q.transpose(1, 2).movedim(1, 0))  # Psi^T Q: [l, B, d]
+        zq = torch.linalg.qr(z.movedim(0, -1)).Q  # [B, d, l]
+        y = adjoint(zq.movedim(-1, 0)).movedim(0, -1)  # Psi (orth Psi^T Q): [B, N, l]
+    q = torch.linalg.qr(y).Q
+    small = forward(q.transpose(1, 2).movedim(1, 0)).movedim(0, 1)  # Q^T Psi: [B, l, d]
+    _, sv, vh = torch.linalg.svd(small, full_matrices=False)
+    return sv[:, :rank], vh[:, :rank]
+
+
+class CountingModel:
+    """A score model that counts its network calls and the vectors (tangents, probes,
+    cotangents) they carry: the cost measure of the influence methods."""
+
+    def __init__(self, model: ScoreModel):
+        self.model, self.calls, self.vectors = model, 0, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def _count(self, *vectors: torch.Tensor | None) -> None:
+        self.calls += 1
+        self.vectors += sum(len(v) for v in vectors if v is not None)
+
+    def score_with_derivatives(self, z, t, psi=None, probes=None):
+        self._count(psi, probes)
+        return self.model.score_with_derivatives(z, t, psi, probes)
+
+    def score_and_vjp(self, z, t, cotangents):
+        self._count(cotangents)
+        return self.model.score_and_vjp(z, t, cotangents)
+
+    def score_trace(self, z, t):
+        self.calls += 1
+        self.vectors += z[0].numel()
+        return self.model.score_trace(z, t)
+
+
+@dataclass
+class InfluenceSettings:
+    """The ``influence`` config group: how the N sensitivities are summarised."""
+
+    method: str = "sketch"  # exact (one tangent per point) | sketch (adjoint projections)
+    projections: int = 64  # m: random orthogonal projections (exact scores once m >= d)
+    rank: int = 10  # singular triples kept
+    oversample: int = 10  # extra columns of the randomised range finder
+    power_iterations: int = 1
+    seed: int = 0
+
+
+@dataclass
+class InfluenceResult:
+    """Influence of N training points on B model samples (tensors on the CPU)."""
+
+    samples: torch.Tensor  # [B, *event]
+    scores: torch.Tensor  # [C, B, N]: |psi^n|, one row per weight clamp asked for
+    singular_values: torch.Tensor  # [B, rank] of each sample's N x d matrix (first clamp)
+    singular_vectors: torch.Tensor  # [B, rank, *event]: the right singular vectors
+    frobenius_sq: torch.Tensor  # [B]: sum_n |psi^n|^2 (first clamp)
+    exact: bool  # the scores and singular triples are exact (not randomised estimates)
+    network_calls: int
+    network_vectors: int
+    weights: list[WeightStats]  # per clamp
+
+
+def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor, z0: torch.Tensor,
+              cfg: InfluenceSettings, clamps: list[tuple[float, float] | None],
+              first_index: int = 0) -> InfluenceResult:
+    """Influence scores of every training point in ``points`` [N, *event] on the samples
+    from ``z0`` [B, *event] (the rows from ``first_index`` of a run: the key of their
+    random numbers), under each weight clamp in ``clamps``, and the top singular triples
+    of each sample's sensitivity matrix under the first, by ``cfg.method``.  With the
+    sketch and fewer projections than dimensions the scores and the Frobenius norm are
+    Johnson-Lindenstrauss estimates and the singular triples randomised; the range
+    finder keeps ``min(rank + oversample, projections)`` columns."""
+    counted = CountingModel(model)
+    b, d, event = len(z0), z0[0].numel(), z0.shape[1:]
+    rank = min(cfg.rank, len(points), d)
+    stats = [WeightStats() for _ in clamps]
+
+    def forward(clamp, forcing: EmpiricalForcing, stat: WeightStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = Integrator(counted, replace(settings, weight_clamp=clamp),
+                         forcing.to(z0.device, z0.dtype)).run(z0, first_index=first_index)
+        if stat is not None:
+            for w in out.weights:
+                stat.merge(w)
+        return out.samples, out.psi.flatten(2).to(z0.device)
+
+    if cfg.method == "exact":
+        psis = []
+        for clamp, stat in zip(clamps, stats, strict=True):
+            samples, psi = forward(clamp, EmpiricalForcing(points), stat)
+            psis.append(psi)  # [N, B, d]
+        scores = torch.stack([p.norm(dim=-1).T for p in psis])
+        _, sv, vh = torch.linalg.svd(psis[0].movedim(1, 0), full_matrices=False)
+        return _result(samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event)
+
+    primal = Integrator(counted, settings, tape=True).run(z0, first_index=first_index)
+    forcing = EmpiricalForcing(points).to(z0.device, z0.dtype)
+    m = min(cfg.projections, d)
+    q = orthogonal_directions(d, m, torch.Generator().manual_seed(cfg.seed), z0.dtype).to(z0.device)  # [m, d]
+    omega = q[:, None].expand(m, b, d).reshape(m, *z0.shape)
+    desc = f"adjoint ({m} projections)"
+    proj = project(counted, primal.tape, forcing, omega, clamps, stats, desc, settings.progress,
+                   settings.tangent_batch_size)  # [C, m, B, N]
+    scores = proj.pow(2).sum(1).sqrt()
+    if m == d:  # q is orthogonal: Psi_b = P_b^T q exactly
+        psi = proj[0].movedim(0, -1) @ q  # [B, N, d]
+        _, sv, vh = torch.linalg.svd(psi, full_matrices=False)
+        return _result(primal.samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event)
+
+    def mixed(mix: torch.Tensor) -> torch.Tensor:
+        return forward(clamps[0], EmpiricalForcing(points, mix=mix))[1]
+
+    def adjoint(w: torch.Tensor) -> torch.Tensor:
+        return project(counted, primal.tape, forcing, w.reshape(len(w), *z0.shape), [clamps[0]],
+                       desc=f"adjoint ({len(w)} directions)", show_progress=settings.progress,
+                       chunk=settings.tangent_batch_size)[0]
+
+    width = min(rank + cfg.oversample, m)
+    sv, vh = randomized_svd(proj[0, :width].movedim(0, -1), mixed, adjoint, rank, cfg.power_iterations)
+    return _result(primal.samples, scores, sv, vh, False, counted, stats, event)
+
+
+def _result(samples, scores, sv, vh, exact, counted: CountingModel, stats, event) -> InfluenceResult:
+    return InfluenceResult(
+        samples=samples.cpu(), scores=scores.cpu(), singular_values=sv.cpu(),
+        singular_vectors=vh.reshape(*vh.shape[:2], *event).cpu(), frobenius_sq=scores[0].pow(2).sum(-1).cpu(),
+        exact=exact, network_calls=counted.calls, network_vectors=counted.vectors, weights=stats)

@@ -1,0 +1,346 @@
+"""Which training images does a generated image depend on?  Paper Sec. 4.4 (Figs. 8-10,
+12-14): the influence score ``|psi^n|`` of every training image n on a few model
+samples, its regression on L2 distance, and the singular directions of each sample's
+``N x d`` sensitivity matrix (DESIGN.md section 7, ``core.influence``).
+
+The model is a trained image experiment's base model (its stage is reused) or the exact
+score of N points drawn from a synthetic data set (``influence_closed_form``).  Model
+samples are rows ``influence.samples`` of the experiment's ``influence.pool`` starting
+points (the same z0 as the experiment's own samples).  Each model sample is its own
+cached stage, so an interrupted run resumes from the finished ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffsens_cli import plots, progress
+from diffsens_cli.builders import Components, build_schedule, solver_settings
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.compare import linear_fit
+from diffsens_cli.core.influence import EmpiricalForcing, InfluenceSettings, influence
+from diffsens_cli.core.integrate import Integrator
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.score_model import ScoreModel
+from diffsens_cli.data.base import draw
+from diffsens_cli.errors import listed, number, one_of, plain, require, whole
+from diffsens_cli.models import VECTOR_KINDS
+from diffsens_cli.rundir import RunDir
+from diffsens_cli.stages import ArrayDict
+from diffsens_cli.training.settings import train_settings
+
+STAGES = ("train_base", "influence")
+METHODS = ("exact", "sketch")
+
+
+def influence_settings(cfg: DictConfig) -> InfluenceSettings:
+    """Checked ``InfluenceSettings`` from the ``influence`` group."""
+    ic = cfg.influence
+    out = InfluenceSettings(
+        method=one_of(ic.method, METHODS, "influence.method"),
+        projections=whole(ic.projections, "influence.projections"),
+        rank=whole(ic.rank, "influence.rank"),
+        oversample=whole(ic.oversample, "influence.oversample"),
+        power_iterations=whole(ic.power_iterations, "influence.power_iterations"),
+        seed=whole(cfg.seed, "seed"),
+    )
+    require(out.projections >= 1, "influence.projections", f"must be >= 1, got {out.projections}")
+    require(out.rank >= 1, "influence.rank", f"must be >= 1, got {out.rank}")
+    require(out.oversample >= 0, "influence.oversample", f"must be >= 0, got {out.oversample}")
+    require(out.power_iterations >= 0, "influence.power_iterations", f"must be >= 0, got {out.power_iterations}")
+    return out
+
+
+def closed_form(cfg: DictConfig) -> bool:
+    return cfg.model.kind in VECTOR_KINDS
+
+
+def check(cfg: DictConfig) -> None:
+    """Every setting, and the data and model, before any work."""
+    settings = influence_settings(cfg)
+    ic = cfg.influence
+    pool = whole(ic.pool, "influence.pool")
+    require(pool >= 1, "influence.pool", f"must be >= 1, got {pool}")
+    samples = sample_indices(cfg)
+    for i in samples:
+        require(0 <= i < pool, "influence.samples",
+                f"index {i} is out of range: the pool has {pool} samples (0..{pool - 1})")
+    require(len(set(samples)) == len(samples), "influence.samples", f"lists an index twice: {samples}")
+    num_train = whole(ic.num_train, "influence.num_train", null=True)
+    require(num_train is None or num_train >= 1, "influence.num_train",
+            f"must be null (every training image) or >= 1, got {num_train}")
+    shown = whole(ic.shown, "influence.shown")
+    require(shown >= 1, "influence.shown", f"must be >= 1, got {shown}")
+    listed(ic.ray_amplitudes, "influence.ray_amplitudes", number)
+    solver_settings(cfg.solver)
+    if closed_form(cfg):
+        require(cfg.model.kind == "closed_form", "model.kind",
+                f"influence on synthetic data uses the exact score of the training points (closed_form), "
+                f"got {cfg.model.kind!r}")
+        require(num_train is not None, "influence.num_train", "the closed-form model needs a number of points")
+        Components(cfg)
+        dim = int(cfg.dataset.dim)
+    else:
+        from diffsens_cli.pipelines.image_stages import check_data_and_model
+
+        require(cfg.solver.density == "ccov", "solver.density",
+                "a network has no closed-form density: influence on images needs density=ccov (and method=ode)")
+        train_settings(cfg.train, 1)
+        build_schedule(cfg.schedule)
+        dim = int(np.prod(check_data_and_model(cfg, with_s=False)))
+    if settings.method == "sketch" and settings.projections < dim:
+        width = settings.rank + settings.oversample
+        require(width <= settings.projections, "influence.rank",
+                f"rank + oversample ({width}) must not exceed influence.projections ({settings.projections}) "
+                f"when the projections are fewer than the dimension ({dim})")
+    if num_train is not None:
+        check_num_train(cfg, num_train)
+    if "crossclass" in cfg:
+        held_out = number(cfg.crossclass.held_out, "crossclass.held_out")
+        require(0 < held_out < 1, "crossclass.held_out", f"must be in (0, 1), got {held_out}")
+        require(not closed_form(cfg), "crossclass", "needs a labelled image data set")
+
+
+def check_num_train(cfg: DictConfig, n: int) -> None:
+    """The checks that need the number N of training images."""
+    require(n >= 1, "influence.num_train", "no training images are left")
+    rank = int(cfg.influence.rank)
+    require(rank <= n, "influence.rank", f"must not exceed the number of training images N = {n}, got {rank}")
+
+
+def sample_indices(cfg: DictConfig) -> list[int]:
+    """``influence.samples``: a list of rows of the pool, or a count n (rows 0..n-1)."""
+    samples = plain(cfg.influence.samples)
+    if isinstance(samples, int) and not isinstance(samples, bool):
+        require(samples >= 1, "influence.samples", f"must be a list of rows or a count >= 1, got {samples}")
+        return list(range(samples))
+    return listed(samples, "influence.samples", whole)
+
+
+@dataclass
+class Source:
+    """What the influence computation runs on: the score model, the training points
+    [N, *event] (with labels where the data set has them), the pool of starting points
+    and a key naming the model for the stage cache."""
+
+    model: ScoreModel
+    points: torch.Tensor
+    labels: torch.Tensor | None
+    train_index: torch.Tensor
+    z0: torch.Tensor
+    model_key: Any
+
+
+def subset_index(n: int, num_train: int | None, seed: int) -> torch.Tensor:
+    """Positions of a seeded draw of ``num_train`` of ``n`` training images (all if None)."""
+    chosen = draw(n, num_train, seed)
+    return torch.arange(n) if chosen is None else chosen
+
+
+def image_source(cfg: DictConfig, run: RunDir) -> Source:
+    from diffsens_cli.pipelines.image_stages import ImageStages
+
+    stages = ImageStages(cfg, run.cache)
+    rho = stages.rho
+    index = subset_index(len(rho), cfg.influence.num_train, int(cfg.seed))
+    check_num_train(cfg, len(index))  # before the base model is trained
+    require("crossclass" not in cfg or rho.labels is not None, "crossclass",
+            f"needs class labels; the data set {cfg.dataset.kind!r} has none")
+    subset = rho.subset(index)
+    base = stages.trained("base")
+    model = stages.score_model(base[1])
+    return Source(model, subset.images.to(stages.device, stages.dtype), subset.labels, index,
+                  stages.z0(model, int(cfg.influence.pool)), {"model": base[0], "dataset": plain(cfg.dataset)})
+
+
+def closed_form_source(cfg: DictConfig) -> Source:
+    """N points drawn from the synthetic data set; the model is their exact (empirical) score."""
+    comp = Components(cfg)
+    n = int(cfg.influence.num_train)
+    points = comp.target.sample(n, torch.Generator().manual_seed(int(cfg.seed))).to(comp.device, comp.dtype)
+    model = MixtureScore(GaussianMixture.empirical(points), comp.schedule)
+    # z0 drawn on the CPU in float64 (the same on every device), then moved
+    cpu_model = MixtureScore(GaussianMixture.empirical(points.cpu().double()), comp.schedule)
+    t0 = torch.tensor(comp.solver.grid()[0], dtype=torch.float64)
+    z0 = cpu_model.sample_base(int(cfg.influence.pool), (points.shape[1],), t0,
+                               torch.Generator().manual_seed(int(cfg.seed) + 1)).to(comp.device, comp.dtype)
+    key = {"dataset": plain(cfg.dataset), "schedule": plain(cfg.schedule), "num_train": n, "seed": int(cfg.seed)}
+    return Source(model, points, None, torch.arange(n), z0, key)
+
+
+def _extremes(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``k`` largest (largest first) and ``k`` smallest (smallest first)."""
+    order = torch.argsort(values, descending=True)
+    return order[:k], order.flip(0)[:k]
+
+
+def residuals(l2: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Influence beyond distance: each score minus its least-squares line on L2 distance
+    (per row of [M, N])."""
+    slope, intercept, _ = linear_fit(l2, scores)
+    return scores.double() - (slope[:, None] * l2.double() + intercept[:, None])
+
+
+# The images the figures show, per model sample: four blocks of `shown` training images,
+# the most and least influential by score, then by residual.
+SHOWN_BLOCKS = ("top_score", "bottom_score", "top_residual", "bottom_residual")
+
+
+def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
+    """One model sample's influence: scores under the solver's clamp and without one, the
+    top singular triples, and the sensitivities psi^n of the images the figures show
+    (``SHOWN_BLOCKS``; computed with one forward tangent each, not counted in the cost)."""
+    settings = solver_settings(cfg.solver)
+    clamps = [settings.weight_clamp] + ([None] if settings.weight_clamp is not None else [])
+    z0 = source.z0[i:i + 1]
+    start = time.perf_counter()
+    res = influence(source.model, settings, source.points, z0, influence_settings(cfg), clamps, first_index=i)
+    wall = time.perf_counter() - start
+    scores = res.scores[:, 0]  # [C, N]
+    l2 = (source.points.flatten(1).cpu() - res.samples.flatten(1)).norm(dim=1)
+    k = min(int(cfg.influence.shown), len(l2))
+    shown = torch.cat([*_extremes(scores[0], k), *_extremes(residuals(l2[None], scores[:1])[0], k)])
+    unique, where = torch.unique(shown, return_inverse=True)
+    psi = Integrator(source.model, settings, EmpiricalForcing(source.points, index=unique.to(source.points.device)))
+    shown_psi = psi.run(z0, first_index=i).psi[:, 0][where]
+    counts = [w.as_dict() for w in res.weights]
+    return {"sample": res.samples[0].numpy(), "scores": scores.numpy(), "l2": l2.numpy(),
+            "singular_values": res.singular_values[0].numpy(), "singular_vectors": res.singular_vectors[0].numpy(),
+            "frobenius_sq": res.frobenius_sq[0].numpy(), "exact": np.array(res.exact),
+            "shown_index": shown.numpy(), "shown_psi": shown_psi.numpy(), "network_calls": np.array(res.network_calls),
+            "network_vectors": np.array(res.network_vectors), "wall_time_s": np.array(wall),
+            **{f"weights/{key}": np.array([c[key] for c in counts]) for key in counts[0]}}
+
+
+def _depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
+    """What one model sample's stage depends on: only the influence settings in effect
+    (the exact method has no projections; a sketch with m >= d is exact, with m = d)."""
+    from diffsens_cli.pipelines.image_stages import solver_depends
+
+    ic = plain(cfg.influence)
+    settings = {k: ic[k] for k in ("method", "rank", "shown", "num_train")}
+    dim = source.points[0].numel()
+    if ic["method"] == "sketch":
+        settings["projections"] = min(int(ic["projections"]), dim)
+        if settings["projections"] < dim:
+            settings |= {k: ic[k] for k in ("oversample", "power_iterations")}
+    return {"source": source.model_key, "solver": solver_depends(cfg.solver), "influence": settings,
+            "pool": int(cfg.influence.pool), "sample": i, "seed": int(cfg.seed)}
+
+
+def run(cfg: DictConfig, run: RunDir) -> None:
+    check(cfg)
+    source = closed_form_source(cfg) if closed_form(cfg) else image_source(cfg, run)
+    samples = sample_indices(cfg)
+    per_sample = []
+    for i in progress.bar(samples, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
+        per_sample.append(run.stage("influence", lambda i=i: sample_stage(cfg, source, i), _depends(cfg, source, i)))
+    _report(cfg, run, source, samples, per_sample)
+
+
+def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], per_sample: list[ArrayDict]) -> None:
+    """Arrays, figures and summary from the per-sample stages."""
+    stack = {k: np.stack([a[k] for a in per_sample]) for k in per_sample[0]}
+    scores, l2 = torch.from_numpy(stack["scores"]), torch.from_numpy(stack["l2"])  # [M, C, N], [M, N]
+    fits = [linear_fit(l2, scores[:, c]) for c in range(scores.shape[1])]
+    sv, frob = stack["singular_values"], stack["frobenius_sq"]
+    top10 = (sv[:, :10] ** 2).sum(1) / frob
+    clamped = scores.shape[1] == 2  # the solver clamps the weights: scores without the clamp too
+    r2 = fits[0][2].numpy()
+    r2_noclamp = fits[1][2].numpy() if clamped else r2
+    arrays = {"influence/scores": stack["scores"][:, 0], "influence/l2": stack["l2"],
+              "z0": source.z0[samples].cpu().numpy(),
+              "samples": stack["sample"], "train_index": source.train_index.numpy(),
+              "influence/singular_values": sv, "influence/singular_vectors": stack["singular_vectors"],
+              "influence/frobenius_sq": frob, "influence/shown_index": stack["shown_index"],
+              "influence/shown_psi": stack["shown_psi"], "sample_index": np.array(samples)}
+    if clamped:
+        arrays["influence/scores_noclamp"] = stack["scores"][:, 1]
+    if closed_form(cfg):
+        arrays["train_points"] = source.points.cpu().numpy()
+    figures = _figures(cfg, run, source, stack, fits)
+    crossclass = _crossclass(cfg, run, source, stack, arrays) if "crossclass" in cfg else None
+    run.save_arrays("arrays", arrays)
+    ic = cfg.influence
+    metrics = {
+        "influence": {
+            "r2_l2": {"per_sample": r2.tolist(), "median": float(np.median(r2))},
+            "r2_l2_noclamp": {"per_sample": r2_noclamp.tolist(), "median": float(np.median(r2_noclamp))},
+            "top10_variance": {"per_sample": top10.tolist(), "median": float(np.median(top10))},
+            "method": str(ic.method), "exact": bool(stack["exact"].all()),
+            "settings": {k: plain(ic[k]) for k in ("projections", "rank", "oversample", "power_iterations")},
+            "num_train": len(source.points), "num_samples": len(samples),
+            "network_calls_per_sample": float(stack["network_calls"].mean()),
+            "network_vectors_per_sample": float(stack["network_vectors"].mean()),
+            "wall_time_s_per_sample": float(stack["wall_time_s"].mean()),
+            "weights": {label: {k.removeprefix("weights/"): int(stack[k][:, c].sum())
+                                for k in stack if k.startswith("weights/")}
+                        for c, label in enumerate(["solver_clamp", "no_clamp"][:scores.shape[1]])},
+        },
+        "paper": plain(ic.paper),
+    }
+    if crossclass is not None:
+        metrics["crossclass"], more = crossclass
+        figures += more
+    run.write_summary(metrics, figures=figures, solver=plain(cfg.solver))
+    print(f"influence of {len(source.points)} training points on {len(samples)} samples ({ic.method}): "
+          f"median r2 vs L2 {np.median(r2):.3f} (no clamp {np.median(r2_noclamp):.3f}), "
+          f"top-10 variance {np.median(top10):.3f}; {stack['network_calls'].mean():.0f} network calls per sample")
+
+
+def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray],
+                arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], list[str]]:
+    """Paper Fig. 11 from the scores: the class-by-class mean influence and its diagonal
+    dominance (its arrays added to ``arrays``)."""
+    from diffsens_cli.pipelines import crossclass
+
+    labels = source.labels.numpy()
+    sample_classes, accuracy = crossclass.classify(source.points.cpu().numpy(), labels, stack["sample"],
+                                                   float(cfg.crossclass.held_out), int(cfg.seed))
+    classes = np.unique(labels)
+    matrix = crossclass.crossclass_matrix(stack["scores"][:, 0], sample_classes, labels, classes)
+    arrays |= {"crossclass/matrix": matrix, "crossclass/sample_classes": sample_classes, "crossclass/classes": classes}
+    dominance = crossclass.diagonal_dominance(matrix)
+    figure = run.save_figure(plots.crossclass_heatmap(matrix, [str(c) for c in classes],
+                                                      f"diagonal dominance {dominance:.2f}"), "fig11_crossclass")
+    counts = {str(c): int((sample_classes == c).sum()) for c in classes}
+    return {"diagonal_dominance": dominance, "classifier_heldout_accuracy": accuracy,
+            "samples_per_class": counts, "classifier": "scikit-learn LogisticRegression on pixels"}, figure
+
+
+def _figures(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray], fits) -> list[str]:
+    images = source.points.ndim == 4
+    slope, intercept, r2 = (f.numpy() for f in fits[0])
+    figures = run.save_figure(plots.influence_regression(  # paper Fig. 9's statistic
+        stack["l2"], stack["scores"][:, 0], list(zip(slope, intercept, r2, strict=True)),
+        stack["scores"][:, 1] if stack["scores"].shape[1] == 2 else None), "fig9_residual_influence")
+    amplitudes = np.asarray(OmegaConf.to_container(cfg.influence.ray_amplitudes), dtype=float)
+    figures += run.save_figure(plots.singular_rays(stack["sample"], stack["singular_values"], stack["frobenius_sq"],
+                                                   stack["singular_vectors"] if images else None, amplitudes),
+                               "fig10_singular_rays")
+    if not images:
+        return figures
+    k = stack["shown_index"].shape[1] // len(SHOWN_BLOCKS)
+    train = source.points.cpu().numpy()
+    residual = residuals(torch.from_numpy(stack["l2"]), torch.from_numpy(stack["scores"][:, 0])).numpy()
+    for name, part, label in (("fig8_most_least_influential", 0, "influential"),  # Figs. 8 and 12
+                              ("fig13_residual_extremes", 1, "residual influence")):  # Figs. 9 and 13
+        rows = []
+        for m in range(len(stack["sample"])):
+            idx, psi = stack["shown_index"][m], stack["shown_psi"][m]
+            top, bottom = slice(2 * k * part, 2 * k * part + k), slice(2 * k * part + k, 2 * k * (part + 1))
+            values = stack["scores"][m, 0] if part == 0 else residual[m]
+            rows.append({"top": idx[top], "bottom": idx[bottom], "top_psi": psi[top], "bottom_psi": psi[bottom],
+                         "top_values": values[idx[top]], "bottom_values": values[idx[bottom]]})
+        figures += run.save_figure(plots.influence_extremes(stack["sample"], train, rows,
+                                                            top_label=f"most {label}", bottom_label=f"least {label}"),
+                                   name)
+    figures += run.save_figure(plots.singular_vectors(stack["sample"], stack["singular_vectors"]),
+                               "fig14_singular_vectors")
+    return figures

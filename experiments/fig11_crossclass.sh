@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Paper Fig. 11: mean influence of each class's training images on each class's model
+# samples, on the embedded digits (digits_typography's base model).
+set -euo pipefail
+diffsens run experiment=digits_crossclass "$@"

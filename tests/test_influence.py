@@ -1,0 +1,116 @@
+"""The influence task (paper Sec. 4.4) end to end: both methods give the same scores and
+singular values where the sketch is exact, the scores agree with the sensitivities the
+figures show, the sketch's network cost does not grow with N, bad input fails in one
+line, and a rerun reuses the finished model samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_cli import diffsens
+
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.compare import spearman
+from diffsens_cli.core.influence import InfluenceSettings, influence
+from diffsens_cli.core.integrate import SolverSettings
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.schedule import VPLinear
+from diffsens_cli.pipelines.influence import residuals
+
+
+def _run(tmp_path, name: str, *overrides: str, experiment: str = "influence_closed_form"):
+    out = tmp_path / name
+    r = diffsens("run", f"experiment={experiment}", "size=tiny", f"hydra.run.dir={out}", "solver.progress=false",
+                 *overrides, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text())["metrics"]["influence"]
+
+
+def test_sketch_and_exact_agree_and_match_the_shown_sensitivities(tmp_path):
+    """Closed-form model, m = d projections: the adjoint's scores and SVD equal the
+    forward tangents' (float64), and the norms of the sensitivities computed for the
+    figures (forward, one tangent per shown image) equal the scores at those images."""
+    sketch_dir, sketch = _run(tmp_path, "sketch")
+    exact_dir, exact = _run(tmp_path, "exact", "influence.method=exact")
+    assert sketch["exact"] and exact["exact"] and sketch["method"] == "sketch"
+    with np.load(sketch_dir / "arrays.npz") as s, np.load(exact_dir / "arrays.npz") as e:
+        np.testing.assert_allclose(s["influence/scores"], e["influence/scores"], rtol=1e-9)
+        np.testing.assert_allclose(s["influence/singular_values"], e["influence/singular_values"], rtol=1e-9)
+        alignment = np.abs((s["influence/singular_vectors"] * e["influence/singular_vectors"]).sum(-1))
+        np.testing.assert_allclose(alignment[:, :2], 1, atol=1e-6)  # the leading directions (distinct values)
+        for m in range(len(s["samples"])):
+            shown = np.linalg.norm(s["influence/shown_psi"][m], axis=-1)
+            np.testing.assert_allclose(shown, s["influence/scores"][m][s["influence/shown_index"][m]], rtol=1e-9)
+        assert s["train_points"].shape == (30, 10) and s["influence/scores"].shape == (2, 30)
+    assert sketch["r2_l2"]["per_sample"] == pytest.approx(exact["r2_l2"]["per_sample"], rel=1e-9)
+    assert 0 < sketch["top10_variance"]["median"] <= 1 + 1e-12
+
+
+def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_points():
+    """Counted network calls and the vectors they carry: the sketch's (2 projections of
+    d = 3, a randomised SVD with a power iteration) do not depend on N, the exact
+    method's vectors grow with N."""
+    g = torch.Generator().manual_seed(0)
+    s = SolverSettings(num_steps=20, density="closed_form", progress=False)
+    costs = {}
+    for n in (10, 40):
+        points = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        model = MixtureScore(GaussianMixture.empirical(points), VPLinear())
+        z0 = model.sample_base(2, (3,), torch.tensor(0.0, dtype=torch.float64), g)
+        for method in ("exact", "sketch"):
+            res = influence(model, s, points, z0, InfluenceSettings(method=method, projections=2, rank=1,
+                                                                    oversample=1, power_iterations=1), [None])
+            costs[method, n] = (res.network_calls, res.network_vectors)
+    assert costs["sketch", 10] == costs["sketch", 40]
+    assert costs["exact", 40][1] > 3 * costs["exact", 10][1] * 0.9
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["influence.samples=[0,5]"], "influence.samples: index 5 is out of range: the pool has 2 samples"),
+    (["influence.projections=0"], "influence.projections: must be >= 1, got 0"),
+    (["influence.rank=31"], "influence.rank: must not exceed the number of training images N = 30, got 31"),
+    (["influence.num_train=0"], "influence.num_train: must be null (every training image) or >= 1, got 0"),
+    (["influence.method=adjoint"], "influence.method: 'adjoint' is not one of exact, sketch"),
+    (["influence.projections=4"], "influence.rank: rank + oversample (20) must not exceed influence.projections (4)"),
+])
+def test_bad_influence_input_is_one_clear_line(args, expected, tmp_path):
+    r = diffsens("run", "experiment=influence_closed_form", "size=tiny", *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffsens: error: " + expected), r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_rerun_reuses_the_finished_model_samples(tmp_path):
+    """Each model sample is its own stage: a run asking for one more sample computes only
+    that one (what an interrupted run resumes from)."""
+    _run(tmp_path, "first", "influence.samples=[0]")
+    stages = sorted(tmp_path.glob("outputs/stages/influence/*/arrays.npz"))
+    assert len(stages) == 1
+    mtime = stages[0].stat().st_mtime_ns
+    _run(tmp_path, "second", "influence.samples=[0,1]")
+    after = sorted(tmp_path.glob("outputs/stages/influence/*/arrays.npz"))
+    assert len(after) == 2 and stages[0] in after and stages[0].stat().st_mtime_ns == mtime
+
+
+def test_residuals_are_what_the_line_on_distance_leaves():
+    """A score exactly linear in distance but for one image raised by 3: that image has
+    a residual near 3, the others near 0 (the line bends a little towards the outlier),
+    and the residuals sum to zero."""
+    l2 = torch.linspace(1, 5, 20, dtype=torch.float64)[None]
+    scores = 2 * l2 + 1
+    scores[0, 7] += 3.0
+    r = residuals(l2, scores)[0]
+    assert float(r[7]) > 2.5 and float(torch.cat([r[:7], r[8:]]).abs().max()) < 0.5
+    assert abs(float(r.sum())) < 1e-12
+
+
+def test_spearman_is_the_rank_correlation():
+    x = torch.tensor([0.1, 5.0, 2.0, 3.0, -1.0], dtype=torch.float64)
+    assert float(spearman(x, x.exp())) == pytest.approx(1.0)
+    assert float(spearman(x, -x**3)) == pytest.approx(-1.0)
+    # ranks [1,4,2,3,0] against [0,1,2,3,4]: d^2 = 1+9+0+0+16, 1 - 6 sum d^2 / (n (n^2 - 1)) = -0.3
+    assert float(spearman(x, torch.arange(5.0))) == pytest.approx(1 - 6 * 26 / 120)

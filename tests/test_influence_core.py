@@ -1,0 +1,189 @@
+"""Per-training-sample influence (DESIGN.md section 7): the per-point forcing against the
+point-mass perturbations it replaces, the adjoint against forward tangents (exact
+transposes of the discrete scheme), psi^n against a finite difference of the perturbed
+flow, and the projections and randomised SVD against their exact counterparts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.compare import spearman
+from diffsens_cli.core.influence import (
+    EmpiricalForcing,
+    InfluenceSettings,
+    influence,
+    orthogonal_directions,
+    project,
+    randomized_svd,
+)
+from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.schedule import VPDiscrete, VPLinear
+from diffsens_cli.models.unet import build_network_model
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+SCHED = VPLinear()
+TINY_UNET = {"kind": "unet", "prediction": "epsilon", "layers_per_block": 1, "block_out_channels": [8, 16],
+             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+             "norm_num_groups": 4, "attention_head_dim": 4, "dropout": 0.0, "seed": 0}
+
+
+def _empirical_problem(n_points: int = 12, d: int = 4, n_samples: int = 3, seed: int = 0):
+    """The closed-form empirical model of ``n_points`` training points and model samples' z0."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(n_points, d, generator=g)
+    model = MixtureScore(GaussianMixture.empirical(points), SCHED)
+    z0 = model.sample_base(n_samples, (d,), torch.tensor(0.0), g)
+    return points, model, z0
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("clamp", [None, (0.1, 10.0)])
+def test_one_tangent_per_point_equals_the_point_mass_perturbations(clamp):
+    """``EmpiricalForcing`` without ``mix`` is the paper's method: tangent n equals the
+    sensitivity to ``delta_{x_n}`` as an ordinary (one-point empirical) perturbation."""
+    points, model, z0 = _empirical_problem()
+    s = SolverSettings(num_steps=30, density="ccov", weight_clamp=clamp, progress=False)
+    ours = Integrator(model, s, EmpiricalForcing(points)).run(z0)
+    ref = Integrator(model, s, Perturbation([GaussianMixture.empirical(x[None]) for x in points])).run(z0)
+    torch.testing.assert_close(ours.psi, ref.psi, rtol=1e-10, atol=1e-12)
+    total = sum(w.as_dict()["clamped_low"] for w in ref.weights)
+    assert ours.weights[0].as_dict()["clamped_low"] == total and (clamp is None or total > 0)
+
+
+def test_mixed_tangents_are_the_same_combinations_of_the_per_point_ones():
+    """Forcing ``sum_n u[k, b, n] delta_{x_n}`` (weights clamped per point) gives
+    ``sum_n u[k, b, n] psi^n_b``: the sensitivity is linear in the mixture weights."""
+    points, model, z0 = _empirical_problem()
+    s = SolverSettings(num_steps=30, density="ccov", weight_clamp=(0.1, 10.0), progress=False, batch_size=2)
+    per_point = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi  # [N, B, d]
+    u = torch.randn(5, len(z0), len(points), generator=torch.Generator().manual_seed(1))
+    mixed = Integrator(model, s, EmpiricalForcing(points, mix=u)).run(z0).psi  # chunks of 2 samples
+    torch.testing.assert_close(mixed, torch.einsum("kbn,nbd->kbd", u, per_point), rtol=1e-10, atol=1e-12)
+
+
+def _forward_and_adjoint(model, points, z0, settings, clamps):
+    """Exact psi^n [N, B, *event] per clamp, and the adjoint projections of random omegas."""
+    forward = [Integrator(model, replace(settings, weight_clamp=c), EmpiricalForcing(points)).run(z0).psi
+               for c in clamps]
+    primal = Integrator(model, settings, tape=True).run(z0)
+    # the same path as plain sampling (to round-off: here the score comes out of the probes' JVP)
+    torch.testing.assert_close(primal.samples, Integrator(model, settings).run(z0).samples, rtol=1e-12, atol=1e-12)
+    omega = torch.randn(4, *z0.shape, generator=torch.Generator().manual_seed(5))
+    projected = project(model, primal.tape, EmpiricalForcing(points), omega, clamps, show_progress=False)
+    return forward, omega, projected
+
+
+@pytest.mark.parametrize("integrator,method", [("euler", "ode"), ("heun", "ode"), ("euler", "sde")])
+def test_adjoint_projections_equal_forward_ones_closed_form(integrator, method):
+    """One reverse pass gives ``omega^T psi^n`` for every n to round-off (float64), with
+    and without the clamp, for every integrator (the SDE's path taken as recorded)."""
+    points, model, z0 = _empirical_problem(n_points=15)
+    density = "closed_form" if method == "sde" else "ccov"
+    s = SolverSettings(method=method, integrator=integrator, num_steps=40, density=density, progress=False,
+                       batch_size=2)  # the tape is joined from chunks of 2 samples
+    clamps = [None, (0.1, 10.0)]
+    forward, omega, projected = _forward_and_adjoint(model, points, z0, s, clamps)
+    for j in range(len(clamps)):
+        expected = torch.einsum("mbd,nbd->mbn", omega, forward[j])
+        assert _rel(projected[j], expected) < 1e-10, (integrator, clamps[j])
+    assert _rel(forward[0], forward[1]) > 1e-3  # the clamp changed psi: both were exercised
+
+
+@pytest.mark.parametrize("integrator", ["euler", "heun"])
+def test_adjoint_projections_equal_forward_ones_unet(integrator):
+    """The same through a (tiny, untrained) UNet: reverse-mode VJPs against forward-mode
+    JVPs, CCoV density from a Hutchinson probe, clamped weights."""
+    model = build_network_model(TINY_UNET, (1, 8, 8), VPDiscrete(), dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    z0, points = torch.randn(2, 1, 8, 8, generator=g), torch.rand(6, 1, 8, 8, generator=g)
+    s = SolverSettings(integrator=integrator, num_steps=6, progress=False)
+    forward, omega, projected = _forward_and_adjoint(model, points, z0, s, [(0.1, 10.0)])
+    expected = torch.einsum("mbd,nbd->mbn", omega.flatten(2), forward[0].flatten(2))
+    assert _rel(projected[0], expected) < 1e-8
+    assert expected.abs().max() > 0
+
+
+def test_psi_n_is_the_derivative_of_the_flow_when_x_n_is_upweighted():
+    """The closed-form empirical model: psi^n against a second-order one-sided finite
+    difference (a mixture weight cannot go below zero) of the flow of
+    ``(1 - eta) rho + eta delta_{x_n}`` from the same z0 (exact densities, the same grid),
+    for three of the points, with both methods."""
+    points, model, z0 = _empirical_problem(n_points=10, d=3, n_samples=4)
+    s = SolverSettings(num_steps=200, density="closed_form", progress=False)
+    psi = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi
+    primal = Integrator(model, s, tape=True).run(z0)
+    basis = torch.eye(3)[:, None].expand(3, *z0.shape)  # omega = each coordinate: the adjoint gives psi^n whole
+    psi_adjoint = project(model, primal.tape, EmpiricalForcing(points), basis, [None], show_progress=False)[0]
+    psi_adjoint = psi_adjoint.permute(2, 1, 0)  # [N, B, d]
+    base = primal.samples
+    eta = 1e-5
+    for n in (0, 4, 9):
+        ends = [Integrator(MixtureScore(model.measure.mix(GaussianMixture.empirical(points[n:n + 1]), e), SCHED),
+                           s).run(z0).samples for e in (eta, 2 * eta)]
+        fd = (4 * ends[0] - ends[1] - 3 * base) / (2 * eta)
+        assert _rel(psi[n], fd) < 1e-5 and _rel(psi_adjoint[n], fd) < 1e-5, n
+
+
+def test_orthogonal_projections_give_exact_norms_at_m_equal_d_and_unbiased_below():
+    """``|Q psi|^2`` with ``m = d`` directions is ``|psi|^2``; with fewer, ``(d/m) |Q psi|^2 /
+    |psi|^2`` is ``d/m`` times a Beta(m/2, (d-m)/2) variable: mean 1, variance
+    ``2 (d - m) / (m (d + 2))``, below Johnson-Lindenstrauss's Gaussian ``2 / m``."""
+    d = 30
+    psi = torch.randn(d, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, d)
+    q = orthogonal_directions(d, d, torch.Generator().manual_seed(1), torch.float64)
+    torch.testing.assert_close((q @ psi).norm(), psi.norm(), rtol=1e-12, atol=0)
+    m, draws = 8, 2000
+    ratios = torch.stack([((orthogonal_directions(d, m, torch.Generator().manual_seed(s), torch.float64) @ psi) ** 2)
+                          .sum() / (psi**2).sum() for s in range(draws)])
+    var = 2 * (d - m) / (m * (d + 2))
+    assert abs(ratios.mean() - 1) < 4 * (var / draws) ** 0.5
+    assert abs(ratios.var() / var - 1) < 0.15
+
+
+def test_randomized_svd_recovers_the_top_singular_triples():
+    """HMT with oversampling and power iterations, through matrix-free callbacks, against
+    ``torch.linalg.svd`` of explicit ``N x d`` matrices with a decaying spectrum."""
+    g = torch.Generator().manual_seed(0)
+    b, n, d, rank = 2, 200, 40, 5
+    u = torch.linalg.qr(torch.randn(b, n, d, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(b, d, d, generator=g)).Q
+    psi = u @ torch.diag_embed(0.7 ** torch.arange(d).expand(b, d)) @ v.transpose(1, 2)  # [B, N, d]
+
+    def forward(mix):  # [l, B, N] -> [l, B, d]
+        return torch.einsum("lbn,bnd->lbd", mix, psi)
+
+    def adjoint(w):  # [l, B, d] -> [l, B, N]
+        return torch.einsum("lbd,bnd->lbn", w, psi)
+
+    omega = torch.randn(b, d, rank + 5, generator=g)
+    sv, vh = randomized_svd(psi @ omega, forward, adjoint, rank, power_iterations=2)
+    _, sv_ref, vh_ref = torch.linalg.svd(psi, full_matrices=False)
+    torch.testing.assert_close(sv, sv_ref[:, :rank], rtol=1e-4, atol=0)
+    alignment = (vh * vh_ref[:, :rank]).sum(-1).abs()
+    assert alignment.min() > 0.999
+
+
+def test_sketch_with_fewer_projections_than_dimensions_approaches_exact():
+    """m < d: Johnson-Lindenstrauss scores and a randomised SVD (power iterations, the
+    forward-mixture and adjoint callbacks) against the exact method on the closed-form
+    empirical model: the leading singular values to a few percent and scores that rank
+    the training points alike."""
+    points, model, z0 = _empirical_problem(n_points=60, d=12, n_samples=2, seed=3)
+    s = SolverSettings(num_steps=40, density="closed_form", progress=False)
+    exact = influence(model, s, points, z0, InfluenceSettings(method="exact", rank=3), [None])
+    sketch = influence(model, s, points, z0, InfluenceSettings(projections=8, rank=3, oversample=5,
+                                                               power_iterations=2), [None])
+    assert exact.exact and not sketch.exact
+    torch.testing.assert_close(sketch.singular_values[:, :2], exact.singular_values[:, :2], rtol=0.03, atol=0)
+    alignment = (sketch.singular_vectors[:, 0] * exact.singular_vectors[:, 0]).sum(-1).abs()
+    assert alignment.min() > 0.99
+    for b in range(2):
+        assert spearman(sketch.scores[0, b], exact.scores[0, b]) > 0.9
