@@ -142,7 +142,8 @@ def test_cfg_job_and_help(tmp_path):
     r = diffsens("run", "experiment=toy2d", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "task: toy2d" in r.stdout
     r = diffsens("run", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "experiment: bench_engine, celeba_attributes, celeba_attributes_paper" in r.stdout
+    assert r.returncode == 0
+    assert "experiment: bench_engine, bench_influence, celeba_attributes, celeba_attributes_paper" in r.stdout
     assert diffsens("--help", cwd=tmp_path).returncode == 0
 
 
