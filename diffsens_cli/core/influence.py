@@ -31,6 +31,7 @@ import torch
 
 from diffsens_cli import interrupt, progress
 from diffsens_cli.core.integrate import Integrator, SolverSettings, Tape
+from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Coefficients
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.core.score_sensitivity import WeightStats, weight
@@ -49,8 +50,7 @@ class EmpiricalForcing:
     def __init__(self, points: torch.Tensor, index: torch.Tensor | None = None, mix: torch.Tensor | None = None):
         if index is not None and mix is not None:
             raise ValueError("give the tangents' points (index) or their mixture weights (mix), not both")
-        self.points = points.flatten(1)
-        self.sq_norms = (self.points * self.points).sum(-1)
+        self.measure = GaussianMixture.empirical(points)  # one component per point: their log-densities
         self.mix = mix
         self.index = None if mix is not None else (torch.arange(len(points)) if index is None else index)
 
@@ -64,13 +64,18 @@ class EmpiricalForcing:
     def rows(self, sl: slice) -> EmpiricalForcing:
         return self if self.mix is None else self._with(index=None, mix=self.mix[:, sl])
 
+    @property
+    def points(self) -> torch.Tensor:
+        """The training points, flattened: [N, d]."""
+        return self.measure.means
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> EmpiricalForcing:
         return EmpiricalForcing(self.points.to(device, dtype), None if self.index is None else self.index.to(device),
                                 None if self.mix is None else self.mix.to(device, dtype))
 
     def _with(self, index: torch.Tensor | None, mix: torch.Tensor | None) -> EmpiricalForcing:
         out = EmpiricalForcing.__new__(EmpiricalForcing)
-        out.points, out.sq_norms, out.index, out.mix = self.points, self.sq_norms, index, mix
+        out.measure, out.index, out.mix = self.measure, index, mix
         return out
 
     def memory_per_sample(self, itemsize: int) -> int:
@@ -82,11 +87,7 @@ class EmpiricalForcing:
                       index: torch.Tensor | None = None) -> torch.Tensor:
         """``nu^n_t / rho_t`` [B, N'] at ``z`` [B, d] for the points ``index`` (default all),
         each clamped on its own."""
-        x = self.points if index is None else self.points[index]
-        x2 = self.sq_norms if index is None else self.sq_norms[index]
-        var = co.sigma**2
-        sq = ((z * z).sum(-1, keepdim=True) - 2 * co.alpha * (z @ x.T) + co.alpha**2 * x2).clamp_min(0)
-        log_nu = -sq / (2 * var) - 0.5 * z.shape[1] * torch.log(2 * math.pi * var)
+        log_nu, _ = self.measure.component_log_densities(z, co.alpha, co.sigma, slice(None) if index is None else index)
         return weight(log_nu, log_rho[:, None], clamp, stats)
 
     def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,

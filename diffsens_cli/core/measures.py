@@ -177,14 +177,24 @@ class GaussianMixture:
             stats.trace = (centred_sq - d * rc_sum).squeeze(-1)
         return stats
 
+    def component_log_densities(self, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                                index: slice | torch.Tensor = slice(None),
+                                z2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log N(z; alpha mu_k, C_k I)`` [B, K'] of the diffused components ``index`` (without
+        the mixture weights), and the squared distances ``|z - alpha mu_k|^2`` [B, K']."""
+        mu = self.means[index]  # [K', d]
+        c = alpha**2 * self.stds[index] ** 2 + sigma**2  # [K']
+        z2 = (z * z).sum(-1, keepdim=True) if z2 is None else z2
+        sq = (z2 - 2 * alpha * (z @ mu.T) + alpha**2 * self.sq_norms[index]).clamp_min(0)  # [B, K']
+        return -sq / (2 * c) - 0.5 * z.shape[1] * torch.log(2 * math.pi * c), sq
+
     def _chunk(self, z, z2, alpha, sigma, start):
         """Means, variances, log-weighted log-densities and squared distances
         ``|z - alpha mu_k|^2`` of one chunk of components."""
         stop = start + self.chunk_size
         mu = self.means[start:stop]  # [Kc, d]
         c = alpha**2 * self.stds[start:stop] ** 2 + sigma**2  # [Kc]
-        sq = (z2 - 2 * alpha * (z @ mu.T) + alpha**2 * self.sq_norms[start:stop]).clamp_min(0)  # [B, Kc]
-        logit = -sq / (2 * c) - 0.5 * z.shape[1] * torch.log(2 * math.pi * c)
+        logit, sq = self.component_log_densities(z, alpha, sigma, slice(start, stop), z2)
         lw = self.log_weights[..., start:stop]
         if lw.ndim == 2:  # a family: R consecutive groups of points, one mixture each
             logit = (logit.view(lw.shape[0], -1, logit.shape[-1]) + lw[:, None]).view_as(logit)
