@@ -5,3 +5,4 @@
 set -euo pipefail
 diffsens run experiment=digits_influence "$@"
 diffsens run experiment=lfw_influence "$@"
+# On CelebA (a GPU job): diffsens run experiment=celeba_influence dataset.root=DIR

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from diffsens_cli.cli import main
+
 
 @pytest.fixture
 def float64_default():
@@ -14,14 +16,37 @@ def float64_default():
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture
+def cli_error(tmp_path, monkeypatch, capsys):
+    """``cli_error(args, cwd=tmp_path)``: run ``diffsens <args>`` in this process (no
+    interpreter start-up: bad-input checks cost milliseconds), check exit status 2, one
+    stderr line and (unless ``after_run_dir``: a check that needs the loaded data) no
+    outputs/, and return that line without ``diffsens: error: ``."""
+
+    def run(args: list[str], cwd=None, after_run_dir: bool = False) -> str:
+        cwd = cwd or tmp_path
+        monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1, lines
+        assert after_run_dir or not (cwd / "outputs").exists()
+        return lines[0].removeprefix("diffsens: error: ")
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory):
     """Tiny copies of the published data sets in their own formats, for runs of the
     experiments that read them: ``<root>/mnist`` (24 IDX images, 28x28), ``<root>/tmnist``
     (20 CSV rows) and ``<root>/celeba`` (12 JPEGs of CelebA's size 178x218, with the
     attributes Male, Young, Bald, Goatee, Smiling, Eyeglasses, each in both splits: images
-    1-8 train, 9-12 test; the train images with Male and not Young are 2 and 6)."""
+    1-8 train, 9-12 test; the train images with Male and not Young are 2 and 6),
+    ``<root>/cifar10`` (5 training batches of 6 images, 32x32 RGB, 10 labels) and
+    ``<root>/cifar10_model`` (a tiny pretrained UNet for CIFAR-10 images, save_pretrained layout)."""
     import gzip
+    import pickle
     import struct
 
     import numpy as np
@@ -58,4 +83,21 @@ def fake_data(tmp_path_factory):
         partition.append(f"{name} {0 if i < 8 else 2}")
     (celeba / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
     (celeba / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
+
+    batches = root / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for b in range(1, 6):
+        batch = {b"labels": [int(v) for v in rng.integers(0, 10, 6)],
+                 b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8)}
+        with open(batches / f"data_batch_{b}", "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+    from diffsens_cli.core.schedule import VPDiscrete
+    from diffsens_cli.models.pretrained import save_pretrained
+    from diffsens_cli.models.unet import build_network_model
+
+    unet = {"kind": "unet", "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            "attention_head_dim": 4, "seed": 0}
+    save_pretrained(build_network_model(unet, (3, 32, 32), VPDiscrete(), forward_ad=False), root / "cifar10_model")
     return root

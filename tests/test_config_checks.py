@@ -15,22 +15,10 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from diffsens_cli.cli import main
 from diffsens_cli.data import load_images
 from diffsens_cli.data.synthetic import read_points
 from diffsens_cli.errors import ConfigError, flag, listed, number, whole
 from diffsens_cli.pipelines import check_task
-
-
-def cli_error(args: list[str], cwd: Path, monkeypatch, capsys) -> str:
-    """The one stderr line of ``diffsens <args>`` run in ``cwd``, after checking exit 2 and no outputs/."""
-    monkeypatch.chdir(cwd)
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1, lines
-    assert not (cwd / "outputs").exists()
-    return lines[0].removeprefix("diffsens: error: ")
 
 
 def test_typed_accessors():
@@ -93,8 +81,8 @@ def test_typed_accessors():
      "attributes.coefficients[0]: must be a number, got 'a'"),
     (["experiment=celeba_oldman", "dataset.root=/nope"], "dataset.root: /nope is not a folder"),
 ])
-def test_bad_values_stop_before_the_run_directory(args, expected, tmp_path, monkeypatch, capsys):
-    assert cli_error(["run", *args], tmp_path, monkeypatch, capsys).startswith(expected)
+def test_bad_values_stop_before_the_run_directory(args, expected, tmp_path, cli_error):
+    assert cli_error(["run", *args]).startswith(expected)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -104,25 +92,25 @@ def test_bad_values_stop_before_the_run_directory(args, expected, tmp_path, monk
     (["train.mode=finetune", "model=pretrained", "model.path=/nope"], "model.path: /nope is not a directory"),
     (["train.mode=retrain", "perturbation.source.glyph_size=2"], "perturbation.source.glyph_size: must be in (0, 1]"),
 ])
-def test_bad_training_values_stop_before_the_run_directory(args, expected, tmp_path, monkeypatch, capsys):
-    assert cli_error(["train", *args], tmp_path, monkeypatch, capsys).startswith(expected)
+def test_bad_training_values_stop_before_the_run_directory(args, expected, tmp_path, cli_error):
+    assert cli_error(["train", *args]).startswith(expected)
 
 
-def test_data_folders_with_the_wrong_files_stop_before_the_run_directory(tmp_path, monkeypatch, capsys):
+def test_data_folders_with_the_wrong_files_stop_before_the_run_directory(tmp_path, cli_error):
     mnist = tmp_path / "mnist"
     mnist.mkdir()
     (mnist / "train-images-idx3-ubyte").write_bytes(b"garbage")
     base = ["run", "experiment=digits_typography", "dataset=mnist", f"dataset.root={mnist}"]
-    assert cli_error(base, tmp_path, monkeypatch, capsys) == (
+    assert cli_error(base) == (
         f"dataset.root: {mnist / 'train-images-idx3-ubyte'} is not an IDX file of unsigned bytes "
         "(magic 0x0000080N, N sizes, then the data)")
     celeba = tmp_path / "celeba"
     celeba.mkdir()
-    assert cli_error(["run", "experiment=celeba_oldman", f"dataset.root={celeba}"], tmp_path, monkeypatch,
-                     capsys).startswith(f"dataset.root: {celeba} has no img_align_celeba; CelebA expects")
+    assert cli_error(["run", "experiment=celeba_oldman", f"dataset.root={celeba}"]).startswith(
+        f"dataset.root: {celeba} has no img_align_celeba; CelebA expects")
 
 
-def test_a_model_directory_of_the_wrong_shape_stops_before_the_run_directory(tmp_path, monkeypatch, capsys):
+def test_a_model_directory_of_the_wrong_shape_stops_before_the_run_directory(tmp_path, cli_error):
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "scheduler").mkdir()
@@ -130,7 +118,7 @@ def test_a_model_directory_of_the_wrong_shape_stops_before_the_run_directory(tmp
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (model / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
     args = ["run", "experiment=digits_typography", "model=pretrained", f"model.path={model}"]
-    assert cli_error(args, tmp_path, monkeypatch, capsys) == (
+    assert cli_error(args) == (
         f"model.path: the model at {model} takes images of shape (1, 28, 28), but the dataset gives samples of "
         "shape (1, 8, 8) (see dataset.image_size)")
 
@@ -204,10 +192,10 @@ def test_good_perturbation_files_load(tmp_path):
     assert np.array_equal(read_points(str(_write(tmp_path / "p.txt", "0 1\n2 3\n4 5\n")), 2), points)
 
 
-def test_a_nan_perturbation_file_stops_the_cli(tmp_path, monkeypatch, capsys):
+def test_a_nan_perturbation_file_stops_the_cli(tmp_path, cli_error):
     path = _write(tmp_path / "nan.npy", np.full((3, 2), np.nan))
     args = ["run", "experiment=toy2d", "perturbation=empirical", f"perturbation.path={path}"]
-    assert cli_error(args, tmp_path, monkeypatch, capsys) == (
+    assert cli_error(args) == (
         f"perturbation.path: {path} holds non-finite values (NaN or inf); expected a .npy or .txt array [K, 2] of "
         "finite numbers")
 

@@ -19,6 +19,7 @@ from diffsens_cli.core.influence import (
     orthogonal_directions,
     project,
     randomized_svd,
+    refine,
 )
 from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
@@ -169,6 +170,44 @@ def test_randomized_svd_recovers_the_top_singular_triples():
     torch.testing.assert_close(sv, sv_ref[:, :rank], rtol=1e-4, atol=0)
     alignment = (vh * vh_ref[:, :rank]).sum(-1).abs()
     assert alignment.min() > 0.999
+
+
+def _refined_sketch(psi: torch.Tensor, m: int, width: int, rank: int, seed: int):
+    """``refine`` on an explicit ``Psi`` [B, N, d] as ``influence`` calls it: projections on
+    m Haar directions, a range finder on the first ``width`` (one power iteration), and
+    ``V^T psi^n``; also the plain projection estimate of the scores."""
+    d = psi.shape[-1]
+    q = orthogonal_directions(d, m, torch.Generator().manual_seed(seed), torch.float64)
+    proj = torch.einsum("md,bnd->mbn", q, psi)[None]  # [1, m, B, N]
+    _, vh = randomized_svd(proj[0, :width].movedim(0, -1), lambda mix: torch.einsum("lbn,bnd->lbd", mix, psi),
+                           lambda w: torch.einsum("lbd,bnd->lbn", w, psi), rank, power_iterations=1)
+    psi_v = torch.einsum("brd,bnd->rbn", vh, psi)[None]
+    scores, sv, vh = refine(proj, q, vh, psi_v, width)
+    return scores[0], sv, vh, proj[0].pow(2).sum(0).sqrt()
+
+
+def test_refined_scores_are_unbiased_exact_at_m_equal_d_and_far_less_noisy_when_psi_is_nearly_low_rank():
+    """``refine`` against ``Psi`` known in full (rank 3 plus 5% noise, N = 60, d = 40):
+    at m = d the scores and top singular values are exact; at m = 16 the squared scores
+    average to the exact ones over 400 draws of the projections (unbiased) with a tenth
+    of the variance of the plain projection estimate, and the top directions never
+    explain more than all of ``|Psi|_F^2``."""
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 1, 60, 40
+    psi = torch.randn(b, n, 3, generator=g) @ torch.randn(b, 3, d, generator=g) + 0.05 * torch.randn(b, n, d,
+                                                                                                     generator=g)
+    exact = psi.norm(dim=-1)
+    sv_ref = torch.linalg.svdvals(psi)
+    scores, sv, _, _ = _refined_sketch(psi, d, 6, 3, seed=0)
+    torch.testing.assert_close(scores, exact, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sv, sv_ref[:, :3], rtol=1e-10, atol=0)
+    draws = [_refined_sketch(psi, 16, 6, 3, seed=s) for s in range(400)]
+    refined = torch.stack([r[0] for r in draws]) ** 2  # [draws, B, N]
+    plain = torch.stack([r[3] for r in draws]) ** 2
+    stderr = refined.std(0) / len(draws) ** 0.5
+    assert ((refined.mean(0) - exact**2).abs() < 4 * stderr + 1e-12).float().mean() > 0.97
+    assert (refined.var(0) / plain.var(0)).median() < 0.1
+    assert all((r[1] ** 2).sum() <= (r[0] ** 2).sum() + 1e-9 for r in draws)
 
 
 def test_sketch_with_fewer_projections_than_dimensions_approaches_exact():

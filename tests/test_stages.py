@@ -127,8 +127,9 @@ def _stages(tmp_path: Path) -> dict[str, bool]:
                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_ctrl_c_or_a_kill_during_training_leaves_the_cache_consistent(tmp_path, sig, status, how):
     """SIGINT or SIGTERM while the retrained model trains (after the base model and the
-    sensitivities finished): the retraining stage is not marked finished, and the next run
-    reuses what finished, completes the rest, and a plot-only change recomputes nothing."""
+    sensitivities finished): the retraining stage is not marked finished, and (after
+    SIGTERM) the next run reuses what finished, completes the rest, and a plot-only change
+    recomputes nothing."""
     proc = _run(tmp_path)
     deadline = time.time() + 300
     retrain = tmp_path / "outputs" / "stages" / "train_retrain"
@@ -147,6 +148,8 @@ def test_ctrl_c_or_a_kill_during_training_leaves_the_cache_consistent(tmp_path, 
     assert list(retrain.glob("*/checkpoints/step-*"))
     assert not list(retrain.glob("*/done.json"))
     assert len(list((tmp_path / "outputs" / "stages" / "train_base").glob("*/done.json"))) == 1
+    if sig != signal.SIGTERM:
+        return  # the resume after either signal is the same code; one run of it suffices
 
     proc = _run(tmp_path)
     assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]

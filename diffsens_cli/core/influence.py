@@ -13,9 +13,10 @@ network passes that does not grow with N:
   and an ``N x d`` product with the training points per step, no network call.
 
 The adjoint is the exact transpose of the discrete scheme (Euler, and Heun's two
-stages), so both agree to round-off.  ``influence_scores`` (random orthogonal
-projections: exact when their number reaches d) and ``randomized_svd``
-(Halko-Martinsson-Tropp with power iterations) are built from the two.
+stages), so both agree to round-off.  Scores from random orthogonal projections
+(exact when their number reaches d), ``randomized_svd`` (Halko-Martinsson-Tropp with
+power iterations) and ``refine`` (scores exact in the span of the singular vectors
+found, estimated in the rest) are built from the two.
 
 The weight ``nu_t / rho_t`` of each point is ``N(z; alpha x_n, sigma^2 I) / rho_t(z)``,
 clamped per point, so the forcing stays linear in ``u``.
@@ -209,6 +210,34 @@ def randomized_svd(sketch: torch.Tensor, forward: Callable[[torch.Tensor], torch
     return sv[:, :rank], vh[:, :rank]
 
 
+def refine(proj: torch.Tensor, q: torch.Tensor, vh: torch.Tensor, psi_v: torch.Tensor,
+           width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores and singular triples from the sketch, exact in the span of the right singular
+    vectors found and estimated only in the rest (a Hutch++-style control variate).
+
+    ``proj`` [C, m, B, N] are the projections ``q_j^T psi^n`` on the directions ``q``
+    [m, d] of ``orthogonal_directions``; ``vh`` [B, r, d] orthonormal directions computed
+    from the first ``width`` projections alone; ``psi_v`` [C, r, B, N] the exact
+    ``v_i^T psi^n`` (one more adjoint pass).  By Pythagoras
+    ``|psi^n|^2 = |V^T psi^n|^2 + |x^n|^2`` with ``x^n = (I - V V^T) psi^n``; the first term
+    is exact, the second is estimated from the projections of ``x^n``: exactly on the
+    first ``width`` directions, and unbiasedly from the other ``m - width`` (given the
+    first, they are Haar-random in the rest of R^d).  When ``Psi`` is close to rank r the
+    estimated part is small, and so is its error; at ``m = d`` everything is exact.
+
+    Returns the scores [C, B, N], and the Rayleigh-Ritz singular values [B, r] and right
+    singular vectors [B, r, d] of ``Psi V`` under the first clamp."""
+    m, d = q.shape
+    unit = q * math.sqrt(m / d)  # q's rows as unit vectors
+    coeff = torch.einsum("md,brd->bmr", unit, vh)  # [B, m, r]
+    x_proj = proj * math.sqrt(m / d) - torch.einsum("bmr,crbn->cmbn", coeff, psi_v)  # unit_j^T x^n
+    captured = x_proj[:, :width].pow(2).sum(1)
+    rest = x_proj[:, width:].pow(2).sum(1) * ((d - width) / (m - width)) if m > width else 0.0
+    scores = (psi_v.pow(2).sum(1) + captured + rest).sqrt()
+    _, sv, wh = torch.linalg.svd(psi_v[0].permute(1, 2, 0), full_matrices=False)  # Psi V = U S W^T: [B, N, r]
+    return scores, sv, wh @ vh
+
+
 class CountingModel:
     """A score model that counts its network calls and the vectors (tangents, probes,
     cotangents) they carry: the cost measure of the influence methods."""
@@ -271,9 +300,10 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
     from ``z0`` [B, *event] (the rows from ``first_index`` of a run: the key of their
     random numbers), under each weight clamp in ``clamps``, and the top singular triples
     of each sample's sensitivity matrix under the first, by ``cfg.method``.  With the
-    sketch and fewer projections than dimensions the scores and the Frobenius norm are
-    Johnson-Lindenstrauss estimates and the singular triples randomised; the range
-    finder keeps ``min(rank + oversample, projections)`` columns."""
+    sketch and fewer projections than dimensions the singular triples are randomised
+    (the range finder takes the first ``min(rank + oversample, projections // 2)``
+    projections) and the scores and Frobenius norm are estimates, exact in the span of
+    the singular vectors found and Johnson-Lindenstrauss in the rest (``refine``)."""
     counted = CountingModel(model)
     b, d, event = len(z0), z0[0].numel(), z0.shape[1:]
     rank = min(cfg.rank, len(points), d)
@@ -318,8 +348,12 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
                        desc=f"adjoint ({len(w)} directions)", show_progress=settings.progress,
                        chunk=settings.tangent_batch_size)[0]
 
-    width = min(rank + cfg.oversample, m)
-    sv, vh = randomized_svd(proj[0, :width].movedim(0, -1), mixed, adjoint, rank, cfg.power_iterations)
+    width = max(1, min(rank + cfg.oversample, m // 2))  # at least half the projections estimate the rest
+    _, vh = randomized_svd(proj[0, :width].movedim(0, -1), mixed, adjoint, min(rank, width), cfg.power_iterations)
+    psi_v = project(counted, primal.tape, forcing, vh.movedim(1, 0).reshape(-1, *z0.shape), clamps,
+                    desc=f"adjoint ({vh.shape[1]} singular directions)", show_progress=settings.progress,
+                    chunk=settings.tangent_batch_size)  # [C, r, B, N]: V^T psi^n, exact
+    scores, sv, vh = refine(proj, q, vh, psi_v, width)
     return _result(primal.samples, scores, sv, vh, False, counted, stats, event)
 
 

@@ -1,27 +1,90 @@
 """Cross-class influence (paper Fig. 11): entry (i, j) is the mean influence score of the
 class-j training images on the model samples of class i.  Model samples get their class
-from a classifier fitted on the labelled training images (scikit-learn's multinomial
-logistic regression on pixels), whose accuracy on held-out training images is reported.
+from a classifier fitted on the labelled training images, whose accuracy on held-out
+training images is reported: scikit-learn's multinomial logistic regression on pixels
+(``logistic``; enough for the 8x8 digits) or a small convolutional network trained with
+torch (``cnn``; for natural images such as CIFAR-10, where pixels alone give ~40%).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import torch
+from torch import nn
+
+CLASSIFIERS = {"logistic": "scikit-learn LogisticRegression on pixels",
+               "cnn": "a 3-block CNN (two conv-BN-ReLU and a max-pool each, global pooling) trained with AdamW"}
 
 
 def classify(train_images: np.ndarray, train_labels: np.ndarray, samples: np.ndarray, held_out: float,
-             seed: int) -> tuple[np.ndarray, float]:
+             seed: int, classifier: str = "logistic", epochs: int = 30, flip: bool = False,
+             device: torch.device | str = "cpu") -> tuple[np.ndarray, float]:
     """The classes of ``samples`` [M, *event], and the accuracy of the classifier on the
-    share ``held_out`` of the training images (a seeded draw) kept out of its fit."""
+    share ``held_out`` of the training images (a seeded draw) kept out of its fit
+    (``epochs`` and ``flip``, random horizontal flips, apply to the CNN)."""
+    y = np.asarray(train_labels)
+    order = np.random.default_rng(seed).permutation(len(y))
+    cut = int(round(len(y) * (1 - held_out)))
+    fit, held = order[:cut], order[cut:]
+    if classifier == "cnn":
+        predict = _fit_cnn(train_images[fit], y[fit], epochs, flip, seed, torch.device(device))
+    else:
+        predict = _fit_logistic(train_images[fit], y[fit])
+    accuracy = float((predict(train_images[held]) == y[held]).mean()) if len(held) else float("nan")
+    return predict(samples), accuracy
+
+
+def _fit_logistic(images: np.ndarray, labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Multinomial logistic regression on the pixels; returns its predict function."""
     from sklearn.linear_model import LogisticRegression
 
-    x, y = train_images.reshape(len(train_images), -1), np.asarray(train_labels)
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = int(round(len(x) * (1 - held_out)))
-    fit, held = order[:cut], order[cut:]
-    clf = LogisticRegression(max_iter=2000).fit(x[fit], y[fit])
-    accuracy = float((clf.predict(x[held]) == y[held]).mean()) if len(held) else float("nan")
-    return clf.predict(samples.reshape(len(samples), -1)), accuracy
+    clf = LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1), labels)
+    return lambda x: clf.predict(x.reshape(len(x), -1))
+
+
+def _fit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, flip: bool, seed: int,
+             device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """A small CNN fitted to images [N, C, H, W] in [-1, 1]; returns its predict function
+    (numpy images in, numpy labels out)."""
+    classes, targets = np.unique(labels, return_inverse=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    width = 64
+    blocks, channels = [], images.shape[1]
+    for out in (width, 2 * width, 4 * width):
+        blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                   nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+        channels = out
+    net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, len(classes))).to(device)
+    x = torch.as_tensor(images, dtype=torch.float32)
+    t = torch.as_tensor(targets, dtype=torch.long)
+    batch = 256
+    steps = epochs * -(-len(x) // batch)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch):
+            xb, tb = x[idx].to(device), t[idx].to(device)
+            if flip:
+                mirrored = (torch.rand(len(idx), generator=gen) < 0.5).to(device)[:, None, None, None]
+                xb = torch.where(mirrored, xb.flip(-1), xb)
+            loss = nn.functional.cross_entropy(net(xb), tb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+
+    @torch.no_grad()
+    def predict(batch_images: np.ndarray) -> np.ndarray:
+        xs = torch.as_tensor(batch_images, dtype=torch.float32).split(1024)
+        out = torch.cat([net(xb.to(device)).argmax(1).cpu() for xb in xs])
+        return classes[out.numpy()]
+
+    return predict
 
 
 def crossclass_matrix(scores: np.ndarray, sample_classes: np.ndarray, train_labels: np.ndarray,

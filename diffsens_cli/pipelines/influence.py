@@ -3,8 +3,9 @@
 samples, its regression on L2 distance, and the singular directions of each sample's
 ``N x d`` sensitivity matrix (DESIGN.md section 7, ``core.influence``).
 
-The model is a trained image experiment's base model (its stage is reused) or the exact
-score of N points drawn from a synthetic data set (``influence_closed_form``).  Model
+The model is a trained image experiment's base model (its stage is reused), a model
+brought with ``model=pretrained`` (``cifar10_crossclass``), or the exact score of N
+points drawn from a synthetic data set (``influence_closed_form``).  Model
 samples are rows ``influence.samples`` of the experiment's ``influence.pool`` starting
 points (the same z0 as the experiment's own samples).  Each model sample is its own
 cached stage, so an interrupted run resumes from the finished ones.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,11 +30,12 @@ from diffsens_cli.core.influence import EmpiricalForcing, InfluenceSettings, inf
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.score_model import ScoreModel
+from diffsens_cli.data import IMAGE_DATASETS
 from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
-from diffsens_cli.models import VECTOR_KINDS
+from diffsens_cli.pipelines import crossclass
 from diffsens_cli.rundir import RunDir
-from diffsens_cli.stages import ArrayDict
+from diffsens_cli.stages import ArrayDict, checksums
 from diffsens_cli.training.settings import train_settings
 
 STAGES = ("train_base", "influence")
@@ -58,7 +61,8 @@ def influence_settings(cfg: DictConfig) -> InfluenceSettings:
 
 
 def closed_form(cfg: DictConfig) -> bool:
-    return cfg.model.kind in VECTOR_KINDS
+    """Influence on synthetic (vector) data, where the model is the training points' exact score."""
+    return cfg.dataset.kind not in IMAGE_DATASETS
 
 
 def check(cfg: DictConfig) -> None:
@@ -96,15 +100,21 @@ def check(cfg: DictConfig) -> None:
         dim = int(np.prod(check_data_and_model(cfg, with_s=False)))
     if settings.method == "sketch" and settings.projections < dim:
         width = settings.rank + settings.oversample
-        require(width <= settings.projections, "influence.rank",
-                f"rank + oversample ({width}) must not exceed influence.projections ({settings.projections}) "
-                f"when the projections are fewer than the dimension ({dim})")
+        require(width <= settings.projections // 2, "influence.rank",
+                f"rank + oversample ({width}) must not exceed half of influence.projections "
+                f"({settings.projections} // 2) when the projections are fewer than the dimension ({dim}): "
+                f"the other half estimates what the singular directions miss")
     if num_train is not None:
         check_num_train(cfg, num_train)
     if "crossclass" in cfg:
         held_out = number(cfg.crossclass.held_out, "crossclass.held_out")
         require(0 < held_out < 1, "crossclass.held_out", f"must be in (0, 1), got {held_out}")
         require(not closed_form(cfg), "crossclass", "needs a labelled image data set")
+        one_of(cfg.crossclass.classifier, list(crossclass.CLASSIFIERS), "crossclass.classifier")
+        require(whole(cfg.crossclass.epochs, "crossclass.epochs") >= 1, "crossclass.epochs",
+                f"must be >= 1, got {cfg.crossclass.epochs}")
+        require(isinstance(cfg.crossclass.flip, bool), "crossclass.flip",
+                f"must be true or false, got {cfg.crossclass.flip}")
 
 
 def check_num_train(cfg: DictConfig, n: int) -> None:
@@ -153,10 +163,14 @@ def image_source(cfg: DictConfig, run: RunDir) -> Source:
     require("crossclass" not in cfg or rho.labels is not None, "crossclass",
             f"needs class labels; the data set {cfg.dataset.kind!r} has none")
     subset = rho.subset(index)
-    base = stages.trained("base")
-    model = stages.score_model(base[1])
+    if cfg.model.kind == "pretrained":  # a model brought as it is: keyed by its files' contents
+        model_dir = Path(cfg.model.path).expanduser()
+        model_key: Any = {"pretrained": checksums(model_dir)}
+    else:  # the experiment's base model, trained on rho (or reused from the stage cache)
+        model_key, model_dir = stages.trained("base")
+    model = stages.score_model(model_dir)
     return Source(model, subset.images.to(stages.device, stages.dtype), subset.labels, index,
-                  stages.z0(model, int(cfg.influence.pool)), {"model": base[0], "dataset": plain(cfg.dataset)})
+                  stages.z0(model, int(cfg.influence.pool)), {"model": model_key, "dataset": plain(cfg.dataset)})
 
 
 def closed_form_source(cfg: DictConfig) -> Source:
@@ -228,8 +242,8 @@ def _depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
     dim = source.points[0].numel()
     if ic["method"] == "sketch":
         settings["projections"] = min(int(ic["projections"]), dim)
-        if settings["projections"] < dim:
-            settings |= {k: ic[k] for k in ("oversample", "power_iterations")}
+        if settings["projections"] < dim:  # scores refined in the singular directions' span (core.influence.refine)
+            settings |= {k: ic[k] for k in ("oversample", "power_iterations")} | {"estimator": "refined"}
     return {"source": source.model_key, "solver": solver_depends(cfg.solver), "influence": settings,
             "pool": int(cfg.influence.pool), "sample": i, "seed": int(cfg.seed)}
 
@@ -298,11 +312,10 @@ def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, n
                 arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], list[str]]:
     """Paper Fig. 11 from the scores: the class-by-class mean influence and its diagonal
     dominance (its arrays added to ``arrays``)."""
-    from diffsens_cli.pipelines import crossclass
-
-    labels = source.labels.numpy()
+    labels, cc = source.labels.numpy(), cfg.crossclass
     sample_classes, accuracy = crossclass.classify(source.points.cpu().numpy(), labels, stack["sample"],
-                                                   float(cfg.crossclass.held_out), int(cfg.seed))
+                                                   float(cc.held_out), int(cfg.seed), str(cc.classifier),
+                                                   int(cc.epochs), bool(cc.flip), source.points.device)
     classes = np.unique(labels)
     matrix = crossclass.crossclass_matrix(stack["scores"][:, 0], sample_classes, labels, classes)
     arrays |= {"crossclass/matrix": matrix, "crossclass/sample_classes": sample_classes, "crossclass/classes": classes}
@@ -311,7 +324,7 @@ def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, n
                                                       f"diagonal dominance {dominance:.2f}"), "fig11_crossclass")
     counts = {str(c): int((sample_classes == c).sum()) for c in classes}
     return {"diagonal_dominance": dominance, "classifier_heldout_accuracy": accuracy,
-            "samples_per_class": counts, "classifier": "scikit-learn LogisticRegression on pixels"}, figure
+            "samples_per_class": counts, "classifier": crossclass.CLASSIFIERS[str(cc.classifier)]}, figure
 
 
 def _figures(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray], fits) -> list[str]:
