@@ -126,3 +126,17 @@ def test_the_cnn_classifier_of_the_crossclass_experiments_learns_the_digits():
                                             epochs=5)
     assert accuracy > 0.95
     assert (classes == digits.target[:100]).mean() > 0.95
+
+
+def test_crossclass_matrix_and_diagonal_dominance_by_hand():
+    """Entry (i, j): the mean over class-i samples of the mean score of class-j training
+    images; NaN for a class no sample has. Dominance: mean diagonal / mean off-diagonal."""
+    from diffsens_cli.pipelines import crossclass
+
+    scores = np.array([[4.0, 2.0, 1.0, 3.0],   # sample of class 0
+                       [2.0, 0.0, 5.0, 1.0],   # sample of class 1
+                       [6.0, 4.0, 3.0, 1.0]])  # sample of class 0
+    matrix = crossclass.crossclass_matrix(scores, np.array([0, 1, 0]), np.array([0, 0, 1, 1]), np.array([0, 1, 2]))
+    expected = np.array([[(3 + 5) / 2, (2 + 2) / 2, np.nan], [1, 3, np.nan], [np.nan, np.nan, np.nan]])
+    np.testing.assert_allclose(matrix, expected)
+    assert crossclass.diagonal_dominance(matrix) == pytest.approx(((4 + 3) / 2) / ((2 + 1) / 2))

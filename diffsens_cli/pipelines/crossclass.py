@@ -91,16 +91,11 @@ def crossclass_matrix(scores: np.ndarray, sample_classes: np.ndarray, train_labe
                       classes: np.ndarray) -> np.ndarray:
     """[C, C]: the mean over model samples of class i of the mean score of the class-j
     training images; NaN where no model sample (or no training image) has the class."""
-    out = np.full((len(classes), len(classes)), np.nan)
-    for j, cj in enumerate(classes):
-        in_j = train_labels == cj
-        if not in_j.any():
-            continue
-        per_sample = scores[:, in_j].mean(1)  # [M]
-        for i, ci in enumerate(classes):
-            if (sample_classes == ci).any():
-                out[i, j] = per_sample[sample_classes == ci].mean()
-    return out
+    train_onehot = (np.asarray(train_labels)[:, None] == classes).astype(float)  # [N, C]
+    sample_onehot = (np.asarray(sample_classes)[:, None] == classes).astype(float)  # [M, C]
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: a class with no members
+        per_sample = scores @ train_onehot / train_onehot.sum(0)  # [M, C]: class means per sample
+        return sample_onehot.T @ per_sample / sample_onehot.sum(0)[:, None]
 
 
 def diagonal_dominance(matrix: np.ndarray) -> float:
