@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,12 +59,14 @@ class RunDir:
         return arrays
 
     def save_figure(self, fig, name: str) -> list[str]:
-        """``name.png`` and ``name.pdf``."""
+        """``name.png`` and ``name.pdf``; the figure is closed afterwards (pyplot keeps every
+        open figure, and a sweep's jobs share one process)."""
         out = []
         for ext in ("png", "pdf"):
             path = self.path / f"{name}.{ext}"
             atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=150, bbox_inches="tight"))
             out.append(path.name)
+        plt.close(fig)
         return out
 
     def warn(self, message: str) -> None:

@@ -8,11 +8,11 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_cli import diffsens
 
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
@@ -138,8 +138,7 @@ def test_no_usable_checkpoint_starts_from_step_zero_untouched(run, tmp_path, cap
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     tiny = ["solver.progress=false", "train.steps=3", "train.batch_size=8", "train.checkpoint_every=2",
             "sample.num_images=2", "sample.num_steps=2", "dataset.limit=64"]
-    return subprocess.run([sys.executable, "-m", "diffsens_cli", "train", *tiny, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    return diffsens("train", *tiny, *args, cwd=cwd)
 
 
 def test_resuming_with_other_settings_is_refused_and_leaves_the_run_as_it_was(tmp_path):

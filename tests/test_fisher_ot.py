@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from test_cli import diffsens
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator, SolverSettings
@@ -107,10 +105,8 @@ def test_experiment_runs_and_writes_the_table(tmp_path):
     """The CLI run at small settings: the 4 x 3 table in summary.json (symmetric and positive definite
     for the Gaussian and affine data, asymmetric for the three points), arrays and figure."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "diffsens_cli", "run", "experiment=fisher_ot_check",
-                        f"hydra.run.dir={out}", "solver.progress=false", "fisher_ot.num_paths=16", *TINY],
-                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-                       timeout=600)
+    r = diffsens("run", "experiment=fisher_ot_check", f"hydra.run.dir={out}", "solver.progress=false",
+                 "fisher_ot.num_paths=16", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["metrics"]

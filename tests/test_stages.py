@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
+from test_cli import TINY, diffsens
 
 from diffsens_cli.errors import DiffsensError
 from diffsens_cli.pipelines.image_stages import ImageStages
@@ -111,11 +112,9 @@ def test_experiments_that_share_a_base_model_share_its_training_stage(tmp_path):
     assert key(oldman, "base") != key(ImageStages(_compose("celeba_oldman", "train.lr=2e-4"), cache), "base")
 
 
-def _run(tmp_path: Path, *args: str, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "diffsens_cli", "run", "experiment=digits_typography", "size=tiny",
-           "hydra.run.dir=run", "solver.progress=false", "train.steps=150", "train.checkpoint_every=5", *args]
-    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"}, **kw)
+# Tiny digits_typography with enough training steps that a signal can land mid-training.
+SIGNALLED_RUN = ["run", "experiment=digits_typography", "size=tiny", "hydra.run.dir=run", "solver.progress=false",
+                 "train.steps=80", "train.checkpoint_every=5"]
 
 
 def _stages(tmp_path: Path) -> dict[str, bool]:
@@ -130,7 +129,9 @@ def test_ctrl_c_or_a_kill_during_training_leaves_the_cache_consistent(tmp_path, 
     sensitivities finished): the retraining stage is not marked finished, and (after
     SIGTERM) the next run reuses what finished, completes the rest, and a plot-only change
     recomputes nothing."""
-    proc = _run(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "diffsens_cli", *SIGNALLED_RUN], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     deadline = time.time() + 300
     retrain = tmp_path / "outputs" / "stages" / "train_retrain"
     while not list(retrain.glob("*/checkpoints/step-*")) and proc.poll() is None and time.time() < deadline:
@@ -151,13 +152,13 @@ def test_ctrl_c_or_a_kill_during_training_leaves_the_cache_consistent(tmp_path, 
     if sig != signal.SIGTERM:
         return  # the resume after either signal is the same code; one run of it suffices
 
-    proc = _run(tmp_path)
-    assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
+    r = diffsens(*SIGNALLED_RUN, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
     stages = _stages(tmp_path)
     assert stages["train_base"] and stages["sensitivity"] and not stages["train_retrain"]
     assert list(retrain.glob("*/done.json")) and not list(retrain.glob("*/checkpoints"))  # finished: its model only
-    proc = _run(tmp_path, "predict.grid_samples=1")
-    assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
+    r = diffsens(*SIGNALLED_RUN, "predict.grid_samples=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert all(_stages(tmp_path).values())
 
 
@@ -304,8 +305,6 @@ def test_a_corrupt_stage_in_a_read_only_cache_stops_in_one_line(shared_dir):
 def test_a_truncated_stage_file_of_a_real_run_is_recomputed(tmp_path):
     """The reproduction: truncate a finished stage's arrays.npz; the rerun names it in one
     warning line, sets it aside and finishes (before: a BadZipFile traceback, every rerun)."""
-    from test_cli import TINY, diffsens
-
     args = ["run", "experiment=gmm_first_order", "hydra.run.dir=run", "solver.progress=false",
             *TINY["gmm_first_order"]]
     assert diffsens(*args, cwd=tmp_path).returncode == 0
