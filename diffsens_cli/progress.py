@@ -5,6 +5,7 @@ bar redrawn with carriage returns (which floods a log file); none when the run's
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from typing import TextIO
@@ -14,14 +15,19 @@ from tqdm.auto import tqdm
 LOG_INTERVAL_S = 30.0
 
 
+# Terminal control sequences (a nested bar moves the cursor up with ESC [ A).
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
-    """A stream for tqdm that turns each redraw into one line (blank redraws dropped)."""
+    """A stream for tqdm that turns each redraw into one line (blank redraws and cursor
+    movements dropped)."""
 
     def __init__(self, stream: TextIO):
         self.stream, self.last = stream, ""
 
     def write(self, text: str) -> None:
-        text = text.replace("\r", "").strip()
+        text = _CONTROL.sub("", text.replace("\r", "")).strip()
         if text and text != self.last:
             self.stream.write(text + "\n")
             self.last = text

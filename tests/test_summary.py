@@ -151,6 +151,11 @@ def test_progress_in_a_log_file_is_a_few_plain_lines(monkeypatch, capsys):
     lines = err.splitlines()
     assert "\r" not in err and 2 <= len(lines) <= 8, lines
     assert lines[-1].startswith("integrate: 100%") and "20/20" in lines[-1]
+    for _ in progress.bar(range(2), desc="samples"):  # a nested bar: no cursor movements either
+        for _ in progress.bar(range(3), desc="inner", leave=False):
+            time.sleep(0.05)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err and "inner: 100%" in err and "samples: 100%" in err, err
     for _ in progress.bar(range(3), desc="quiet", enabled=False):
         pass
     assert capsys.readouterr().err == ""

@@ -50,14 +50,17 @@ def _fit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, flip: bool, se
     (numpy images in, numpy labels out)."""
     classes, targets = np.unique(labels, return_inverse=True)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     width = 64
     blocks, channels = [], images.shape[1]
-    for out in (width, 2 * width, 4 * width):
-        blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
-                   nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
-        channels = out
-    net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, len(classes))).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
+        torch.manual_seed(seed)
+        for out in (width, 2 * width, 4 * width):
+            blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            channels = out
+        net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, len(classes)))
+    net = net.to(device)
     x = torch.as_tensor(images, dtype=torch.float32)
     t = torch.as_tensor(targets, dtype=torch.long)
     batch = 256
