@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from diffsens_cli.cli import main
-
 
 @pytest.fixture
 def float64_default():
@@ -17,19 +15,18 @@ def float64_default():
 
 
 @pytest.fixture
-def cli_error(tmp_path, monkeypatch, capsys):
+def cli_error(tmp_path):
     """``cli_error(args, cwd=tmp_path)``: run ``diffsens <args>`` in this process (no
     interpreter start-up: bad-input checks cost milliseconds), check exit status 2, one
     stderr line and (unless ``after_run_dir``: a check that needs the loaded data) no
     outputs/, and return that line without ``diffsens: error: ``."""
+    from test_cli import diffsens
 
     def run(args: list[str], cwd=None, after_run_dir: bool = False) -> str:
         cwd = cwd or tmp_path
-        monkeypatch.chdir(cwd)
-        with pytest.raises(SystemExit) as exit_:
-            main(args)
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert exit_.value.code == 2 and len(lines) == 1, lines
+        r = diffsens(*args, cwd=cwd)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, lines
         assert after_run_dir or not (cwd / "outputs").exists()
         return lines[0].removeprefix("diffsens: error: ")
 

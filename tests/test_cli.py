@@ -11,7 +11,9 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from unittest import mock
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -61,22 +63,14 @@ def diffsens(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (exit status, stdout, stderr) without an interpreter start-up, which costs about 4 s
     with torch and diffusers. Real processes are kept for what needs one (signals, a shell's view)."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    cwd_before, argv_before, full_error = os.getcwd(), sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "0"
     status = 0
     try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with contextlib.chdir(cwd), mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "0"}), \
+                mock.patch.object(sys, "argv", sys.argv), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
             main(list(args))
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
-    finally:
-        os.chdir(cwd_before)
-        sys.argv = argv_before
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR")
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
     return subprocess.CompletedProcess(["diffsens", *args], status, stdout.getvalue(), stderr.getvalue())
 
 
@@ -124,6 +118,7 @@ def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path, fake_
     for fig in summary.get("figures", []):
         assert (out / fig).stat().st_size > 1000
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".tmp-*"))
+    assert plt.get_fignums() == []  # every figure closed once saved (a sweep's jobs share a process)
     with np.load(out / "arrays.npz") as arrays:
         for key in ARRAYS.get(experiment, ("z0", "samples", "psi", "logp")):
             assert np.isfinite(arrays[key]).all(), key
