@@ -513,3 +513,85 @@ def influence_cost(runs: dict[str, dict], accuracy: dict[str, dict]) -> plt.Figu
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+RANKING_COLOURS = {"ours": "C0", "l2": "C1", "random": "C7", "least": "C2"}
+
+
+def counterfactual(names: list[str], ks: list[int], change, floor, base, retrained, top_removed=None) -> plt.Figure:
+    """How far model samples move when each ranking's top k training images are removed
+    and the model retrained: ``change`` [M, rankings, ks] of |Delta x| / |x|, pooled
+    (median bars, quartile whiskers, one dot per sample) and per sample at the largest k,
+    against the noise floor ``floor`` [M] (full data, another training seed).  For image
+    data a grid below: each sample, its retrained samples per ranking at the largest k
+    (``retrained`` [M, rankings, *event]), and our top removed images (``top_removed``
+    [M, shown, *event])."""
+    change = np.moveaxis(np.asarray(change, dtype=float), 0, -1)  # [rankings, ks, M]
+    floor = np.asarray(floor, dtype=float)
+    images = np.asarray(base).ndim == 4
+    fig = plt.figure(figsize=(11, 4 + (1.0 * len(base) + 0.6 if images else 0)))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4, 1.0 * len(base) + 0.6]) if images else (fig, None)
+    pooled, per_sample = top.subplots(1, 2, width_ratios=[1, 1.6])
+    width = 0.8 / len(names)
+    rng = np.random.default_rng(0)
+    for r, name in enumerate(names):
+        x = np.arange(len(ks)) + (r - (len(names) - 1) / 2) * width
+        q1, med, q3 = np.percentile(change[r], [25, 50, 75], axis=1)
+        pooled.bar(x, med, width, yerr=[med - q1, q3 - med], color=RANKING_COLOURS[name], alpha=0.8, label=name,
+                   capsize=2)
+        for j in range(len(ks)):
+            pooled.scatter(x[j] + rng.uniform(-width / 4, width / 4, change.shape[2]), change[r, j], s=6, c="k",
+                           zorder=3)
+        positions = np.arange(change.shape[2]) + (r - (len(names) - 1) / 2) * width
+        per_sample.bar(positions, change[r, -1], width, color=RANKING_COLOURS[name], alpha=0.8, label=name)
+    for ax in (pooled, per_sample):
+        ax.set_ylabel("|Δx| / |x|")
+    pooled.axhline(np.median(floor), color="r", ls="--", lw=1)
+    pooled.set_xticks(range(len(ks)), [f"k = {k}" for k in ks])
+    pooled.set_title("pooled over samples (dashed: median noise floor)", fontsize=10)
+    per_sample.scatter(range(len(floor)), floor, marker="_", s=200, c="r", zorder=3, label="noise floor")
+    per_sample.set_xticks(range(change.shape[2]))
+    per_sample.set_xlabel("model sample")
+    per_sample.set_title(f"per sample, k = {ks[-1]}")
+    per_sample.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if bottom is not None:
+        shown = 0 if top_removed is None else np.asarray(top_removed).shape[1]
+        columns = ["base", *[f"−{name}" for name in names], *([f"ours top {i + 1}" for i in range(shown)])]
+        axes = bottom.subplots(len(base), len(columns), squeeze=False)
+        for m in range(len(base)):
+            cells = [base[m], *retrained[m], *(top_removed[m] if shown else [])]
+            for c, (ax, image) in enumerate(zip(axes[m], cells, strict=True)):
+                _show_image(ax, image)
+                if m == 0:
+                    ax.set_title(columns[c], fontsize=8)
+            axes[m, 0].set_ylabel(f"sample {m}", fontsize=8)
+        bottom.suptitle(f"retrained without each ranking's top {ks[-1]}"
+                        + (", and our most influential images" if shown else ""), fontsize=9)
+    return fig
+
+
+def datamodeling(corr: dict[str, np.ndarray], norms: dict[str, np.ndarray], lds: dict[str, np.ndarray]) -> plt.Figure:
+    """Linear datamodeling over random subsets: the correlation of predicted and actual
+    Delta x per (sample, subset), ours against the L2-kernel baseline (``corr`` [M, J]
+    each), and predicted against actual |Delta x| (``norms`` [M, J]: actual, ours,
+    l2kernel), one colour per model sample, with each method's median LDS (``lds`` [M])."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    labels = {"ours": "ours (Σ ψ over removed)", "l2kernel": "L2 kernel"}
+    bins = np.linspace(-1, 1, 21)
+    for name, colour in (("ours", "C0"), ("l2kernel", "C1")):
+        values = np.asarray(corr[name], dtype=float).ravel()
+        axes[0].hist(values[np.isfinite(values)], bins=bins, alpha=0.6, color=colour,
+                     label=f"{labels[name]}: median {np.nanmedian(values):.2f}")
+    axes[0].set_xlabel("corr(predicted Δx, actual Δx)")
+    axes[0].set_ylabel("(sample, subset) pairs")
+    axes[0].legend(fontsize=8)
+    actual = np.asarray(norms["actual"], dtype=float)
+    for ax, name in zip(axes[1:], ("ours", "l2kernel"), strict=True):
+        predicted = np.asarray(norms[name], dtype=float)
+        for m in range(len(actual)):
+            ax.scatter(predicted[m], actual[m], s=10, color=f"C{m % 10}")
+        ax.set_xlabel(f"predicted |Δx|: {labels[name]}")
+        ax.set_ylabel("actual |Δx|")
+        ax.set_title(f"LDS (median Spearman over subsets) {np.nanmedian(lds[name]):.2f}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -33,6 +33,7 @@ DATA_ROOTS = {
     "celeba_oldman": ["dataset.root={data}/celeba"],
     "celeba_attributes_paper": ["dataset.root={data}/celeba"],
     "celeba_influence": ["dataset.root={data}/celeba"],
+    "mnist_counterfactual": ["dataset.root={data}/mnist"],
     "cifar10_crossclass": ["dataset.root={data}/cifar10", "model.path={data}/cifar10_model"],
 }
 TINY = {e: ["size=tiny", *DATA_ROOTS.get(e, [])] for e in EXPERIMENTS}
@@ -46,6 +47,9 @@ ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "pa
 ARRAYS["bench_influence"] = ARRAYS["bench_influence_faces"] = ("sizes", "speedup", "spearman", "reference_scores")
 ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",
                                    "influence/singular_vectors")
+ARRAYS["counterfactual_closed_form"] = ARRAYS["digits_counterfactual"] = ARRAYS["mnist_counterfactual"] = (
+    "base", "floor", "counterfactual/retrained", "counterfactual/predicted", "datamodel/retrained",
+    "datamodel/predicted", "datamodel/predicted_l2kernel")
 # The image experiments clamp the weights: scores without the clamp too.
 for _e in ("digits_influence", "lfw_influence", "celeba_influence", "digits_crossclass", "cifar10_crossclass"):
     ARRAYS[_e] = ("z0", "samples", "train_index", "influence/scores", "influence/scores_noclamp",
@@ -145,8 +149,9 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
     (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
     (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, bench_influence, "
                           "bench_influence_faces, celeba_attributes, celeba_attributes_paper, celeba_influence, "
-                          "celeba_oldman, cifar10_crossclass, digits_crossclass, "
-                          "digits_influence, digits_psi_convergence, digits_typography, fisher_ot_check, "),
+                          "celeba_oldman, cifar10_crossclass, counterfactual_closed_form, "
+                          "digits_counterfactual, digits_crossclass, digits_influence, digits_psi_convergence, "
+                          "digits_typography, fisher_ot_check, "),
     (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
     (["experiment=gmm_first_order", "perturbation.mean=[1,2,3]"],
      "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),

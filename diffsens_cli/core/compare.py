@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,12 @@ def cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 SIMILARITIES = {"correlation": correlation, "cosine": cosine}
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|a - b| / |b|`` per row of two batches [B, *event] (each row flattened)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

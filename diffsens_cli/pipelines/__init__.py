@@ -18,8 +18,8 @@ from diffsens_cli.errors import one_of, whole
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.stages import StageCache
 
-TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "first_order", "fisher_ot", "influence",
-              "predict_change", "psi_convergence", "score_error", "toy2d", "train")
+TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "counterfactual", "first_order", "fisher_ot",
+              "influence", "predict_change", "psi_convergence", "score_error", "toy2d", "train")
 
 
 def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:

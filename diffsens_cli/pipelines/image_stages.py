@@ -27,8 +27,8 @@ from diffsens_cli.errors import plain, require
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
 from diffsens_cli.stages import ArrayDict, StageCache
-from diffsens_cli.training.settings import BOOKKEEPING, train_settings
-from diffsens_cli.training.source import training_measure
+from diffsens_cli.training.settings import BOOKKEEPING, TrainSettings, train_settings
+from diffsens_cli.training.source import BatchSource, training_measure
 
 # Keys of the solver group that change no result.
 _SOLVER_DISPLAY = ("progress", "record_every", "batch_size", "tangent_batch_size")
@@ -114,7 +114,6 @@ class ImageStages:
         """The stage ``train_<mode>``: its ``name/key`` and its saved model directory."""
         from diffsens_cli.models.pretrained import load_pretrained
         from diffsens_cli.models.unet import build_network_model
-        from diffsens_cli.training.trainer import train_to_completion
 
         depends = self._train_depends(mode)
         name = f"train_{mode}"
@@ -130,17 +129,24 @@ class ImageStages:
             model.net.train()
             source, epoch = training_measure(mode, self.rho, self.S if mode != "base" else None,
                                              float(self.cfg.train.eta_bar))
-            settings = train_settings(train_cfg, epoch)
-            train_to_completion(model, source, self.event_shape, settings, path, cpu=self.device.type == "cpu",
-                                fingerprint=depends)
-            # Checkpoints serve an interrupted stage only; a finished one is its model (and
-            # every reuse checks every file of the stage, so gigabytes of them would cost).
-            shutil.rmtree(path / "checkpoints")
+            self.train_network(path, model, source, train_settings(train_cfg, epoch), depends)
 
         if mode == "finetune":
             self.trained("base")  # train the base model first, outside this stage's lock
         path = self.cache.run(name, depends, work)
         return f"{name}/{path.name}", path / "model"
+
+    def train_network(self, path: Path, model: NetworkScore, source: BatchSource, settings: TrainSettings,
+                      fingerprint: dict[str, Any]) -> None:
+        """Train ``model`` on ``source`` into the stage directory ``path`` (resuming from its
+        checkpoints; the model saved to ``path/model``)."""
+        from diffsens_cli.training.trainer import train_to_completion
+
+        train_to_completion(model, source, self.event_shape, settings, path, cpu=self.device.type == "cpu",
+                            fingerprint=fingerprint)
+        # Checkpoints serve an interrupted stage only; a finished one is its model (and
+        # every reuse checks every file of the stage, so gigabytes of them would cost).
+        shutil.rmtree(path / "checkpoints")
 
     def score_model(self, model_dir: Path) -> NetworkScore:
         """A trained model for sampling and JVPs, on the run's device and dtype."""
@@ -186,15 +192,17 @@ class ImageStages:
 
         return f"{name}/{self.cache.path(name, depends).name}", self.cache.arrays(name, depends, compute)
 
-    def samples(self, model: tuple[str, Path], n: int) -> ArrayDict:
-        """Stage: PF-ODE samples of a (perturbed) model from the same ``z0``, same solver."""
+    def samples(self, model: tuple[str, Path], n: int, rows: list[int] | None = None) -> ArrayDict:
+        """Stage: PF-ODE samples of a (perturbed) model from the same ``z0`` (its ``n``
+        starting points, or the ``rows`` of them), same solver."""
         depends = {"model": model[0], "solver": solver_depends(self.cfg.solver), "num_samples": n,
-                   "seed": int(self.cfg.seed)}
+                   "seed": int(self.cfg.seed)} | ({"rows": rows} if rows is not None else {})
         stage = "samples_" + model[0].split("/")[0].removeprefix("train_")
 
         def compute() -> ArrayDict:
             score = self.score_model(model[1])
-            return {"samples": Integrator(score, self.solver).run(self.z0(score, n)).samples.numpy()}
+            z0 = self.z0(score, n)
+            return {"samples": Integrator(score, self.solver).run(z0 if rows is None else z0[rows]).samples.numpy()}
 
         return self.cache.arrays(stage, depends, compute)
 

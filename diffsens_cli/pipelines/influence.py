@@ -232,7 +232,7 @@ def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
             **{f"weights/{key}": np.array([c[key] for c in counts]) for key in counts[0]}}
 
 
-def _depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
+def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
     """What one model sample's stage depends on: only the influence settings in effect
     (the exact method has no projections; a sketch with m >= d is exact, with m = d)."""
     from diffsens_cli.pipelines.image_stages import solver_depends
@@ -254,7 +254,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     samples = sample_indices(cfg)
     per_sample = []
     for i in progress.bar(samples, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
-        per_sample.append(run.stage("influence", lambda i=i: sample_stage(cfg, source, i), _depends(cfg, source, i)))
+        per_sample.append(run.stage("influence", lambda i=i: sample_stage(cfg, source, i),
+                                    stage_depends(cfg, source, i)))
     _report(cfg, run, source, samples, per_sample)
 
 

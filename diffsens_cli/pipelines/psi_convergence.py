@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli import plots
 from diffsens_cli.builders import solver_settings
+from diffsens_cli.core import compare
 from diffsens_cli.errors import ConfigError, listed, require, whole
 from diffsens_cli.pipelines.image_stages import ImageStages, check_training
 from diffsens_cli.rundir import RunDir
@@ -77,9 +78,8 @@ def cost(solver: DictConfig, num_tangents: int, dim: int) -> dict[str, int]:
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``|a - b| / |b|`` per sample (the leading axis after K)."""
-    a, b = a.reshape(a.shape[0] * a.shape[1], -1), b.reshape(b.shape[0] * b.shape[1], -1)
-    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    """``|a - b| / |b|`` per sample of [K, B, *event] arrays (K and B flattened together)."""
+    return compare.relative_difference(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]))
 
 
 def run(cfg: DictConfig, run: RunDir) -> None:

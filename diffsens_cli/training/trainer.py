@@ -3,7 +3,8 @@ horizontal flips, on one device or several (accelerate).
 
 What a batch is drawn from is a ``GaussianMixture``: a closed-form target, or the
 empirical measure of a set of images; the retraining target ``(1 - eta) rho + eta nu``
-is their ``mix``, so every item of a batch is drawn from the mixture itself.
+is their ``mix``, so every item of a batch is drawn from the mixture itself.  Any
+``training.source.BatchSource`` will do (``SharedDraws``: counterfactual retrainings).
 
 Every random draw of step ``k`` (data, flips, times, noise) comes from a generator
 seeded by ``(seed, k, process)``, so a run is repeatable and a resumed run takes exactly
@@ -43,12 +44,12 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from diffsens_cli import interrupt, progress
-from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.errors import DiffsensError, warn
 from diffsens_cli.models.network import NetworkScore, enable_forward_ad
 from diffsens_cli.stages import file_digest
 from diffsens_cli.training.dsm import dsm_loss
 from diffsens_cli.training.settings import TrainSettings
+from diffsens_cli.training.source import BatchSource
 
 MANIFEST = "trainer.json"
 FORMAT = 2  # 1: accelerate's save_state layout, which unpickles on load
@@ -164,7 +165,7 @@ class Trainer:
     checkpoints record ``fingerprint`` (default: the settings' own) to refuse a resume
     with other settings."""
 
-    def __init__(self, model: NetworkScore, source: GaussianMixture, event_shape: tuple[int, ...],
+    def __init__(self, model: NetworkScore, source: BatchSource, event_shape: tuple[int, ...],
                  settings: TrainSettings, checkpoint_dir: Path, cpu: bool = True,
                  fingerprint: dict[str, Any] | None = None):
         self.cfg = settings
@@ -397,7 +398,7 @@ class Trainer:
         return False
 
 
-def train_to_completion(model: NetworkScore, source: GaussianMixture, event_shape: tuple[int, ...],
+def train_to_completion(model: NetworkScore, source: BatchSource, event_shape: tuple[int, ...],
                         settings: TrainSettings, directory: Path, cpu: bool = True,
                         fingerprint: dict[str, Any] | None = None) -> tuple[NetworkScore, Trainer]:
     """Train (resuming from ``directory/checkpoints`` if it was trained with ``fingerprint``),

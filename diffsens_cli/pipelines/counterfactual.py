@@ -1,0 +1,373 @@
+"""Do influence scores predict what retraining without the images does?  The evaluation
+attribution methods are judged by (counterfactual removal, and a linear datamodeling
+score over random subsets), on the influence scores of ``pipelines.influence``.
+
+- Counterfactual: for each model sample and each ranking of the N training images
+  (``ours``: |psi^n|; ``l2``: nearest first; ``random``; ``least``: our bottom), remove
+  the top k, retrain from the same initialisation and seeds, sample from the same z0, and
+  measure |Delta x| / |x| and the correlation of Delta x with the predicted change
+  ``-(k / (N - k)) mean_R psi^n`` (``core.counterfactual``).  The noise floor is the
+  full data retrained with another training seed.
+- Datamodeling: retrain on J random halves; per model sample and subset, the correlation
+  of the actual change with the predicted one, and the Spearman correlation over subsets
+  of |predicted| and |actual| (an LDS for samples), against an L2-kernel baseline.
+
+Retrainings of a network share the full-data training's batch draws
+(``training.source.SharedDraws``), so a removal changes the batches only where removed
+images were drawn.  Each retraining and each model's samples is its own cached stage,
+keyed by the removed images' content; on synthetic data the model is the exact score of
+the kept points (``counterfactual_closed_form``), so the first-order prediction can be
+checked against the exact change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffsens_cli import plots, progress
+from diffsens_cli.builders import Components, build_schedule, solver_settings
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.compare import correlation, relative_difference, spearman
+from diffsens_cli.core.counterfactual import (
+    PREDICTIONS,
+    kernel_removal_prediction,
+    keyed_generator,
+    random_halves,
+    removal_mix,
+    top_k_mask,
+)
+from diffsens_cli.core.influence import EmpiricalForcing
+from diffsens_cli.core.integrate import Integrator
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.errors import listed, number, one_of, plain, require, whole
+from diffsens_cli.pipelines import influence
+from diffsens_cli.rundir import RunDir
+from diffsens_cli.stages import ArrayDict
+
+STAGES = ("influence", "train_counterfactual", "samples_counterfactual", "predictions_counterfactual")
+RANKINGS = ("ours", "l2", "random", "least")
+
+
+# -- settings --------------------------------------------------------------------------
+def removal_sizes(cfg: DictConfig, n: int) -> list[int]:
+    """``counterfactual.remove`` as counts k: a float in (0, 1) is a fraction of N (at
+    least one image), a whole number a count; every k must leave some training image."""
+    sizes = []
+    for i, value in enumerate(listed(cfg.counterfactual.remove, "counterfactual.remove", number)):
+        key = f"counterfactual.remove[{i}]"
+        k = max(1, round(value * n)) if 0 < value < 1 else whole(value, key)
+        require(k >= 1, key, f"must be a fraction in (0, 1) or a count >= 1, got {value}")
+        require(k < n, key, f"k = {k} must be below the number of training images N = {n}")
+        sizes.append(k)
+    return sorted(set(sizes))
+
+
+def check(cfg: DictConfig) -> None:
+    """Every setting, and the data and model (``influence.check``), before any work."""
+    influence.check(cfg)
+    cc, dm = cfg.counterfactual, cfg.datamodel
+    rankings = listed(cc.rankings, "counterfactual.rankings", lambda v, key: one_of(v, RANKINGS, key))
+    require(len(set(rankings)) == len(rankings), "counterfactual.rankings", f"lists a ranking twice: {rankings}")
+    shown = whole(cc.shown, "counterfactual.shown")
+    require(shown >= 1, "counterfactual.shown", f"must be >= 1, got {shown}")
+    subsets = whole(dm.subsets, "datamodel.subsets")
+    require(subsets >= 2, "datamodel.subsets", f"must be >= 2 (a rank correlation over subsets), got {subsets}")
+    keep = number(dm.keep, "datamodel.keep")
+    require(0 < keep < 1, "datamodel.keep", f"must be in (0, 1), got {keep}")
+    for i, b in enumerate(listed(dm.bandwidths, "datamodel.bandwidths", number)):
+        require(b > 0, f"datamodel.bandwidths[{i}]", f"must be > 0, got {b}")
+    if influence.closed_form(cfg):
+        n = int(cfg.influence.num_train)
+    else:
+        require(cfg.influence.num_train is None, "influence.num_train",
+                "counterfactuals remove images from the whole training set: leave it null (dataset.limit "
+                "trains on fewer)")
+        n = _num_images(cfg)
+    influence.check_num_train(cfg, n)
+    removal_sizes(cfg, n)
+    require(1 <= round(keep * n) < n, "datamodel.keep", f"must keep some but not all of N = {n} images, got {keep}")
+    require(cfg.solver.method == "ode", "solver.method",
+            "counterfactual samples are compared along one deterministic path per z0: use method=ode")
+
+
+def _num_images(cfg: DictConfig) -> int:
+    """N for an image data set, from its loader (the embedded ones load in well under a second)."""
+    from diffsens_cli.data import load_images
+
+    return len(load_images(cfg.dataset))
+
+
+def digest(removed: torch.Tensor) -> str:
+    """A removal set's content key: the sorted positions of the removed images."""
+    return hashlib.sha256(torch.nonzero(removed).flatten().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+# -- models retrained without some images ---------------------------------------------------
+@dataclass
+class Models:
+    """The reference (full-data) model as an influence ``Source``, and ``samples(removed,
+    train_seed)``: the model samples [M, *event] from the rows ``rows`` of z0 of the model
+    trained without the ``removed`` images (bool [N])."""
+
+    source: influence.Source
+    samples: Callable[[torch.Tensor, int], np.ndarray]
+    rows: list[int]
+
+
+def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
+    """Networks trained from the same initialisation and seeds with shared batch draws,
+    each a ``train_counterfactual`` stage, and their samples, ``samples_counterfactual``."""
+    from diffsens_cli.models.unet import build_network_model
+    from diffsens_cli.pipelines.image_stages import ImageStages
+    from diffsens_cli.training.settings import BOOKKEEPING, train_settings
+    from diffsens_cli.training.source import SharedDraws
+
+    stages = ImageStages(cfg, run.cache)
+    rho = stages.rho
+    train = {k: v for k, v in plain(cfg.train).items() if k not in (*BOOKKEEPING, "eta_bar", "mode")}
+    common = {"dtype": str(stages.dtype), "dataset": plain(cfg.dataset), "model": plain(cfg.model),
+              "schedule": plain(cfg.schedule), "draws": "shared"}
+
+    def trained(removed: torch.Tensor, train_seed: int) -> tuple[str, Path]:
+        depends = common | {"train": train | {"seed": train_seed}, "removed": digest(removed)}
+
+        def work(path: Path) -> None:
+            model = build_network_model(cfg.model, stages.event_shape, build_schedule(cfg.schedule),
+                                        dtype=stages.dtype, forward_ad=False)
+            model.net.train()
+            # the full data set's epochs in optimizer steps: the same number for every removal
+            settings = train_settings(OmegaConf.merge(cfg.train, {"seed": train_seed, "mode": "base"}), len(rho))
+            stages.train_network(path, model, SharedDraws(rho.images, ~removed), settings, depends)
+
+        path = run.cache.run("train_counterfactual", depends, work)
+        return f"train_counterfactual/{path.name}", path / "model"
+
+    pool = int(cfg.influence.pool)
+    nothing = torch.zeros(len(rho), dtype=torch.bool)
+    model_key, model_dir = trained(nothing, int(cfg.train.seed))
+    model = stages.score_model(model_dir)
+    source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, torch.arange(len(rho)),
+                              stages.z0(model, pool), {"model": model_key, "dataset": plain(cfg.dataset)})
+    return Models(source, lambda removed, seed: stages.samples(trained(removed, seed), pool, rows)["samples"], rows)
+
+
+def exact_models(cfg: DictConfig, rows: list[int]) -> Models:
+    """On synthetic data the model trained on the kept points is their exact score: no
+    training, no training noise (every training seed gives the same model)."""
+    source = influence.closed_form_source(cfg)
+    comp = Components(cfg)
+    settings = solver_settings(cfg.solver)
+
+    def samples(removed: torch.Tensor, train_seed: int) -> np.ndarray:
+        kept = source.points[~removed.to(source.points.device)]
+        model = MixtureScore(GaussianMixture.empirical(kept), comp.schedule)
+        return Integrator(model, settings).run(source.z0[rows]).samples.cpu().numpy()
+
+    return Models(source, samples, rows)
+
+
+# -- the experiment ----------------------------------------------------------------------
+def rankings(names: list[str], scores: np.ndarray, l2: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
+    """Each ranking of the N training images for one model sample, most influential first."""
+    scores, l2 = torch.from_numpy(scores), torch.from_numpy(l2)
+    orders = {"ours": torch.argsort(scores, descending=True), "least": torch.argsort(scores),
+              "l2": torch.argsort(l2),
+              "random": torch.randperm(len(l2), generator=keyed_generator("ranking", seed))}
+    return {name: orders[name] for name in names}
+
+
+def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int, removed: torch.Tensor) -> np.ndarray:
+    """Stage: the predicted changes [len(PREDICTIONS), R, *event] of model sample ``i``
+    after each removal (bool [R, N]), with each kind of removal weights
+    (``core.counterfactual.removal_mix``): one forward tangent each along the sample's path."""
+    from diffsens_cli.pipelines.image_stages import solver_depends
+
+    depends = {"source": source.model_key, "solver": solver_depends(cfg.solver), "pool": int(cfg.influence.pool),
+               "sample": i, "seed": int(cfg.seed), "removed": [digest(r) for r in removed], "weights": PREDICTIONS}
+
+    def compute() -> ArrayDict:
+        points = source.points
+        mix = torch.cat([removal_mix(removed, w) for w in PREDICTIONS]).to(points.device, points.dtype)
+        out = Integrator(source.model, solver_settings(cfg.solver), EmpiricalForcing(points, mix=mix[:, None]))
+        psi = out.run(source.z0[i:i + 1], first_index=i).psi[:, 0]
+        return {"psi": psi.view(len(PREDICTIONS), len(removed), *psi.shape[1:]).numpy()}
+
+    return run.stage("predictions_counterfactual", compute, depends)["psi"]
+
+
+@dataclass
+class Retrained:
+    """The model samples of the experiment, per model sample m of M: the full-data model's
+    (``base`` [M, *event]) and another training seed's (``floor``); after each ranking's
+    removals (``removed`` [M, rankings, ks, N], ``after`` [M, rankings, ks, *event],
+    ``predicted`` [P, M, rankings, ks, *event] for the P = len(PREDICTIONS) kinds of
+    removal weights) and after each random subset's (``subsets`` removed [J, N],
+    ``after_subsets`` [M, J, *event], ``predicted_subsets`` [P, M, J, *event])."""
+
+    base: np.ndarray
+    floor: np.ndarray
+    removed: torch.Tensor
+    after: np.ndarray
+    predicted: np.ndarray
+    subsets: torch.Tensor
+    after_subsets: np.ndarray
+    predicted_subsets: np.ndarray
+
+
+def run(cfg: DictConfig, run: RunDir) -> None:
+    check(cfg)
+    rows = influence.sample_indices(cfg)
+    models = exact_models(cfg, rows) if influence.closed_form(cfg) else image_models(cfg, run, rows)
+    source = models.source
+    per_sample = [run.stage("influence", lambda i=i: influence.sample_stage(cfg, source, i),
+                            influence.stage_depends(cfg, source, i))
+                  for i in progress.bar(rows, desc="influence: model samples", enabled=bool(cfg.solver.progress))]
+    names, ks = list(plain(cfg.counterfactual.rankings)), removal_sizes(cfg, len(source.points))
+    orders = [rankings(names, a["scores"][0], a["l2"], int(cfg.seed)) for a in per_sample]
+    out = _retrain(cfg, run, models, orders, ks)
+    _report(cfg, run, models, per_sample, orders, ks, out)
+
+
+def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str, torch.Tensor]],
+             ks: list[int]) -> Retrained:
+    """Every retraining (each unique removal set once) and every prediction."""
+    n, m_count, names = len(models.source.points), len(models.rows), list(orders[0])
+    removed = torch.stack([top_k_mask(o[r], k) for o in orders for r in names for k in ks])
+    removed = removed.view(m_count, len(names), len(ks), n)
+    subsets = ~random_halves(n, float(cfg.datamodel.keep), int(cfg.datamodel.subsets), int(cfg.seed))  # [J, N]
+    train_seed, nothing = int(cfg.train.seed), torch.zeros(n, dtype=torch.bool)
+    base = models.samples(nothing, train_seed)
+    unique = {digest(r): r for r in [*removed.flatten(0, 2), *subsets]}
+    shows = bool(cfg.solver.progress)
+    retrained = {key: models.samples(r, train_seed)
+                 for key, r in progress.bar(list(unique.items()), desc="counterfactual: retrainings", enabled=shows)}
+    floor = models.samples(nothing, train_seed + 1)
+    predicted = np.stack([_predictions(cfg, run, models.source, i, torch.cat([removed[m].flatten(0, 1), subsets]))
+                          for m, i in enumerate(progress.bar(models.rows, desc="predicted changes", enabled=shows))],
+                         axis=1)  # [P, M, rankings * ks + J, *event]
+    after = np.stack([retrained[digest(mask)][m] for m in range(m_count) for mask in removed[m].flatten(0, 1)])
+    after = after.reshape(*removed.shape[:3], *base.shape[1:])
+    cut = len(names) * len(ks)
+    return Retrained(base, floor, removed, after, predicted[:, :, :cut].reshape(len(PREDICTIONS), *after.shape),
+                     subsets, np.stack([retrained[digest(s)] for s in subsets], axis=1), predicted[:, :, cut:])
+
+
+def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[ArrayDict],
+            orders: list[dict[str, torch.Tensor]], ks: list[int], out: Retrained) -> None:
+    """Metrics, arrays, figures and the summary."""
+    names, closed = list(orders[0]), influence.closed_form(cfg)
+    points = models.source.points.cpu()
+    counterfactual, arrays = counterfactual_metrics(out, names, ks)
+    datamodeling, more, panels = datamodeling_metrics(out, points, cfg.datamodel)
+    counterfactual |= {"num_train": len(points), "num_samples": len(models.rows)}
+    arrays |= more | {"sample_index": np.array(models.rows), "z0": models.source.z0[models.rows].cpu().numpy(),
+                      "base": out.base, "floor": out.floor,
+                      "influence/scores": np.stack([a["scores"][0] for a in per_sample]),
+                      "influence/l2": np.stack([a["l2"] for a in per_sample])}
+    if closed:
+        arrays["train_points"] = points.numpy()
+    run.save_arrays("arrays", arrays)
+    shown = min(int(cfg.counterfactual.shown), ks[-1])
+    top_removed = points[torch.stack([o["ours"][:shown] for o in orders])].numpy() if "ours" in names else None
+    figures = run.save_figure(plots.counterfactual(names, ks, arrays["counterfactual/change"],
+                                                   arrays["counterfactual/floor_change"], out.base,
+                                                   out.after[:, :, -1], top_removed), "fig_counterfactual")
+    figures += run.save_figure(plots.datamodeling(*panels), "fig_datamodeling")
+    run.write_summary({"counterfactual": counterfactual, "datamodeling": datamodeling}, figures=figures,
+                      solver=plain(cfg.solver), **({} if closed else {"train": plain(cfg.train)}))
+    for name in names:
+        print(f"{name:>6}: " + "; ".join(f"k={k} change {counterfactual[name][f'k{k}']['median_change']:.3f} "
+                                         f"corr {counterfactual[name][f'k{k}']['median_corr_pred']:.3f}" for k in ks))
+    print(f"noise floor {counterfactual['noise_floor']:.3f}; datamodeling: corr {datamodeling['median_corr']:.3f} "
+          f"(L2 kernel {datamodeling['median_corr_l2kernel']:.3f}), LDS {datamodeling['lds']:.3f} "
+          f"(L2 kernel {datamodeling['lds_l2kernel']:.3f})")
+
+
+def _correlations(predicted: np.ndarray, actual: np.ndarray, event_dims: int) -> np.ndarray:
+    """The correlation of each predicted change with its actual one: ``actual`` [..., *event]
+    (``event_dims`` axes) broadcast against ``predicted``; returns ``predicted``'s leading axes."""
+    lead = predicted.shape[:predicted.ndim - event_dims]
+    pairs = (int(np.prod(lead)), -1)
+    p = torch.from_numpy(predicted)
+    return correlation(p.reshape(pairs), torch.from_numpy(actual).expand_as(p).reshape(pairs)).numpy().reshape(lead)
+
+
+def _suffix(kind: str) -> str:
+    """Summary keys of the issue's prediction (``removed``) plain, the other suffixed."""
+    return "" if kind == PREDICTIONS[0] else f"_{kind}"
+
+
+def counterfactual_metrics(out: Retrained, names: list[str], ks: list[int]) -> tuple[dict[str, Any], ArrayDict]:
+    """Per ranking and k: the median over samples of |Delta x| / |x| and of the
+    correlation of Delta x with each predicted change; the noise floor's |Delta x| / |x|."""
+    event_dims = out.base.ndim - 1
+    change = out.after - out.base[:, None, None]  # [M, rankings, ks, *event]
+    size = relative_difference(out.after.reshape(-1, *out.base.shape[1:]),
+                               np.repeat(out.base, len(names) * len(ks), axis=0)).reshape(change.shape[:3])
+    corr = _correlations(out.predicted, change, event_dims)  # [P, M, rankings, ks]
+    floor = relative_difference(out.floor, out.base)
+    metrics: dict[str, Any] = {
+        name: {f"k{k}": {"median_change": float(np.median(size[:, r, j])),
+                         **{f"median_corr_pred{_suffix(p)}": float(np.nanmedian(corr[c, :, r, j]))
+                            for c, p in enumerate(PREDICTIONS)},
+                         "change_per_sample": size[:, r, j].tolist(), "corr_pred_per_sample": corr[0, :, r, j].tolist()}
+               for j, k in enumerate(ks)} for r, name in enumerate(names)}
+    metrics |= {"noise_floor": float(np.median(floor)), "noise_floor_per_sample": floor.tolist(), "k": ks}
+    arrays = {"counterfactual/removed": out.removed.numpy(), "counterfactual/retrained": out.after,
+              "counterfactual/predicted": out.predicted, "counterfactual/change": size,
+              "counterfactual/corr_pred": corr, "counterfactual/floor_change": floor}
+    return metrics, arrays
+
+
+def datamodeling_metrics(out: Retrained, points: torch.Tensor,
+                         dm: DictConfig) -> tuple[dict[str, Any], ArrayDict, tuple[dict, dict, dict]]:
+    """Over (sample, subset): the correlation of predicted and actual Delta x, and per
+    sample the Spearman correlation over subsets of |predicted| and |actual| (the LDS),
+    for ours and for the L2-kernel baseline, whose bandwidth is the one of
+    ``dm.bandwidths`` (times the median sample-to-image distance) with the best median
+    correlation on subset 0 (which is also scored: a head start for the baseline); also
+    the panels of ``plots.datamodeling``."""
+    base = torch.from_numpy(out.base)
+    actual = out.after_subsets - out.base[:, None]  # [M, J, *event]
+    m_count, j_count = actual.shape[:2]
+    event_dims = out.base.ndim - 1
+    scale = float(torch.cdist(base.flatten(1).double(), points.flatten(1).double()).median())
+    bandwidths = [float(b) * scale for b in dm.bandwidths]
+
+    def kernel(bandwidth: float) -> np.ndarray:  # [M, J, *event]
+        pred = kernel_removal_prediction(base, points, out.subsets, bandwidth).transpose(0, 1)
+        return pred.reshape(actual.shape).numpy()
+
+    tuned = [float(np.nanmedian(_correlations(kernel(b)[:, :1], actual[:, :1], event_dims))) for b in bandwidths]
+    best = int(np.nanargmax(tuned)) if np.isfinite(tuned).any() else 0
+    predictions = {f"ours{_suffix(p)}": out.predicted_subsets[c] for c, p in enumerate(PREDICTIONS)}
+    predictions["l2kernel"] = kernel(bandwidths[best])
+    norms = {name: np.linalg.norm(p.reshape(m_count, j_count, -1), axis=2)
+             for name, p in (("actual", actual), *predictions.items())}
+    lds = {name: np.array([float(spearman(torch.from_numpy(norms[name][m]), torch.from_numpy(norms["actual"][m])))
+                           for m in range(m_count)]) for name in predictions}
+    corr = {name: _correlations(p, actual, event_dims) for name, p in predictions.items()}
+    metrics = {}
+    for name in predictions:
+        key = "" if name == "ours" else "_" + name.removeprefix("ours_")
+        metrics |= {f"median_corr{key}": float(np.nanmedian(corr[name])), f"lds{key}": float(np.nanmedian(lds[name])),
+                    f"lds{key}_per_sample": lds[name].tolist()}
+    metrics |= {
+        "median_change": float(np.median(norms["actual"] / np.linalg.norm(out.base.reshape(m_count, 1, -1), axis=2))),
+        "subsets": j_count, "keep": float(dm.keep),
+        "l2kernel_bandwidth": {"relative": float(dm.bandwidths[best]), "absolute": bandwidths[best],
+                               "median_distance": scale, "chosen_on": "subset 0 (scored too), by median correlation",
+                               "tried": dict(zip(map(str, plain(dm.bandwidths)), tuned, strict=True))},
+    }
+    arrays = {"datamodel/removed": out.subsets.numpy(), "datamodel/retrained": out.after_subsets,
+              "datamodel/predicted": out.predicted_subsets, "datamodel/predicted_l2kernel": predictions["l2kernel"],
+              **{f"datamodel/corr_{name}": c for name, c in corr.items()}}
+    return metrics, arrays, ({k: corr[k] for k in ("ours", "l2kernel")}, norms, lds)

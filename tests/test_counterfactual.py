@@ -1,0 +1,188 @@
+"""Counterfactual removal and datamodeling (issue 12): the predicted change of a model
+sample against the exact change of the exact score model, the batch draws retrainings
+share, the L2-kernel baseline by hand, the experiment end to end on the closed-form model
+(where retraining is exact), reuse of retrainings by content, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_cli import diffsens
+
+from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.counterfactual import kernel_removal_prediction, random_halves, removal_mix, top_k_mask
+from diffsens_cli.core.influence import EmpiricalForcing
+from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.schedule import VPLinear
+from diffsens_cli.training.source import SharedDraws
+
+SETTINGS = SolverSettings(step_size=5e-3, density="closed_form", progress=False)
+
+
+def _points_and_z0(n: int = 40, d: int = 3, b: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(n, d, generator=g, dtype=torch.float64)
+    z0 = torch.randn(b, d, generator=g, dtype=torch.float64)
+    return points, z0
+
+
+def _exact_sample(points: torch.Tensor, weights: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """The sample from ``z0`` of the exact score of the weighted empirical measure."""
+    model = MixtureScore(GaussianMixture(points, torch.zeros(len(points), dtype=points.dtype), weights), VPLinear())
+    return Integrator(model, SETTINGS).run(z0).samples
+
+
+def test_removal_weights_put_minus_one_over_the_kept_count_on_the_removed_images():
+    removed = torch.tensor([[True, False, False, False], [True, True, False, False]])
+    mix = removal_mix(removed)
+    np.testing.assert_array_equal(mix.numpy(), [[-1 / 3, 0, 0, 0], [-1 / 2, -1 / 2, 0, 0]])
+    # the predicted change -(k / (N - k)) mean_R psi: total weight -k / (N - k)
+    np.testing.assert_allclose(mix.sum(1).numpy(), [-1 / 3, -1.0])
+    # the whole measure's change: -1/N on the removed, 1/(N - k) - 1/N on the kept, summing to 0
+    measure = removal_mix(removed, "measure")
+    np.testing.assert_allclose(measure.numpy(), [[-1 / 4, 1 / 12, 1 / 12, 1 / 12], [-1 / 4, -1 / 4, 1 / 4, 1 / 4]])
+    with pytest.raises(ValueError, match="every training image"):
+        removal_mix(torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_predicted_change_is_the_derivative_along_the_removal_and_second_order_accurate():
+    """Exact score of N = 40 points: the tangent with the removal weights is the derivative
+    of the exact sample along the measure path ``rho + t (rho_kept - rho)`` (a finite
+    difference at t = 1e-4 agrees to 1e-3), and the error of the linear prediction at t
+    shrinks as t^2 (halving t quarters it). Without a clamp the sensitivities of all N
+    points sum to zero, so both kinds of removal weights give the same tangent."""
+    points, z0 = _points_and_z0()
+    n = len(points)
+    removed = torch.zeros(2, n, dtype=torch.bool)
+    removed[0, :2] = True
+    removed[1, 10:14] = True
+    mix = torch.cat([removal_mix(removed), removal_mix(removed, "measure")])
+    psi = Integrator(MixtureScore(GaussianMixture.empirical(points), VPLinear()), SETTINGS,
+                     EmpiricalForcing(points, mix=mix[:, None].expand(-1, len(z0), -1))).run(z0).psi
+    np.testing.assert_allclose(psi[:2].numpy(), psi[2:].numpy(), atol=1e-10)
+    base = _exact_sample(points, torch.full((n,), 1 / n, dtype=torch.float64), z0)
+    for r in range(2):
+        kept = (~removed[r]).double() / (~removed[r]).sum()
+        path = lambda t, r=r, kept=kept: _exact_sample(points, (1 - t) / n + t * kept, z0)  # noqa: E731
+        t = 1e-4
+        np.testing.assert_allclose(((path(t) - base) / t).numpy(), psi[r].numpy(), rtol=1e-3, atol=1e-5)
+        errors = [(path(t) - base - t * psi[r]).norm() for t in (0.2, 0.1)]
+        assert 3.0 < errors[0] / errors[1] < 5.0
+
+
+def test_shared_draws_change_only_the_items_that_drew_a_removed_image():
+    """With every image kept the draws are uniform positions; without some, the items
+    that drew a kept position are the same, the others are redrawn among the kept; and
+    the generator ends in the same state, so later draws (times, noise) stay shared."""
+    points = torch.arange(20.0)[:, None]
+    keep = torch.ones(20, dtype=torch.bool)
+    fewer = keep.clone()
+    fewer[[3, 7, 11]] = False
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    full, reduced = SharedDraws(points, keep).sample(500, g1), SharedDraws(points, fewer).sample(500, g2)
+    same = fewer[full[:, 0].long()]
+    assert torch.equal(full[same], reduced[same]) and (~same).sum() > 0
+    assert fewer[reduced[:, 0].long()].all()
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    assert 0.1 < (~same).double().mean() < 0.2  # about 3 in 20 of the items
+
+
+def test_kernel_baseline_by_hand_and_random_halves_keep_their_earlier_subsets():
+    x = torch.tensor([[0.0, 0.0]])
+    points = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    removed = torch.tensor([[True, True, False]])
+    w = torch.exp(-torch.tensor([1.0, 4.0, 9.0]) / 2)  # bandwidth 1
+    expected = points[2] - (w[:, None] * points).sum(0) / w.sum()  # only x_2 is left
+    np.testing.assert_allclose(kernel_removal_prediction(x, points, removed, 1.0)[0, 0].numpy(), expected.numpy())
+    halves = random_halves(30, 0.5, 4, seed=2)
+    assert (halves.sum(1) == 15).all()
+    assert torch.equal(random_halves(30, 0.5, 6, seed=2)[:4], halves)
+    assert torch.equal(random_halves(30, 0.5, 2, seed=2, first=2), halves[2:])
+    assert torch.equal(top_k_mask(torch.tensor([2, 0, 1]), 2), torch.tensor([True, False, True]))
+
+
+def _run(tmp_path, name: str, *overrides: str, experiment: str = "counterfactual_closed_form"):
+    out = tmp_path / name
+    r = diffsens("run", f"experiment={experiment}", "size=tiny", f"hydra.run.dir={out}", "solver.progress=false",
+                 *overrides, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text())["metrics"]
+
+
+def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_path):
+    """N = 30 exact-score points, k = 3 and 6: the retrained model is exact, so there is
+    no noise floor; removing our top images moves the samples, our bottom ones hardly,
+    and there the prediction is exact (its error is second order); each ranking removes
+    its own top k (ours: the largest scores, least: the smallest, l2: the nearest)."""
+    out, metrics = _run(tmp_path, "cf")
+    cf, dm = metrics["counterfactual"], metrics["datamodeling"]
+    assert cf["noise_floor"] == 0 and cf["k"] == [3, 6] and cf["num_train"] == 30
+    # far from the sample (random, our least), removals act in the linear regime
+    for name in ("random", "least"):
+        assert cf[name]["k3"]["median_corr_pred"] > 0.99, (name, cf[name])
+    assert cf["ours"]["k6"]["median_change"] > 100 * cf["least"]["k6"]["median_change"]
+    with np.load(out / "arrays.npz") as a:
+        scores, l2, removed = a["influence/scores"], a["influence/l2"], a["counterfactual/removed"]
+        for m in range(2):
+            for r, order in enumerate((np.argsort(-scores[m]), np.argsort(l2[m]), None, np.argsort(scores[m]))):
+                for j, k in enumerate((3, 6)):
+                    assert removed[m, r, j].sum() == k
+                    if order is not None:
+                        assert set(np.flatnonzero(removed[m, r, j])) == set(order[:k])
+        np.testing.assert_array_equal(removed[0, 2], removed[1, 2])  # one random order for every sample
+        assert a["datamodel/removed"].shape == (3, 30) and (a["datamodel/removed"].sum(1) == 15).all()
+        # the predictions are the forward tangents of removal_mix along each sample's path
+        subsets = torch.from_numpy(a["datamodel/removed"])
+        model = MixtureScore(GaussianMixture.empirical(torch.from_numpy(a["train_points"])), VPLinear())
+        z0 = torch.from_numpy(a["z0"])
+        mix = removal_mix(subsets)[:, None].expand(-1, len(z0), -1)
+        settings = SolverSettings(step_size=0.02, density="closed_form", progress=False)
+        psi = Integrator(model, settings, EmpiricalForcing(model.measure.means, mix=mix)).run(z0).psi
+        np.testing.assert_allclose(a["datamodel/predicted"][0], psi.transpose(0, 1).numpy(), rtol=1e-6, atol=1e-12)
+    assert dm["subsets"] == 3 and np.isfinite(dm["lds"])
+    # no clamp, exact score: the two kinds of removal weights agree
+    assert cf["ours"]["k3"]["median_corr_pred_measure"] == pytest.approx(cf["ours"]["k3"]["median_corr_pred"])
+
+
+def test_more_subsets_train_only_the_new_ones(tmp_path):
+    """Retrainings are stages keyed by the removed images: a rerun with one more subset
+    trains one more model and reuses every other (their files untouched)."""
+    args = ["counterfactual.rankings=[ours,random]", "counterfactual.remove=[4]"]
+    out, _ = _run(tmp_path, "a", *args, experiment="digits_counterfactual")
+    trained = sorted(tmp_path.glob("outputs/stages/train_counterfactual/*/model/*"))
+    with np.load(out / "arrays.npz") as a:
+        sets = {r.tobytes() for r in a["counterfactual/removed"].reshape(-1, a["datamodel/removed"].shape[1])}
+        sets |= {r.tobytes() for r in a["datamodel/removed"]}
+    models = {p.parent for p in trained}
+    assert len(models) == len(sets) + 2  # every removal set once, the reference and the noise floor
+    mtimes = {p: p.stat().st_mtime_ns for p in trained}
+    _run(tmp_path, "b", *args, "datamodel.subsets=4", experiment="digits_counterfactual")
+    after = {p.parent for p in tmp_path.glob("outputs/stages/train_counterfactual/*/model/*")}
+    assert len(after) == len(models) + 1
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_rankings_without_ours(tmp_path):
+    out, metrics = _run(tmp_path, "cf", "counterfactual.rankings=[l2,random]")
+    assert set(metrics["counterfactual"]) >= {"l2", "random"} and "ours" not in metrics["counterfactual"]
+    assert (out / "fig_counterfactual.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["counterfactual.remove=[30]"], "counterfactual.remove[0]: k = 30 must be below the number of training images "
+                                     "N = 30"),
+    (["counterfactual.remove=[1.5]"], "counterfactual.remove[0]: must be a whole number, got 1.5"),
+    (["counterfactual.remove=[0]"], "counterfactual.remove[0]: must be a fraction in (0, 1) or a count >= 1, got 0"),
+    (["datamodel.subsets=1"], "datamodel.subsets: must be >= 2"),
+    (["counterfactual.rankings=[ours,nearest]"], "counterfactual.rankings[1]: 'nearest' is not one of ours, l2, "
+                                                 "random, least"),
+    (["datamodel.keep=1.0"], "datamodel.keep: must be in (0, 1), got 1.0"),
+    (["datamodel.keep=0.99"], "datamodel.keep: must keep some but not all of N = 30 images, got 0.99"),
+    (["solver.method=sde"], "solver.method: counterfactual samples are compared along one deterministic path"),
+])
+def test_bad_counterfactual_input_is_one_clear_line(args, expected, cli_error):
+    assert cli_error(["run", "experiment=counterfactual_closed_form", "size=tiny", *args]).startswith(expected)
