@@ -570,27 +570,32 @@ def counterfactual(names: list[str], ks: list[int], change, floor, base, retrain
     return fig
 
 
+DATAMODEL_LABELS = {"ours": "ours, removed-only weights", "ours_measure": "ours, whole-measure weights",
+                    "l2kernel": "L2 kernel"}
+
+
 def datamodeling(corr: dict[str, np.ndarray], norms: dict[str, np.ndarray], lds: dict[str, np.ndarray]) -> plt.Figure:
     """Linear datamodeling over random subsets: the correlation of predicted and actual
-    Delta x per (sample, subset), ours against the L2-kernel baseline (``corr`` [M, J]
-    each), and predicted against actual |Delta x| (``norms`` [M, J]: actual, ours,
-    l2kernel), one colour per model sample, with each method's median LDS (``lds`` [M])."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    labels = {"ours": "ours (Σ ψ over removed)", "l2kernel": "L2 kernel"}
+    Delta x per (sample, subset) for each prediction (``corr`` [M, J] by name: ours with
+    each kind of removal weights, the L2-kernel baseline), and predicted against actual
+    |Delta x| (``norms`` [M, J] by name, and ``actual``), one colour per model sample,
+    with each prediction's median LDS (``lds`` [M])."""
+    names = list(corr)
+    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.3 * (1 + len(names)), 4))
     bins = np.linspace(-1, 1, 21)
-    for name, colour in (("ours", "C0"), ("l2kernel", "C1")):
+    for c, name in enumerate(names):
         values = np.asarray(corr[name], dtype=float).ravel()
-        axes[0].hist(values[np.isfinite(values)], bins=bins, alpha=0.6, color=colour,
-                     label=f"{labels[name]}: median {np.nanmedian(values):.2f}")
+        axes[0].hist(values[np.isfinite(values)], bins=bins, alpha=0.5, color=f"C{c}",
+                     label=f"{DATAMODEL_LABELS.get(name, name)}: median {np.nanmedian(values):.2f}")
     axes[0].set_xlabel("corr(predicted Δx, actual Δx)")
     axes[0].set_ylabel("(sample, subset) pairs")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     actual = np.asarray(norms["actual"], dtype=float)
-    for ax, name in zip(axes[1:], ("ours", "l2kernel"), strict=True):
+    for ax, name in zip(axes[1:], names, strict=True):
         predicted = np.asarray(norms[name], dtype=float)
         for m in range(len(actual)):
             ax.scatter(predicted[m], actual[m], s=10, color=f"C{m % 10}")
-        ax.set_xlabel(f"predicted |Δx|: {labels[name]}")
+        ax.set_xlabel(f"predicted |Δx|: {DATAMODEL_LABELS.get(name, name)}")
         ax.set_ylabel("actual |Δx|")
         ax.set_title(f"LDS (median Spearman over subsets) {np.nanmedian(lds[name]):.2f}", fontsize=10)
     fig.tight_layout()

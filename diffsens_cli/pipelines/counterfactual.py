@@ -370,4 +370,4 @@ def datamodeling_metrics(out: Retrained, points: torch.Tensor,
     arrays = {"datamodel/removed": out.subsets.numpy(), "datamodel/retrained": out.after_subsets,
               "datamodel/predicted": out.predicted_subsets, "datamodel/predicted_l2kernel": predictions["l2kernel"],
               **{f"datamodel/corr_{name}": c for name, c in corr.items()}}
-    return metrics, arrays, ({k: corr[k] for k in ("ours", "l2kernel")}, norms, lds)
+    return metrics, arrays, (corr, norms, lds)
