@@ -58,15 +58,14 @@ def top_k_mask(order: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def random_halves(n: int, keep: float, count: int, seed: int, first: int = 0) -> torch.Tensor:
-    """Bool masks [count, n] of the images kept by random subsets ``first .. first+count-1``
+def random_halves(n: int, keep: float, count: int, seed: int) -> torch.Tensor:
+    """Bool masks [count, n] of the images kept by random subsets 0 .. count-1
     (round(keep * n) images each); subset j depends only on ``seed`` and j, so asking for
     more subsets keeps the earlier ones."""
     size = round(keep * n)
     masks = torch.zeros(count, n, dtype=torch.bool)
-    for row, j in enumerate(range(first, first + count)):
-        order = torch.randperm(n, generator=keyed_generator("subset", seed, j))
-        masks[row, order[:size]] = True
+    for j in range(count):
+        masks[j, torch.randperm(n, generator=keyed_generator("subset", seed, j))[:size]] = True
     return masks
 
 

@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli import plots, progress
-from diffsens_cli.builders import Components, build_schedule, solver_settings
+from diffsens_cli.builders import build_schedule, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import correlation, relative_difference, spearman
 from diffsens_cli.core.counterfactual import (
@@ -163,12 +163,11 @@ def exact_models(cfg: DictConfig, rows: list[int]) -> Models:
     """On synthetic data the model trained on the kept points is their exact score: no
     training, no training noise (every training seed gives the same model)."""
     source = influence.closed_form_source(cfg)
-    comp = Components(cfg)
     settings = solver_settings(cfg.solver)
 
     def samples(removed: torch.Tensor, train_seed: int) -> np.ndarray:
         kept = source.points[~removed.to(source.points.device)]
-        model = MixtureScore(GaussianMixture.empirical(kept), comp.schedule)
+        model = MixtureScore(GaussianMixture.empirical(kept), source.model.schedule)
         return Integrator(model, settings).run(source.z0[rows]).samples.cpu().numpy()
 
     return Models(source, samples, rows)
