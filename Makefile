@@ -42,9 +42,9 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/diffsens run experiment=bench_engine $(ARGS)
 
-## Every paper figure this version can make from embedded data (recipes in experiments/).
+## Every paper figure this version makes from embedded data, as one sweep, and report/index.html (ARGS="--paper": paper-sized, local data).
 figures: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" bash experiments/all.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash experiments/all.sh $(ARGS)
 
 ## Remove .venv and build files (outputs/ stays).
 clean:

@@ -8,8 +8,12 @@ line naming what stopped, exit status 130; the same command resumes.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import warnings
 from importlib.resources import files
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_module
@@ -20,13 +24,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffsens_cli import interrupt
+from diffsens_cli import interrupt, threads
 from diffsens_cli.errors import DiffsensError
 
 CONFIG_MODULE = "diffsens_cli.configs"
 USAGE = """\
 usage: diffsens run [experiment=NAME] [GROUP=OPTION] [KEY=VALUE ...] [HYDRA FLAGS]
        diffsens train [dataset=NAME] [model=NAME] [train.mode=base|retrain|finetune] [KEY=VALUE ...]
+       diffsens report [DIR ...] [--out DIR]
 
 Runs one experiment into outputs/NAME/DATE_TIME (hydra.run.dir=PATH to choose). Finished
 stages are kept in outputs/stages and reused: run the same command again to resume an
@@ -42,7 +47,13 @@ interrupted run; stages.force=[NAME] recomputes a stage.
   diffsens run --help                          config groups and Hydra flags
   diffsens run experiment=toy2d --cfg job      print the composed config
   diffsens run -m solver.step_size=1e-3,5e-3   a sweep (multirun)
+  diffsens report                              one page, report/index.html, of the newest run of each
+                                               experiment under outputs/ (figures embedded)
 """
+
+
+# The site folder on Hydra's search path (config.yaml) is optional: most users have none.
+warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.* is not available")
 
 
 def fail(message: str) -> None:
@@ -51,6 +62,8 @@ def fail(message: str) -> None:
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+# Where a command was started: relative paths (stages.dir) mean the same in all its jobs.
+LAUNCH_DIR = "DIFFSENS_LAUNCH_DIR"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,13 +72,31 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
-    if command not in ("run", "train"):
-        fail(f"unknown command {command!r}; the commands are: run, train")
+    if command not in ("run", "train", "report"):
+        fail(f"unknown command {command!r}; the commands are: run, train, report")
+    if command == "report":
+        import argparse
+
+        from diffsens_cli.report import write_report
+
+        parser = argparse.ArgumentParser(prog="diffsens report",
+                                         description="One HTML page of the newest run of each experiment.")
+        parser.add_argument("dirs", nargs="*", type=Path, default=[Path("outputs")], metavar="DIR",
+                            help="folders searched for run directories (default: outputs)")
+        parser.add_argument("--out", type=Path, default=Path("report"), metavar="DIR",
+                            help="folder of the page, index.html (default: report)")
+        args = parser.parse_args(rest)
+        try:
+            print(write_report(args.dirs, args.out))
+        except DiffsensError as e:
+            fail(str(e))
+        return
     if command == "train" and not any(a.startswith("experiment=") for a in rest):
         rest = ["experiment=train", *rest]
     multirun = any(a in MULTIRUN_FLAGS for a in rest)
     overrides = [a for a in rest if a not in MULTIRUN_FLAGS]
     interrupt.install()
+    os.environ[LAUNCH_DIR] = os.getcwd()  # its jobs inherit it, on other machines too (submitit)
     try:
         if not any(a.startswith("-") for a in overrides):  # --help, --cfg ...: Hydra's own
             try:
@@ -74,12 +105,13 @@ def main(argv: list[str] | None = None) -> None:
                 fail(str(e))
         sys.argv = ["diffsens run", *(["-m"] if multirun else []), *overrides]
         _hydra_app()
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         what = interrupt.stopped()
-        how = "terminated (SIGTERM)" if isinstance(e, interrupt.Terminated) else "interrupted"
+        sig = interrupt.requested() or signal.SIGINT
+        how = "interrupted" if sig == signal.SIGINT else f"terminated ({sig.name})"
         print(f"diffsens: {how}{f' during {what}' if what else ''}; run the same command again to resume "
               "(finished stages and training checkpoints are kept)", file=sys.stderr)
-        sys.exit(143 if isinstance(e, interrupt.Terminated) else 130)
+        sys.exit(128 + sig)
 
 
 def check_jobs(overrides: list[str], multirun: bool) -> None:
@@ -98,7 +130,7 @@ def check_jobs(overrides: list[str], multirun: bool) -> None:
         precheck(overrides)
         return
     for override in sweeps:  # glob(...) sweeps over a group's options ask a config loader for them
-        override.config_loader = _GroupOptions()
+        override.config_loader = GroupOptions()
     try:
         jobs = BasicSweeper.split_arguments(parsed, None)[0]
     except HydraException as e:
@@ -112,7 +144,7 @@ def check_jobs(overrides: list[str], multirun: bool) -> None:
             raise DiffsensError(f"{e} (sweep job #{number} of {len(jobs)}: {values}; no job was launched)") from None
 
 
-class _GroupOptions:
+class GroupOptions:
     """As much of Hydra's ConfigLoader as a ``glob()`` sweep needs: a config group's options."""
 
     def get_group_options(self, group: str, results_filter: object = None) -> list[str]:
@@ -177,12 +209,21 @@ _MISSING = object()
 def _hydra_app(cfg: DictConfig) -> None:
     from diffsens_cli.pipelines import run_task
 
-    out_dir = HydraConfig.get().runtime.output_dir
-    try:
-        with interrupt.doing(f"the run into {out_dir}"):
-            run_task(cfg, out_dir)
-    except DiffsensError as e:
-        fail(str(e))
+    hydra_cfg = HydraConfig.get()
+    out_dir = hydra_cfg.runtime.output_dir
+    launched_from = os.environ.get(LAUNCH_DIR, hydra_cfg.runtime.cwd)
+    with interrupt.handlers():  # a job that submitit started never ran main()
+        try:
+            threads.configure(OmegaConf.select(hydra_cfg, "launcher.cpus_per_task"))
+            with open_dict(cfg):  # jobs with another working directory share the cache
+                cfg.stages.dir = os.path.abspath(Path(launched_from, Path(str(cfg.stages.dir)).expanduser()))
+            with interrupt.doing(f"the run into {out_dir}"):
+                run_task(cfg, out_dir)
+        except DiffsensError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            interrupt.hand_over()  # in a submitit job, after its preemption signal: requeue the job
+            raise
 
 
 if __name__ == "__main__":

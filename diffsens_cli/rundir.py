@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import diffsens_cli
+from diffsens_cli import threads
 from diffsens_cli.errors import warn
 from diffsens_cli.stages import ArrayDict, StageCache, atomic_write
 
@@ -92,11 +94,14 @@ class RunDir:
         self.warn(f"psi is identically zero: {why}{advice}")
 
     def write_summary(self, metrics: dict[str, Any], reasons: dict[str, str] | None = None, **extra: Any) -> Path:
-        """Write ``summary.json`` last: headline metrics, timings and the environment.
+        """Write ``summary.json`` last: headline metrics, timings and the environment; then
+        ``index.html``, a page of the run's figures and numbers (``report.py``).
 
         ``reasons`` says why a value may be non-finite, by the path (``dotted``) that
         ``null_values`` lists it under, e.g. ``metrics.retrain.median_corr``."""
         import torch
+
+        from diffsens_cli.report import write_run_index
 
         summary = {
             "metrics": metrics,
@@ -112,6 +117,8 @@ class RunDir:
                 "numpy": np.__version__,
             },
             "command": " ".join(sys.argv),
+            "threads": threads.describe(),
+            "process": {"host": platform.node(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
         }
         nulls: dict[str, str] = {}
         summary = _finite_json(summary, (), nulls)
@@ -121,6 +128,7 @@ class RunDir:
         text = json.dumps(summary, indent=2, allow_nan=False)
         path = self.path / "summary.json"
         atomic_write(path, lambda f: f.write(text + "\n"), "w")
+        write_run_index(self.path)
         return path
 
 

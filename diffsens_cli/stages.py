@@ -18,6 +18,14 @@ stage that fails, or is interrupted, leaves no ``done.json``, and no directory a
 if it wrote nothing.  Reading a finished stage takes no lock, so a finished cache can
 be shared read-only; two processes that compute the same stage (jobs of a sweep) take
 turns through a lock file, so the second one reuses what the first one made.
+
+The lock is ``flock``, which the kernel releases when its holder dies, however it dies:
+a killed job never blocks the next one.  On NFS, Linux passes it to the server as a
+POSIX lock, so it holds across nodes, unless the file system was mounted with locks
+kept on the node (NFS ``nolock`` or ``local_lock=flock|all``, Lustre ``localflock``);
+``lock_scope`` reads the mount table and the cache warns once when its locks are
+local.  A file system without locks (Lustre without ``flock``) stops the stage in one
+line.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,6 +54,7 @@ ArrayDict = dict[str, np.ndarray]
 DONE = "done.json"
 SET_ASIDE = ".set-aside"
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 _UNFINISHED = "it has no done.json"
 
 
@@ -102,6 +112,39 @@ def verify(directory: Path) -> str | None:
     return None
 
 
+def lock_scope(path: Path, mountinfo: str | None = None) -> str | None:
+    """Why flock on ``path`` does not hold across nodes, read from the mount table
+    (``/proc/self/mountinfo``), or None if it does or nothing says otherwise."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    target, best = os.path.realpath(path), None  # a symlink to a network file system is on that file system
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 6:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # mountinfo escapes space, tab, \\
+        after = line.split(" - ", 1)[1].split()
+        if len(after) < 3 or not (target == point or target.startswith(point.rstrip("/") + "/")):
+            continue
+        if best is None or len(point) >= len(best[0]):
+            best = (point, after[0], set(fields[5].split(",")) | set(after[2].split(",")))
+    if best is None:
+        return None
+    point, fstype, options = best
+    if fstype.startswith("nfs"):
+        local = [o for o in ("nolock", "local_lock=flock", "local_lock=all") if o in options]
+        if local:
+            return f"{fstype} at {point} is mounted with {local[0]}: its locks are local to this node"
+    if fstype == "lustre" and "flock" not in options:
+        what = "localflock: its locks are local to this node" if "localflock" in options else \
+            "neither flock nor localflock: it has no locks"
+        return f"lustre at {point} is mounted with {what}"
+    return None
+
+
 class StageCache:
     """Finished stages under ``root``; stage names in ``force`` (or ``"all"``) are
     recomputed once in this process, whatever was there."""
@@ -111,6 +154,7 @@ class StageCache:
         self.force = set(force)
         self.forced: set[Path] = set()
         self.log: list[dict[str, Any]] = []  # what this process did, stage by stage
+        self._scope_checked = False
 
     def path(self, name: str, depends: Any) -> Path:
         return self.root / name / stage_key(depends)
@@ -190,6 +234,15 @@ class StageCache:
         return path
 
     # -- taking turns ------------------------------------------------------------------
+    def _check_scope(self) -> None:
+        """Warn once if this cache's locks do not hold across nodes."""
+        if not self._scope_checked:
+            self._scope_checked = True
+            problem = lock_scope(self.root)
+            if problem:
+                warn(f"stages.dir: {self.root}: {problem}, so jobs on two nodes could compute one stage at "
+                     f"once; run a sweep's jobs on one node, or put stages.dir on a file system with shared locks")
+
     @contextmanager
     def _locked(self, name: str, path: Path, problem: str | None) -> Iterator[None]:
         """Hold the lock file of ``path`` (removed again on release, so no lock files
@@ -212,7 +265,17 @@ class StageCache:
                 raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
                                     f"({e.strerror}); finished stages are read from a read-only cache, but "
                                     f"new ones need stages.dir set to a writable folder") from None
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._check_scope()
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as e:
+                lock.close()
+                lock_path.unlink(missing_ok=True)
+                if e.errno not in _NO_LOCKS:
+                    raise
+                raise DiffsensError(f"stages.dir: {self.root} has no file locks ({e.strerror}), which the stage "
+                                    f"cache needs; put it on a file system that has them (a local disk, NFS, "
+                                    f"Lustre mounted with flock)") from None
             try:
                 same = os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path))
             except FileNotFoundError:

@@ -143,7 +143,7 @@ def test_ctrl_c_or_a_kill_during_training_leaves_the_cache_consistent(tmp_path, 
     # one line, not a 50-line traceback: what stopped, and that the same command resumes it
     lines = [line for line in err.splitlines() if line.startswith("diffsens:")]
     assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-    assert lines[0].startswith(f"diffsens: {how} during stage train_retrain (outputs/stages/train_retrain/")
+    assert lines[0].startswith(f"diffsens: {how} during stage train_retrain ({retrain}/")  # absolute: jobs share it
     assert lines[0].endswith("run the same command again to resume (finished stages and training checkpoints "
                              "are kept)")
     assert list(retrain.glob("*/checkpoints/step-*"))
@@ -167,7 +167,7 @@ def test_a_dropped_ctrl_c_still_stops_the_next_step(monkeypatch):
     destructor), the next check() in a training or integration loop raises it again."""
     from diffsens_cli import interrupt
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in interrupt.STOP_SIGNALS}
     monkeypatch.setattr(interrupt, "_requested", None)
     interrupt.check()  # nothing requested: no exception
     try:

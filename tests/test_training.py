@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -96,6 +99,66 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema_decay):
     assert [p.name for p in second.checkpoints()] == ["step-00000003", "step-00000006"]
     assert not torch.equal(next(straight.sampling_model().net.parameters()),
                            next(_trainer(tmp_path / "c").sampling_model().net.parameters()))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
+def test_a_stop_signal_mid_training_saves_the_step_it_ended_and_resumes_from_it(tmp_path, sig, monkeypatch):
+    """SIGTERM, SIGUSR2 (Slurm's warning before a time limit) or Ctrl-C during step 5 of 9,
+    with checkpoints due only every 100 steps: the step ends, a checkpoint of step 5 is
+    written, the loop stops; a new trainer resumes from it to the same weights as a run
+    that was never stopped.  A second signal stops at once."""
+    from diffsens_cli import interrupt
+
+    straight = _trainer(tmp_path / "a", steps=9, checkpoint_every=100)
+    straight.train()
+    previous = {s: signal.getsignal(s) for s in interrupt.STOP_SIGNALS}
+    monkeypatch.setattr(interrupt, "_requested", None)
+    stopped = _trainer(tmp_path / "b", steps=9, checkpoint_every=100)
+    step = stopped._train_step
+
+    def signalled_step():  # the signal lands in the middle of step 5 (0-based 4)
+        if stopped.step == 4:
+            os.kill(os.getpid(), sig)
+        return step()
+
+    monkeypatch.setattr(stopped, "_train_step", signalled_step)
+    try:
+        interrupt.install()
+        with pytest.raises(KeyboardInterrupt) as raised:
+            stopped.train()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        monkeypatch.setattr(interrupt, "_requested", None)
+    assert isinstance(raised.value, interrupt.Terminated) == (sig != signal.SIGINT)
+    assert [p.name for p in stopped.checkpoints()] == ["step-00000005"]
+    resumed = _trainer(tmp_path / "b", steps=9, checkpoint_every=100)
+    assert resumed.resume() and resumed.step == 5
+    resumed.train()
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.sampling_model().net.parameters(), resumed.sampling_model().net.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_second_stop_signal_does_not_wait_for_the_step(monkeypatch):
+    """Inside at_step_boundaries the first signal is only recorded; the second raises at once."""
+    from diffsens_cli import interrupt
+
+    previous = {s: signal.getsignal(s) for s in interrupt.STOP_SIGNALS}
+    monkeypatch.setattr(interrupt, "_requested", None)
+    try:
+        interrupt.install()
+        with interrupt.at_step_boundaries():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # recorded, not raised
+            assert interrupt.pending()
+            with pytest.raises(interrupt.Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        monkeypatch.setattr(interrupt, "_requested", None)
 
 
 @pytest.mark.parametrize("first,then,refusal", [

@@ -14,12 +14,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.errors import one_of, whole
+from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.sharding import Shard
 from diffsens_cli.stages import StageCache
 
 TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "counterfactual", "first_order", "fisher_ot",
               "influence", "predict_change", "psi_convergence", "score_error", "toy2d", "train")
+
+# The tasks whose per-sample stages split over jobs (shard.index, shard.count).
+SHARDED_TASKS = ("attribute_sensitivity", "counterfactual", "influence", "predict_change")
 
 
 def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
@@ -27,6 +31,8 @@ def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
     what is already there (``check_run_dir``); raises a DiffsensError."""
     task = one_of(cfg.task, TASK_NAMES, "task")
     whole(cfg.seed, "seed")
+    require(not Shard.of(cfg).partial or task in SHARDED_TASKS, "shard.count",
+            f"the task {task} of {cfg.name} does not split over jobs (these do: {', '.join(SHARDED_TASKS)})")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
     _stage_cache(cfg, getattr(module, "STAGES", ()))
     if hasattr(module, "check"):

@@ -18,6 +18,7 @@ from diffsens_cli.builders import solver_settings
 from diffsens_cli.errors import listed, number, require, whole
 from diffsens_cli.pipelines.image_stages import ImageStages, check_training
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.sharding import finish_partial
 
 STAGES = ("train_base", "sensitivity")
 
@@ -46,6 +47,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     labels = _sets(cfg)
     # Every set's sensitivities along one path per sample: one stage, K = len(labels) tangents.
     _, out = stages.sensitivity(base_model, n, [OmegaConf.merge(cfg.perturbation, {"attributes": v}) for v in labels])
+    if out is None:  # one job of a sharded run: its share is cached, the unsharded run assembles
+        return finish_partial(run, stages.shard, stages.blocks_mine, stages.blocks_all)
     rows = list(zip(labels, out["psi"], strict=True))
     arrays = {k: out[k] for k in ("z0", "samples", "logp")} | {f"psi/{label}": psi for label, psi in rows}
     sizes = {label: int(size) for label, size in zip(labels, out["size_S"], strict=True)}

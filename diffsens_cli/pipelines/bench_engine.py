@@ -152,7 +152,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
                                for model, r in results.items() for mode, x in r["times_s"].items()})
     run.write_summary(metrics, device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                       dtype=str(dt), num_steps=comp.solver.grid()[2], hutchinson_samples=comp.solver.hutchinson_samples,
-                      repeats=repeats, threads=torch.get_num_threads())
+                      repeats=repeats)
     for model, r in results.items():
         curve = ", ".join(f"K={k}: {c:.1f}x" for k, c in r["tangent_cost"].items())
         print(f"bench_engine {model} on {dev}: (c)/(b) = {r['ratio_sensitivity_vs_likelihood']:.3f} "

@@ -50,6 +50,7 @@ from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import influence
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict
 
 STAGES = ("influence", "train_counterfactual", "samples_counterfactual", "predictions_counterfactual")
@@ -156,7 +157,8 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     model = stages.score_model(model_dir)
     source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, torch.arange(len(rho)),
                               stages.z0(model, pool), {"model": model_key, "dataset": plain(cfg.dataset)})
-    return Models(source, lambda removed, seed: stages.samples(trained(removed, seed), pool, rows)["samples"], rows)
+    return Models(source, lambda removed, seed: stages.samples_of_rows(trained(removed, seed), pool, rows)["samples"],
+                  rows)
 
 
 def exact_models(cfg: DictConfig, rows: list[int]) -> Models:
@@ -225,33 +227,46 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     rows = influence.sample_indices(cfg)
     models = exact_models(cfg, rows) if influence.closed_form(cfg) else image_models(cfg, run, rows)
-    source = models.source
-    per_sample = [run.stage("influence", lambda i=i: influence.sample_stage(cfg, source, i),
-                            influence.stage_depends(cfg, source, i))
-                  for i in progress.bar(rows, desc="influence: model samples", enabled=bool(cfg.solver.progress))]
+    source, shard = models.source, Shard.of(cfg)
+    # every job of a sharded run needs every sample's scores: each computes its own first
+    found = {j: run.stage("influence", lambda i=rows[j]: influence.sample_stage(cfg, source, i),
+                          influence.stage_depends(cfg, source, rows[j]))
+             for j in progress.bar(shard.mine_first(range(len(rows))), desc="influence: model samples",
+                                   enabled=bool(cfg.solver.progress))}
+    per_sample = [found[j] for j in range(len(rows))]
     names, ks = list(plain(cfg.counterfactual.rankings)), removal_sizes(cfg, len(source.points))
     orders = [rankings(names, a["scores"][0], a["l2"], int(cfg.seed)) for a in per_sample]
-    out = _retrain(cfg, run, models, orders, ks)
+    out = _retrain(cfg, run, models, orders, ks, shard)
+    if out is None:  # one job of a sharded run: the unsharded run assembles
+        return
     _report(cfg, run, models, per_sample, orders, ks, out)
 
 
 def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str, torch.Tensor]],
-             ks: list[int]) -> Retrained:
-    """Every retraining (each unique removal set once) and every prediction."""
+             ks: list[int], shard: Shard) -> Retrained | None:
+    """Every retraining (each unique removal set once) and every prediction; in one job of
+    a sharded run, its share of them (and None)."""
     n, m_count, names = len(models.source.points), len(models.rows), list(orders[0])
     removed = torch.stack([top_k_mask(o[r], k) for o in orders for r in names for k in ks])
     removed = removed.view(m_count, len(names), len(ks), n)
     subsets = ~random_halves(n, float(cfg.datamodel.keep), int(cfg.datamodel.subsets), int(cfg.seed))  # [J, N]
     train_seed, nothing = int(cfg.train.seed), torch.zeros(n, dtype=torch.bool)
-    base = models.samples(nothing, train_seed)
     unique = {digest(r): r for r in [*removed.flatten(0, 2), *subsets]}
+    # the reference model, each removal, and the noise floor (the full data, another training seed)
+    trainings = [("base", nothing, train_seed), *((key, r, train_seed) for key, r in unique.items()),
+                 ("floor", nothing, train_seed + 1)]
     shows = bool(cfg.solver.progress)
-    retrained = {key: models.samples(r, train_seed)
-                 for key, r in progress.bar(list(unique.items()), desc="counterfactual: retrainings", enabled=shows)}
-    floor = models.samples(nothing, train_seed + 1)
-    predicted = np.stack([_predictions(cfg, run, models.source, i, torch.cat([removed[m].flatten(0, 1), subsets]))
-                          for m, i in enumerate(progress.bar(models.rows, desc="predicted changes", enabled=shows))],
-                         axis=1)  # [P, M, rankings * ks + J, *event]
+    done = {key: models.samples(r, seed)
+            for key, r, seed in progress.bar(shard.mine(trainings), desc="counterfactual: retrainings", enabled=shows)}
+    removals = [torch.cat([removed[m].flatten(0, 1), subsets]) for m in range(m_count)]
+    samples = shard.mine(list(enumerate(models.rows)))
+    predictions = [_predictions(cfg, run, models.source, i, removals[m])
+                   for m, i in progress.bar(samples, desc="predicted changes", enabled=shows)]
+    if shard.partial:
+        finish_partial(run, shard, len(done) + len(samples), len(trainings) + m_count)
+        return None
+    base, floor, retrained = done["base"], done["floor"], done
+    predicted = np.stack(predictions, axis=1)  # [P, M, rankings * ks + J, *event]
     after = np.stack([retrained[digest(mask)][m] for m in range(m_count) for mask in removed[m].flatten(0, 1)])
     after = after.reshape(*removed.shape[:3], *base.shape[1:])
     cut = len(names) * len(ks)

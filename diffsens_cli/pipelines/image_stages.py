@@ -10,6 +10,7 @@ keys of the stages it reads, so experiments that share a base model share its tr
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from diffsens_cli.data import ImageSet, check_images, check_perturbation_set, lo
 from diffsens_cli.errors import plain, require
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
-from diffsens_cli.stages import ArrayDict, StageCache
+from diffsens_cli.sharding import Shard
+from diffsens_cli.stages import ArrayDict, StageCache, stage_key
 from diffsens_cli.training.settings import BOOKKEEPING, TrainSettings, train_settings
 from diffsens_cli.training.source import BatchSource, training_measure
 
@@ -76,6 +78,9 @@ class ImageStages:
         self.cfg, self.cache = cfg, cache
         self.device, self.dtype = device_and_dtype(cfg.solver)
         self.solver = solver_settings(cfg.solver)
+        self.shard = Shard.of(cfg)
+        self.blocks_mine, self.blocks_all = 0, 0  # block stages this job computed, of all there are
+        self._loaded: tuple[Path, NetworkScore] | None = None
 
     # -- data --------------------------------------------------------------------------
     @cached_property
@@ -149,12 +154,15 @@ class ImageStages:
         shutil.rmtree(path / "checkpoints")
 
     def score_model(self, model_dir: Path) -> NetworkScore:
-        """A trained model for sampling and JVPs, on the run's device and dtype."""
+        """A trained model for sampling and JVPs, on the run's device and dtype (the last
+        one loaded is kept: every block of a stage integrates with it)."""
         from diffsens_cli.models.pretrained import load_pretrained
 
-        model = load_pretrained(model_dir, dtype=self.dtype)
-        model.net.to(self.device)
-        return model
+        if self._loaded is None or self._loaded[0] != model_dir:
+            model = load_pretrained(model_dir, dtype=self.dtype)
+            model.net.to(self.device)
+            self._loaded = (model_dir, model)
+        return self._loaded[1]
 
     # -- integration ---------------------------------------------------------------------
     def z0(self, model: NetworkScore, n: int) -> torch.Tensor:
@@ -166,45 +174,87 @@ class ImageStages:
         return z0.to(self.device, self.dtype)
 
     def sensitivity(self, model: tuple[str, Path], n: int, perturbations: list[DictConfig] | None = None,
-                    name: str = "sensitivity", solver: DictConfig | None = None) -> tuple[str, ArrayDict]:
+                    name: str = "sensitivity", solver: DictConfig | None = None) -> tuple[str, ArrayDict | None]:
         """Stage: the base model's samples from ``z0``, their CCoV log-densities and their
         sensitivities ``psi`` [K, B, *event] to each of K image sets S_k (``perturbations``,
         default the experiment's one), all along one path per sample, with the ``solver``
         group (default the experiment's); returns the stage's ``name/key`` and its arrays
-        (``size_S`` and ``weights/<count>`` per set: [K]; ``wall_time_s``)."""
+        (``size_S`` and ``weights/<count>`` per set: [K]; ``wall_time_s``), None in one
+        job of a sharded run (``_in_blocks``)."""
         perturbations = perturbations or [self.cfg.perturbation]
         settings = solver_settings(solver) if solver is not None else self.solver
         depends = {"model": model[0], "perturbations": [plain(p) for p in perturbations],
                    "dataset": plain(self.cfg.dataset), "solver": solver_depends(solver or self.cfg.solver),
                    "num_samples": n, "seed": int(self.cfg.seed)}
 
-        def compute() -> ArrayDict:
+        def compute(start: int, stop: int) -> ArrayDict:
             sets = [self.perturbation_set(p) for p in perturbations]
             signs = [1.0 if p.get("direction", "add") == "add" else -1.0 for p in perturbations]
             nu = Perturbation([GaussianMixture.empirical(s.images) for s in sets], signs).to(self.device, self.dtype)
             score = self.score_model(model[1])
-            out = Integrator(score, settings, nu).run(self.z0(score, n))
+            out = Integrator(score, settings, nu).run(self.z0(score, n)[start:stop], first_index=start)
             counts = [w.as_dict() for w in out.weights]
             return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
                     "logp": out.logp.numpy(), "size_S": np.array([len(s) for s in sets]),
                     "wall_time_s": np.array(out.wall_time_s),
                     **{f"weights/{k}": np.array([c[k] for c in counts]) for k in counts[0]}}
 
-        return f"{name}/{self.cache.path(name, depends).name}", self.cache.arrays(name, depends, compute)
+        return self._in_blocks(name, depends, n, compute, sample_axis={"psi": 1}, same=("size_S",))
 
-    def samples(self, model: tuple[str, Path], n: int, rows: list[int] | None = None) -> ArrayDict:
-        """Stage: PF-ODE samples of a (perturbed) model from the same ``z0`` (its ``n``
-        starting points, or the ``rows`` of them), same solver."""
-        depends = {"model": model[0], "solver": solver_depends(self.cfg.solver), "num_samples": n,
-                   "seed": int(self.cfg.seed)} | ({"rows": rows} if rows is not None else {})
-        stage = "samples_" + model[0].split("/")[0].removeprefix("train_")
+    def _samples_depends(self, model: tuple[str, Path], n: int) -> tuple[str, dict[str, Any]]:
+        return "samples_" + model[0].split("/")[0].removeprefix("train_"), {
+            "model": model[0], "solver": solver_depends(self.cfg.solver), "num_samples": n, "seed": int(self.cfg.seed)}
+
+    def samples(self, model: tuple[str, Path], n: int) -> ArrayDict | None:
+        """Stage: PF-ODE samples of a (perturbed) model from the same ``n`` starting points
+        ``z0``, same solver, in blocks (None in one job of a sharded run: ``_in_blocks``)."""
+        stage, depends = self._samples_depends(model, n)
+
+        def compute(start: int, stop: int) -> ArrayDict:
+            score = self.score_model(model[1])
+            return {"samples": Integrator(score, self.solver).run(self.z0(score, n)[start:stop], first_index=start)
+                    .samples.numpy()}
+
+        return self._in_blocks(stage, depends, n, compute)[1]
+
+    def samples_of_rows(self, model: tuple[str, Path], n: int, rows: list[int]) -> ArrayDict:
+        """Stage: like ``samples``, from the ``rows`` of the ``n`` starting points only, in one stage."""
+        stage, depends = self._samples_depends(model, n)
 
         def compute() -> ArrayDict:
             score = self.score_model(model[1])
-            z0 = self.z0(score, n)
-            return {"samples": Integrator(score, self.solver).run(z0 if rows is None else z0[rows]).samples.numpy()}
+            return {"samples": Integrator(score, self.solver).run(self.z0(score, n)[rows]).samples.numpy()}
 
-        return self.cache.arrays(stage, depends, compute)
+        return self.cache.arrays(stage, depends | {"rows": rows}, compute)
+
+    def _in_blocks(self, name: str, depends: dict[str, Any], n: int, compute: Callable[[int, int], ArrayDict],
+                   sample_axis: dict[str, int] | None = None,
+                   same: tuple[str, ...] = ()) -> tuple[str, ArrayDict | None]:
+        """Stage ``name`` over ``n`` model samples as stages of ``shard.block`` rows each
+        (``compute(start, stop)``; all ``n`` in one: keyed by ``depends`` alone, as before
+        blocks existed).  Returns the ``name/key`` of the whole and the blocks joined along
+        each array's sample axis (0 unless ``sample_axis`` says; ``wall_time_s`` and
+        ``weights/*`` summed; ``same`` taken from the first), or None in one job of a
+        sharded run, which computes its share only."""
+        blocks = [(depends if (a, b) == (0, n) else depends | {"block": [a, b]}, a, b) for a, b in self.shard.blocks(n)]
+        todo = self.shard.mine(blocks) if self.shard.partial else blocks
+        self.blocks_mine, self.blocks_all = self.blocks_mine + len(todo), self.blocks_all + len(blocks)
+        parts = [self.cache.arrays(name, d, lambda a=a, b=b: compute(a, b)) for d, a, b in todo]
+        keys = [self.cache.path(name, d).name for d, _, _ in blocks]
+        key = f"{name}/{keys[0] if len(keys) == 1 else stage_key(keys)}"
+        if self.shard.partial:
+            return key, None
+        axes = sample_axis or {}
+
+        def joined(field: str) -> np.ndarray:
+            values = [p[field] for p in parts]
+            if field in same:
+                return values[0]
+            if field == "wall_time_s" or field.startswith("weights/"):
+                return np.sum(values, axis=0)
+            return np.concatenate(values, axis=axes.get(field, 0))
+
+        return key, {field: joined(field) for field in parts[0]}
 
     # -- the baseline --------------------------------------------------------------------
     def transport(self, mode: str, base: tuple[str, ArrayDict]) -> ArrayDict:

@@ -35,6 +35,7 @@ from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import crossclass
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict, checksums
 from diffsens_cli.training.settings import train_settings
 
@@ -251,11 +252,14 @@ def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
 def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     source = closed_form_source(cfg) if closed_form(cfg) else image_source(cfg, run)
-    samples = sample_indices(cfg)
+    samples, shard = sample_indices(cfg), Shard.of(cfg)
+    todo = shard.mine(samples)  # all of them unless sharded
     per_sample = []
-    for i in progress.bar(samples, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
+    for i in progress.bar(todo, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
         per_sample.append(run.stage("influence", lambda i=i: sample_stage(cfg, source, i),
                                     stage_depends(cfg, source, i)))
+    if shard.partial:  # the unsharded run assembles
+        return finish_partial(run, shard, len(todo), len(samples))
     _report(cfg, run, source, samples, per_sample)
 
 

@@ -22,6 +22,7 @@ from diffsens_cli.core.transport import METRICS
 from diffsens_cli.errors import number, one_of, require, whole
 from diffsens_cli.pipelines.image_stages import ImageStages, check_training
 from diffsens_cli.rundir import RunDir, dotted
+from diffsens_cli.sharding import finish_partial
 
 MODES = ("retrain", "finetune")
 STAGES = ("train_base", "train_retrain", "train_finetune", "sensitivity", "samples_retrain", "samples_finetune",
@@ -51,14 +52,18 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     stages = ImageStages(cfg, run.cache)
     n = int(cfg.predict.num_samples)
+    modes = OmegaConf.to_container(cfg.predict.modes)
     base_model = stages.trained("base")
     base_key, base = stages.sensitivity(base_model, n)
+    after = {mode: stages.samples(stages.trained(mode), n) for mode in modes}
+    if base is None:  # one job of a sharded run: its share is cached, the unsharded run assembles
+        return finish_partial(run, stages.shard, stages.blocks_mine, stages.blocks_all)
     psi = torch.from_numpy(base["psi"][0])  # the one set S
 
     arrays = {k: base[k] for k in ("z0", "samples", "logp")} | {"psi": psi.numpy()}
     metrics, figures = {}, []
-    for mode in OmegaConf.to_container(cfg.predict.modes):
-        perturbed = stages.samples(stages.trained(mode), n)["samples"]
+    for mode in modes:
+        perturbed = after[mode]["samples"]
         change = torch.from_numpy(perturbed - base["samples"])
         rays = torch.from_numpy(stages.transport(mode, (base_key, base))["rays"])
         corr, corr_ot = correlation(psi, change).numpy(), correlation(rays, change).numpy()

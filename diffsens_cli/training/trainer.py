@@ -24,6 +24,7 @@ fails its checksums or does not load, falling back to the one before.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -227,21 +228,43 @@ class Trainer:
         pending: list[torch.Tensor] = []
         if callback is not None and every and self.step == 0 and not self.history:
             self.history.append({"step": 0, **callback(self)})
-        while self.step < until:
-            interrupt.check()
-            pending.append(self._train_step())
-            bar.update(1)
-            due_callback = callback is not None and every and (self.step % every == 0 or self.step == until)
-            due_checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == until
-            if due_callback or due_checkpoint or len(pending) >= 50:
-                self.losses += torch.stack(pending).float().cpu().tolist()  # one device sync per 50 steps
-                pending = []
-                bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4g}")
-            if due_callback and not any(h.get("step") == self.step for h in self.history):
-                self.history.append({"step": self.step, **callback(self)})
-            if due_checkpoint:
+        # A stop signal (one process: with several, each would stop at another step) ends
+        # the step under way; the steps since the last checkpoint are saved, then it stops.
+        single = self.accelerator.num_processes == 1
+        saved, whole_steps = self.step, True
+        try:
+            with interrupt.at_step_boundaries() if single else contextlib.nullcontext():
+                while self.step < until:
+                    interrupt.check()
+                    whole_steps = False
+                    pending.append(self._train_step())
+                    whole_steps = True
+                    bar.update(1)
+                    due_callback = callback is not None and every and (self.step % every == 0 or self.step == until)
+                    due_checkpoint = self.step % self.cfg.checkpoint_every == 0 or self.step == until
+                    if due_callback or due_checkpoint or len(pending) >= 50:
+                        self._flush(pending)  # one device sync per 50 steps
+                        bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4g}")
+                    if due_callback and not any(h.get("step") == self.step for h in self.history):
+                        whole_steps = False  # a step is saved with its callback's result or not at all
+                        self.history.append({"step": self.step, **callback(self)})
+                        whole_steps = True
+                    if due_checkpoint:
+                        self.save_checkpoint()
+                        saved = self.step
+                interrupt.check()  # a signal during the last step
+        except KeyboardInterrupt:
+            if single and whole_steps and self.step > saved:
+                self._flush(pending)
                 self.save_checkpoint()
+            raise
         bar.close()
+
+    def _flush(self, pending: list[torch.Tensor]) -> None:
+        """Move the losses of the steps in ``pending`` to ``losses`` (one device sync) and empty it."""
+        if pending:
+            self.losses += torch.stack(pending).float().cpu().tolist()
+            pending.clear()
 
     def recent_loss(self, window: int) -> float:
         """Mean loss over the last ``window`` steps."""

@@ -1,0 +1,129 @@
+"""One experiment split over jobs: ``-m shard.index=0,1,2 shard.count=3``.
+
+The per-sample work of an experiment (blocks of ``shard.block`` model samples of a
+sensitivity or sampling stage, one model sample's influence, one counterfactual
+retraining) is a list of cached stages; job ``index`` of ``count`` computes every
+``count``-th of them, starting at its own, and writes a summary that says so, without
+figures.  Work all jobs need (the base model) is computed by the first job that gets
+there while the others wait on its lock.  The unsharded run then finds every stage
+cached and assembles the figures and the summary, bit for bit what a run that was
+never split gives, since the stages do not depend on the split.  At the end of a
+multirun, ``AssembleShards`` runs that unsharded job for each combination of the other
+swept values.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from diffsens_cli.errors import require, whole
+from diffsens_cli.rundir import RunDir
+
+T = TypeVar("T")
+SHARD_KEYS = ("shard.index", "shard.count")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Job ``index`` of ``count``, splitting work into lists of stages; ``block``: model
+    samples per stage of a sampling or sensitivity integration."""
+
+    index: int = 0
+    count: int = 1
+    block: int = 256
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Shard:
+        """The checked ``shard`` group of ``cfg``."""
+        sc = cfg.shard
+        count = whole(sc.count, "shard.count")
+        require(count >= 1, "shard.count", f"must be >= 1, got {sc.count}")
+        index = whole(sc.index, "shard.index")
+        require(0 <= index < count, "shard.index", f"must be in 0..{count - 1} (shard.count={count}), got {sc.index}")
+        block = whole(sc.block, "shard.block")
+        require(block >= 1, "shard.block", f"must be >= 1, got {sc.block}")
+        return cls(index, count, block)
+
+    @property
+    def partial(self) -> bool:
+        """True for one job of several: it computes its share and assembles nothing."""
+        return self.count > 1
+
+    def mine(self, items: Sequence[T]) -> list[T]:
+        """This job's share of ``items``: every ``count``-th, from its ``index``."""
+        return list(items[self.index::self.count])
+
+    def mine_first(self, items: Sequence[T]) -> list[T]:
+        """All of ``items``, this job's share first: for work every job needs (the others'
+        shares are computed meanwhile by their own jobs, or waited for on their locks)."""
+        share = set(range(self.index, len(items), self.count))
+        return [items[i] for i in sorted(share)] + [x for i, x in enumerate(items) if i not in share]
+
+    def blocks(self, n: int) -> list[tuple[int, int]]:
+        """The row ranges ``[start, stop)`` of the stages that ``n`` model samples split into."""
+        return [(start, min(start + self.block, n)) for start in range(0, n, self.block)]
+
+    def describe(self, computed: int, of: int) -> dict[str, Any]:
+        return {"index": self.index, "count": self.count, "block": self.block, "stages_computed": computed,
+                "stages_in_all": of}
+
+
+def finish_partial(run: RunDir, shard: Shard, computed: int, of: int) -> None:
+    """The summary of one job of a sharded run: its share, and how to assemble."""
+    run.write_summary({}, shard=shard.describe(computed, of),
+                      assemble="rerun without shard.index and shard.count (a multirun does it at its end)")
+    print(f"shard {shard.index} of {shard.count}: {computed} of {of} stages are this job's; the run without "
+          f"shard.index and shard.count assembles the figures and the summary")
+
+
+class AssembleShards(Callback):
+    """At the end of a multirun that swept ``shard.index``: run the unsharded job of each
+    combination of the other swept values, into ``<sweep dir>/assembled[/<k>]``, as a
+    process of its own on this machine (it reads every job's stages from the cache)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+
+        from diffsens_cli.cli import GroupOptions
+
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        if not any(o.key_or_group == "shard.index" for o in parsed):
+            return
+        for o in parsed:
+            if o.is_sweep_override():
+                o.config_loader = GroupOptions()
+        try:  # each shard key's values, and the jobs of the other swept values
+            values = {o.key_or_group: [job[0].split("=", 1)[1] for job in BasicSweeper.split_arguments([o], None)[0]]
+                      for o in parsed if o.key_or_group in SHARD_KEYS}
+            rest = [o for o in parsed if o.key_or_group not in SHARD_KEYS and not o.key_or_group.startswith("hydra")]
+            jobs = BasicSweeper.split_arguments(rest, None)[0]
+        except HydraException as e:  # a callback's exception is only logged: stop here
+            print(f"diffsens: error: assembling the shards: {e}", file=sys.stderr)
+            sys.exit(2)
+        count = int(values.get("shard.count", [config.shard.count])[0])
+        if count < 2:
+            return
+        missing = sorted(set(range(count)) - {int(i) for i in values["shard.index"]})
+        if missing:
+            print(f"diffsens: shards {missing} of {count} were not run: nothing assembled; run them, or the "
+                  f"command without shard.index and shard.count", file=sys.stderr)
+            return
+        root = Path(str(config.hydra.sweep.dir)).absolute() / "assembled"
+        for k, job in enumerate(jobs):
+            out = root / str(k) if len(jobs) > 1 else root
+            which = f" of {' '.join(job)}" if len(jobs) > 1 else ""
+            print(f"diffsens: assembling the shards{which} into {out}", flush=True)
+            quoted = str(out).replace("\\", "\\\\").replace("'", "\\'")
+            done = subprocess.run([sys.executable, "-m", "diffsens_cli", "run", *job, f"hydra.run.dir='{quoted}'"])
+            if done.returncode:
+                sys.exit(done.returncode if done.returncode > 0 else 128 - done.returncode)
