@@ -59,16 +59,26 @@ _UNFINISHED = "it has no done.json"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through a temporary sibling and a rename: it is whole or absent."""
+    """Write ``path`` through a temporary sibling and a rename: it is whole or absent.  It
+    gets the permissions of a file opened as usual (mkstemp's own are 0600, which would
+    hide a shared cache or report from the rest of the group)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def stage_key(depends: Any) -> str:

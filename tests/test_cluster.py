@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_module
 from test_cli import diffsens
 
 from diffsens_cli.errors import DiffsensError
-from diffsens_cli.stages import DONE, StageCache, lock_scope
+from diffsens_cli.stages import DONE, StageCache, atomic_write, lock_scope
 from diffsens_cli.threads import cpus_given, visible_cpus
 
 # -- threads ------------------------------------------------------------------------
@@ -331,3 +331,15 @@ def test_a_submitit_job_sent_sigusr2_mid_training_is_requeued_and_resumes_to_the
     assert "preempted" in logs and "Requeued job" in logs and "Job completed successfully" in logs, logs[-3000:]
     for path in sorted((tmp_path / "straight" / "model").rglob("*.safetensors")):
         assert (tmp_path / "sweep" / "0" / path.relative_to(tmp_path / "straight")).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_written_whole_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """A stage cache or report shared by a group: atomically written files are readable as the umask says,
+    not 0600 like the temporary file they were written through."""
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "shared.json", lambda f: f.write("{}"), "w")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o666 & ~umask
