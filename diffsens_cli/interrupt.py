@@ -51,7 +51,7 @@ def _handler(signum: int, frame: Any) -> None:
     first = _requested is None
     _requested = signal.Signals(signum)
     if _deferring and first:
-        return  # the loop stops at the end of its step (``pending``)
+        return  # the loop stops at the end of its step (its next ``check``)
     _raise(signum)
 
 
@@ -95,11 +95,6 @@ def _restore() -> None:
 def requested() -> signal.Signals | None:
     """The stop signal that came, if any."""
     return _requested
-
-
-def pending() -> bool:
-    """True if a stop was requested: a loop in ``at_step_boundaries`` saves and calls ``check``."""
-    return _requested is not None
 
 
 def check() -> None:

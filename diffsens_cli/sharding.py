@@ -5,9 +5,10 @@ sensitivity or sampling stage, one model sample's influence, one counterfactual
 retraining) is a list of cached stages; job ``index`` of ``count`` computes every
 ``count``-th of them, starting at its own, and writes a summary that says so, without
 figures.  Work all jobs need (the base model) is computed by the first job that gets
-there while the others wait on its lock.  The unsharded run then finds every stage
-cached and assembles the figures and the summary, bit for bit what a run that was
-never split gives, since the stages do not depend on the split.  At the end of a
+there while the others wait on its lock.  The unsharded run then finds the shards'
+stages cached, computes what needs every sample at once (an OT baseline), and
+assembles the figures and the summary, bit for bit what a run that was never split
+gives, since the stages do not depend on the split.  At the end of a
 multirun, ``AssembleShards`` runs that unsharded job for each combination of the other
 swept values.
 """

@@ -2,7 +2,8 @@
 
 torch starts one intra-op thread per core it can see.  Two jobs on one node then run
 twice as many threads as there are cores, and each step waits on threads that are not
-running: on a 2-core machine two runs slowed an integration step from 0.27 s to 5-25 s.
+running: on a 2-core machine two jobs took 4x as long per sensitivity step as one alone
+(experiments/bench_threads.py), and whole runs were seen 20x slower.
 A job's share is read, in this order, from the Hydra launcher's ``cpus_per_task`` (what
 a sweep's jobs were given: submitit's local executor sets no variable, and inside a
 Slurm allocation its jobs inherit the allocation's ``SLURM_CPUS_PER_TASK``), from Slurm
