@@ -17,7 +17,8 @@ keeps its checkpoints there, so an interrupted stage resumes where it stopped). 
 stage that fails, or is interrupted, leaves no ``done.json``, and no directory at all
 if it wrote nothing.  Reading a finished stage takes no lock, so a finished cache can
 be shared read-only; two processes that compute the same stage (jobs of a sweep) take
-turns through a lock file, so the second one reuses what the first one made.
+turns through a lock file (``.KEY.lock`` beside the stage's directory, kept, since
+removing it is not safe on NFS), so the second one reuses what the first one made.
 
 The lock is ``flock``, which the kernel releases when its holder dies, however it dies:
 a killed job never blocks the next one.  On NFS, Linux passes it to the server as a
@@ -255,51 +256,34 @@ class StageCache:
 
     @contextmanager
     def _locked(self, name: str, path: Path, problem: str | None) -> Iterator[None]:
-        """Hold the lock file of ``path`` (removed again on release, so no lock files
-        pile up: a waiter that finds the file replaced after its turn locks afresh).  In a
-        cache this process may not write, stop in one line saying why the stage is needed."""
+        """Hold the lock file of ``path``.  The file is kept after release: removing it would
+        let a waiter on another NFS client, whose cached directory entry still names the old
+        file, lock it while a newcomer locks a new one.  In a cache this process may not
+        write, stop in one line saying why the stage is needed."""
         lock_path = path.parent / f".{path.name}.lock"
-        while True:
-            try:
-                lock_path.parent.mkdir(parents=True, exist_ok=True)
-                lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield, closed in finally)
-            except FileNotFoundError:  # the folder was removed by a process that just finished: again
-                continue
-            except OSError as e:
-                if e.errno not in _READ_ONLY:
-                    raise
-                if problem not in (None, _UNFINISHED):
-                    raise DiffsensError(f"stage {name}/{path.name} ({path}) fails its check: {problem}; the cache "
-                                        f"is not writable ({e.strerror}), so recompute it into another cache: "
-                                        f"stages.dir=DIR stages.force=[{name}]") from None
-                raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
-                                    f"({e.strerror}); finished stages are read from a read-only cache, but "
-                                    f"new ones need stages.dir set to a writable folder") from None
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield, closed in finally)
+        except OSError as e:
+            if e.errno not in _READ_ONLY:
+                raise
+            if problem not in (None, _UNFINISHED):
+                raise DiffsensError(f"stage {name}/{path.name} ({path}) fails its check: {problem}; the cache "
+                                    f"is not writable ({e.strerror}), so recompute it into another cache: "
+                                    f"stages.dir=DIR stages.force=[{name}]") from None
+            raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
+                                f"({e.strerror}); finished stages are read from a read-only cache, but "
+                                f"new ones need stages.dir set to a writable folder") from None
+        try:
             self._check_scope()
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except OSError as e:
-                lock.close()
-                lock_path.unlink(missing_ok=True)
                 if e.errno not in _NO_LOCKS:
                     raise
                 raise DiffsensError(f"stages.dir: {self.root} has no file locks ({e.strerror}), which the stage "
                                     f"cache needs; put it on a file system that has them (a local disk, NFS, "
                                     f"Lustre mounted with flock)") from None
-            try:
-                same = os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            lock.close()
-        try:
             yield
         finally:
-            lock_path.unlink(missing_ok=True)
-            for empty in (path.parent, self.root):  # what a stage that wrote nothing made
-                try:
-                    empty.rmdir()
-                except OSError:
-                    break
             lock.close()

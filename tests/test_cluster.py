@@ -136,6 +136,17 @@ def test_a_killed_job_leaves_no_finished_stage_and_no_lock_that_blocks(tmp_path)
     assert found == ["begun"] and (path / DONE).is_file()
 
 
+def test_the_lock_file_outlives_its_holder_so_every_job_locks_the_same_file(tmp_path):
+    """Lock files are kept after release: removing one would let a waiter whose (NFS-cached)
+    directory entry still names the old file hold its lock while a newcomer locks a new one."""
+    path = StageCache(tmp_path).path("s", 1)
+    lock = path.parent / f".{path.name}.lock"
+    StageCache(tmp_path).run("s", 1, lambda p: (p / "a").write_text("1"))
+    inode = lock.stat().st_ino
+    StageCache(tmp_path, force=["s"]).run("s", 1, lambda p: (p / "a").write_text("2"))
+    assert lock.stat().st_ino == inode and (path / "a").read_text() == "2"
+
+
 def test_a_cache_on_a_file_system_without_locks_stops_in_one_line(tmp_path, monkeypatch):
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

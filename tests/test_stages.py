@@ -235,21 +235,25 @@ def test_a_stage_that_fails_its_check_is_set_aside_and_recomputed(tmp_path, caps
     assert np.array_equal(_recompute(tmp_path, calls), np.full(3, 2.0)) and len(calls) == 2  # and is reused
 
 
-def test_a_stage_that_writes_nothing_and_fails_leaves_nothing(tmp_path):
+def test_a_stage_that_writes_nothing_and_fails_leaves_only_its_lock_file(tmp_path):
     """A stage that fails before writing anything (say, loading its data) leaves no stage
-    directory and no lock file; one that wrote something keeps it, to resume from."""
+    directory, only its (hidden, kept) lock file; one that wrote something keeps it, to
+    resume from."""
     def fails(path: Path) -> None:
         raise DiffsensError("dataset.root: no such folder")
 
+    def files() -> list[str]:
+        return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+
+    train, other = (StageCache(tmp_path).path(name, 1).name for name in ("train", "other"))
     with pytest.raises(DiffsensError):
         StageCache(tmp_path / "stages").run("train", 1, fails)
-    assert not (tmp_path / "stages").exists()
+    assert files() == [f"stages/train/.{train}.lock"]
     StageCache(tmp_path / "stages").arrays("other", 1, lambda: ONES)
     with pytest.raises(DiffsensError):
         StageCache(tmp_path / "stages").run("train", 1, fails)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        f"stages/other/{StageCache(tmp_path).path('other', 1).name}/arrays.npz",
-        f"stages/other/{StageCache(tmp_path).path('other', 1).name}/done.json"]
+    assert files() == [f"stages/other/.{other}.lock", f"stages/other/{other}/arrays.npz",
+                       f"stages/other/{other}/done.json", f"stages/train/.{train}.lock"]
 
 
 @contextmanager
