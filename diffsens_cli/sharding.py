@@ -3,8 +3,9 @@
 The per-sample work of an experiment (blocks of ``shard.block`` model samples of a
 sensitivity or sampling stage, one model sample's influence, one counterfactual
 retraining) is a list of cached stages; job ``index`` of ``count`` computes every
-``count``-th of them, starting at its own, and writes a summary that says so, without
-figures.  Work all jobs need (the base model) is computed by the first job that gets
+``count``-th of them, starting at its own (the block stages of a run numbered on from
+one list to the next, so no job gets every list's remainder), and writes a summary that
+says so, without figures.  Work all jobs need (the base model) is computed by the first job that gets
 there while the others wait on its lock.  The unsharded run then finds the shards'
 stages cached, computes what needs every sample at once (an OT baseline), and
 assembles the figures and the summary, bit for bit what a run that was never split
@@ -58,9 +59,11 @@ class Shard:
         """True for one job of several: it computes its share and assembles nothing."""
         return self.count > 1
 
-    def mine(self, items: Sequence[T]) -> list[T]:
-        """This job's share of ``items``: every ``count``-th, from its ``index``."""
-        return list(items[self.index::self.count])
+    def mine(self, items: Sequence[T], first: int = 0) -> list[T]:
+        """This job's share of ``items``, numbered from ``first``: every ``count``-th, from
+        number ``index``.  Numbering a run's lists of stages on from one to the next
+        spreads the remainders over the jobs instead of giving each list's to job 0."""
+        return [x for number, x in enumerate(items, first) if number % self.count == self.index]
 
     def mine_first(self, items: Sequence[T]) -> list[T]:
         """All of ``items``, this job's share first: for work every job needs (the others'

@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_module
 from test_cli import diffsens
 
 from diffsens_cli.errors import DiffsensError
+from diffsens_cli.sharding import Shard
 from diffsens_cli.stages import DONE, StageCache, atomic_write, lock_scope
 from diffsens_cli.threads import cpus_given, visible_cpus
 
@@ -246,14 +247,14 @@ def test_a_three_way_sharded_run_gives_the_arrays_of_the_unsharded_run(tmp_path)
     assert split.returncode == 0, split.stderr[-2000:]
 
     computed: dict[str, list[int]] = {}
-    for j, share in enumerate((6, 3, 3)):  # blocks 0 and 3 are job 0's
+    for j in range(3):  # the 12 block stages are numbered on from one stage to the next: 4 each
         summary = json.loads((tmp_path / "sweep" / str(j) / "summary.json").read_text())
-        assert summary["shard"] == {"index": j, "count": 3, "block": 1, "stages_computed": share, "stages_in_all": 12}
+        assert summary["shard"] == {"index": j, "count": 3, "block": 1, "stages_computed": 4, "stages_in_all": 12}
         assert not list((tmp_path / "sweep" / str(j)).glob("*.png"))
         for s in summary["stages"]:
             if not s["reused"] and s["stage"] in ("sensitivity", "samples_retrain", "samples_finetune"):
                 computed.setdefault(s["stage"], []).append(j)
-    assert {k: sorted(v) for k, v in computed.items()} == {k: [0, 0, 1, 2] for k in computed} and len(computed) == 3
+    assert sorted(sorted(jobs) for jobs in computed.values()) == [[0, 0, 1, 2], [0, 1, 1, 2], [0, 1, 2, 2]]
 
     assembled = tmp_path / "sweep" / "assembled"
     summary = json.loads((assembled / "summary.json").read_text())
@@ -293,6 +294,23 @@ def test_the_shards_of_a_counterfactual_run_split_the_influence_and_predictions(
     assert all(s["reused"] for s in json.loads((tmp_path / "assembled" / "summary.json").read_text())["stages"])
     ours, theirs = _arrays(tmp_path / "assembled" / "arrays.npz"), _arrays(tmp_path / "whole" / "arrays.npz")
     assert ours.keys() == theirs.keys() and all(_same(ours[k], theirs[k]) for k in ours)
+
+
+def test_the_jobs_shares_partition_every_list_and_number_on_across_lists():
+    """Three lists of 4 stages over 3 jobs: each stage is one job's, and numbering the
+    lists on from each other gives every job 4 (numbering each from 0 gave 6, 3, 3)."""
+    lists = [[(k, i) for i in range(4)] for k in range(3)]
+    shares = []
+    for index in range(3):
+        shard, first = Shard(index, 3), 0
+        share = []
+        for items in lists:
+            share += shard.mine(items, first)
+            first += len(items)
+        shares.append(share)
+    assert sorted(x for share in shares for x in share) == sorted(x for items in lists for x in items)
+    assert [len(share) for share in shares] == [4, 4, 4]
+    assert Shard(0, 1).mine(lists[0], first=5) == lists[0]
 
 
 def test_shards_out_of_range_or_of_an_experiment_that_does_not_split_are_refused(cli_error):

@@ -237,7 +237,7 @@ class ImageStages:
         ``weights/*`` summed; ``same`` taken from the first), or None in one job of a
         sharded run, which computes its share only."""
         blocks = [(depends if (a, b) == (0, n) else depends | {"block": [a, b]}, a, b) for a, b in self.shard.blocks(n)]
-        todo = self.shard.mine(blocks) if self.shard.partial else blocks
+        todo = self.shard.mine(blocks, first=self.blocks_all)  # numbered on across the run's block stages
         self.blocks_mine, self.blocks_all = self.blocks_mine + len(todo), self.blocks_all + len(blocks)
         parts = [self.cache.arrays(name, d, lambda a=a, b=b: compute(a, b)) for d, a, b in todo]
         keys = [self.cache.path(name, d).name for d, _, _ in blocks]
