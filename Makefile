@@ -42,7 +42,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/diffsens run experiment=bench_engine $(ARGS)
 
-## Every paper figure this version makes from embedded data, as one sweep, and report/index.html (ARGS="--paper": paper-sized, local data).
+## Every paper figure this version makes from embedded data, as one sweep, and report/index.html (ARGS="--paper": paper-sized, local data; ARGS="--resume SWEEP_DIR": finish an interrupted one).
 figures: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash experiments/all.sh $(ARGS)
 

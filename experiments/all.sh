@@ -2,20 +2,49 @@
 # Every paper figure this version of diffsens makes, as one sweep (one job per experiment;
 # on a cluster add hydra/launcher=slurm and they run in parallel), then one page of them
 # all: report/index.html (`diffsens report`), beside each run's own index.html.
-#   experiments/all.sh [--paper] [OVERRIDES ...]      (make figures ARGS="...")
+#   experiments/all.sh [--paper] [--resume SWEEP_DIR] [OVERRIDES ...]   (make figures ARGS="...")
 # The default list runs on the embedded data sets, sized for a CPU. --paper runs the
 # paper-sized experiments on local data sets, read from data/celeba, data/mnist and
 # data/tmnist under the working directory (GPU jobs; see each experiment's config).
+# --resume SWEEP_DIR finishes an interrupted sweep: the experiments that wrote their
+# summary.json there are kept, the others run again into it (reusing their cached stages).
 set -euo pipefail
 experiments=toy2d,gmm_first_order,gmm_score_error,digits_typography,celeba_attributes,fisher_ot_check
 experiments+=,digits_psi_convergence,digits_influence,lfw_influence,digits_crossclass,digits_counterfactual
 kind=cpu
-if [[ "${1:-}" == "--paper" ]]; then
+sweep=""
+while [[ "${1:-}" == --* ]]; do
+  case "$1" in
+    --paper)
+      kind=paper
+      experiments=celeba_oldman,mnist_tmnist,celeba_attributes_paper,gmm_score_error_paper,celeba_influence
+      experiments+=,mnist_counterfactual
+      ;;
+    --resume)
+      sweep="${2:-}"
+      if [[ -z "$sweep" || ! -d "$sweep" ]]; then
+        echo "experiments/all.sh: --resume: '$sweep' is not a folder (give the sweep folder of the interrupted run)" >&2
+        exit 2
+      fi
+      shift
+      ;;
+    *)
+      echo "experiments/all.sh: unknown option $1 (known: --paper, --resume SWEEP_DIR)" >&2
+      exit 2
+      ;;
+  esac
   shift
-  kind=paper
-  experiments=celeba_oldman,mnist_tmnist,celeba_attributes_paper,gmm_score_error_paper,celeba_influence
-  experiments+=,mnist_counterfactual
+done
+todo=()
+for experiment in ${experiments//,/ }; do
+  if [[ -z "$sweep" || ! -f "$sweep/$experiment/summary.json" ]]; then
+    todo+=("$experiment")
+  fi
+done
+sweep="${sweep:-outputs/figures/$kind/$(date +%Y-%m-%d_%H-%M-%S)}"
+if (( ${#todo[@]} )); then
+  diffsens run -m "experiment=$(IFS=,; echo "${todo[*]}")" "hydra.sweep.dir=$sweep" 'hydra.sweep.subdir=${name}' "$@"
+else
+  echo "experiments/all.sh: every experiment in $sweep finished; writing the report"
 fi
-sweep="outputs/figures/$kind/$(date +%Y-%m-%d_%H-%M-%S)"
-diffsens run -m "experiment=$experiments" "hydra.sweep.dir=$sweep" 'hydra.sweep.subdir=${name}' "$@"
 diffsens report "$sweep" --out report

@@ -233,3 +233,57 @@ def loaded_images(page: Path) -> str | None:
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60, check=True).stdout
     return Page(dom).body.get("data-images")
+
+
+# -- make figures (experiments/all.sh), with a stand-in diffsens that records its calls --
+
+ALL_SH = Path(__file__).resolve().parents[1] / "experiments" / "all.sh"
+
+
+def all_sh(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run experiments/all.sh with ``diffsens`` on PATH replaced by a script that records
+    each call's arguments (one JSON list per line): what the script asks of diffsens."""
+    bin_dir, calls = cwd / "bin", cwd / "calls.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "diffsens").write_text(
+        f'#!/bin/sh\nexec python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@" >> {calls}\n')
+    (bin_dir / "diffsens").chmod(0o755)
+    calls.unlink(missing_ok=True)
+    r = subprocess.run(["bash", str(ALL_SH), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    return r, [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_one(tmp_path):
+    r, calls = all_sh("size=tiny", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run, report) = calls
+    assert run[:2] == ["run", "-m"] and run[4:] == ["hydra.sweep.subdir=${name}", "size=tiny"]
+    experiments = run[2].removeprefix("experiment=").split(",")
+    assert len(experiments) == 11 and "digits_counterfactual" in experiments
+    sweep = run[3].removeprefix("hydra.sweep.dir=")
+    assert sweep.startswith("outputs/figures/cpu/") and report == ["report", sweep, "--out", "report"]
+
+    # interrupted after all but two: those two run again, into the same sweep folder
+    for name in experiments:
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        if name not in ("gmm_first_order", "digits_counterfactual"):
+            (tmp_path / "sweep" / name / "summary.json").write_text("{}")
+    r, calls = all_sh("--resume", "sweep", "size=tiny", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert calls == [["run", "-m", "experiment=gmm_first_order,digits_counterfactual", "hydra.sweep.dir=sweep",
+                      "hydra.sweep.subdir=${name}", "size=tiny"], ["report", "sweep", "--out", "report"]]
+    for name in ("gmm_first_order", "digits_counterfactual"):
+        (tmp_path / "sweep" / name / "summary.json").write_text("{}")
+    r, calls = all_sh("--resume", "sweep", cwd=tmp_path)
+    assert (r.returncode, calls) == (0, [["report", "sweep", "--out", "report"]])
+    assert "every experiment in sweep finished" in r.stdout
+
+    r, calls = all_sh("--paper", "--resume", "sweep", cwd=tmp_path)  # the paper's list: none of them ran there
+    assert r.returncode == 0 and "experiment=celeba_oldman," in calls[0][2]
+
+    for args, message in ((["--resume", "nowhere"], "--resume: 'nowhere' is not a folder"),
+                          (["--resume"], "--resume: '' is not a folder"),
+                          (["--papr"], "unknown option --papr (known: --paper, --resume SWEEP_DIR)")):
+        r, calls = all_sh(*args, cwd=tmp_path)
+        assert (r.returncode, calls, r.stderr.count("\n")) == (2, [], 1) and message in r.stderr, args
