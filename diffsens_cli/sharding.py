@@ -16,6 +16,7 @@ swept values.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -88,6 +89,12 @@ def finish_partial(run: RunDir, shard: Shard, computed: int, of: int) -> None:
           f"shard.index and shard.count assembles the figures and the summary")
 
 
+def hydra_quoted(text: str) -> str:
+    """``text`` as a quoted value of a Hydra override: a quote, and the backslashes before
+    a quote or the end, are escaped; other backslashes stand for themselves."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text) + "'"
+
+
 class AssembleShards(Callback):
     """At the end of a multirun that swept ``shard.index``: run the unsharded job of each
     combination of the other swept values, into ``<sweep dir>/assembled[/<k>]``, as a
@@ -127,7 +134,7 @@ class AssembleShards(Callback):
             out = root / str(k) if len(jobs) > 1 else root
             which = f" of {' '.join(job)}" if len(jobs) > 1 else ""
             print(f"diffsens: assembling the shards{which} into {out}", flush=True)
-            quoted = str(out).replace("\\", "\\\\").replace("'", "\\'")
-            done = subprocess.run([sys.executable, "-m", "diffsens_cli", "run", *job, f"hydra.run.dir='{quoted}'"])
+            done = subprocess.run([sys.executable, "-m", "diffsens_cli", "run", *job,
+                                   f"hydra.run.dir={hydra_quoted(str(out))}"])
             if done.returncode:
                 sys.exit(done.returncode if done.returncode > 0 else 128 - done.returncode)

@@ -14,8 +14,8 @@ under ``<root>/.set-aside/`` (never deleted) and recomputed, or, in a cache this
 process may not write, the run stops with one line saying how to recompute it.
 Everything else in a stage directory is the stage's own business (a training stage
 keeps its checkpoints there, so an interrupted stage resumes where it stopped).  A
-stage that fails, or is interrupted, leaves no ``done.json``, and no directory at all
-if it wrote nothing.  Reading a finished stage takes no lock, so a finished cache can
+stage that fails, or is interrupted, leaves no ``done.json``, and no stage directory
+if it wrote nothing (only its lock file).  Reading a finished stage takes no lock, so a finished cache can
 be shared read-only; two processes that compute the same stage (jobs of a sweep) take
 turns through a lock file (``.KEY.lock`` beside the stage's directory, kept, since
 removing it is not safe on NFS), so the second one reuses what the first one made.
@@ -44,7 +44,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -261,29 +261,44 @@ class StageCache:
         file, lock it while a newcomer locks a new one.  In a cache this process may not
         write, stop in one line saying why the stage is needed."""
         lock_path = path.parent / f".{path.name}.lock"
-        try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield, closed in finally)
-        except OSError as e:
-            if e.errno not in _READ_ONLY:
-                raise
-            if problem not in (None, _UNFINISHED):
-                raise DiffsensError(f"stage {name}/{path.name} ({path}) fails its check: {problem}; the cache "
-                                    f"is not writable ({e.strerror}), so recompute it into another cache: "
-                                    f"stages.dir=DIR stages.force=[{name}]") from None
-            raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
-                                f"({e.strerror}); finished stages are read from a read-only cache, but "
-                                f"new ones need stages.dir set to a writable folder") from None
-        try:
-            self._check_scope()
+        while True:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                lock_path.parent.mkdir(parents=True, exist_ok=True)
+                lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield, closed in finally)
+            except FileNotFoundError:  # the folder was removed meanwhile (by hand, or an older version): again
+                continue
             except OSError as e:
-                if e.errno not in _NO_LOCKS:
+                if e.errno not in _READ_ONLY:
                     raise
-                raise DiffsensError(f"stages.dir: {self.root} has no file locks ({e.strerror}), which the stage "
-                                    f"cache needs; put it on a file system that has them (a local disk, NFS, "
-                                    f"Lustre mounted with flock)") from None
+                if problem not in (None, _UNFINISHED):
+                    raise DiffsensError(f"stage {name}/{path.name} ({path}) fails its check: {problem}; the cache "
+                                        f"is not writable ({e.strerror}), so recompute it into another cache: "
+                                        f"stages.dir=DIR stages.force=[{name}]") from None
+                raise DiffsensError(f"stages.dir: cannot compute stage {name}: {self.root} is not writable "
+                                    f"({e.strerror}); finished stages are read from a read-only cache, but "
+                                    f"new ones need stages.dir set to a writable folder") from None
+            if self._holds(lock, lock_path):
+                break
+            lock.close()  # the file was removed or replaced while we waited (not by this version): again
+        try:
             yield
         finally:
             lock.close()
+
+    def _holds(self, lock: IO[str], lock_path: Path) -> bool:
+        """Lock ``lock`` (waiting for its holder), and say whether it is still the file at
+        ``lock_path``, so that the lock is the one every other process takes."""
+        self._check_scope()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:
+            lock.close()
+            if e.errno not in _NO_LOCKS:
+                raise
+            raise DiffsensError(f"stages.dir: {self.root} has no file locks ({e.strerror}), which the stage "
+                                f"cache needs; put it on a file system that has them (a local disk, NFS, "
+                                f"Lustre mounted with flock)") from None
+        try:
+            return os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            return False

@@ -7,13 +7,15 @@
 # paper-sized experiments on local data sets, read from data/celeba, data/mnist and
 # data/tmnist under the working directory (GPU jobs; see each experiment's config).
 # --resume SWEEP_DIR finishes an interrupted sweep: the experiments that wrote their
-# summary.json there are kept, the others run again into it (reusing their cached stages).
+# summary.json there are kept, the others run again into it (reusing their cached stages);
+# give it the overrides the sweep was started with, since the kept runs are not checked.
 set -euo pipefail
 experiments=toy2d,gmm_first_order,gmm_score_error,digits_typography,celeba_attributes,fisher_ot_check
 experiments+=,digits_psi_convergence,digits_influence,lfw_influence,digits_crossclass,digits_counterfactual
 kind=cpu
 sweep=""
-while [[ "${1:-}" == --* ]]; do
+overrides=()  # everything else goes to `diffsens run` (key=value overrides, Hydra's own flags)
+while (( $# )); do
   case "$1" in
     --paper)
       kind=paper
@@ -25,12 +27,14 @@ while [[ "${1:-}" == --* ]]; do
       if [[ -z "$sweep" || ! -d "$sweep" ]]; then
         echo "experiments/all.sh: --resume: '$sweep' is not a folder (give the sweep folder of the interrupted run)" >&2
         exit 2
+      elif [[ "$sweep" == *\\* ]]; then
+        echo "experiments/all.sh: --resume: '$sweep' has a backslash, which this script does not pass to Hydra" >&2
+        exit 2
       fi
       shift
       ;;
     *)
-      echo "experiments/all.sh: unknown option $1 (known: --paper, --resume SWEEP_DIR)" >&2
-      exit 2
+      overrides+=("$1")
       ;;
   esac
   shift
@@ -42,8 +46,10 @@ for experiment in ${experiments//,/ }; do
   fi
 done
 sweep="${sweep:-outputs/figures/$kind/$(date +%Y-%m-%d_%H-%M-%S)}"
+quoted="${sweep//\'/\\\'}"  # a Hydra quoted string: commas, spaces and quotes in the path are kept
 if (( ${#todo[@]} )); then
-  diffsens run -m "experiment=$(IFS=,; echo "${todo[*]}")" "hydra.sweep.dir=$sweep" 'hydra.sweep.subdir=${name}' "$@"
+  diffsens run -m "experiment=$(IFS=,; echo "${todo[*]}")" "hydra.sweep.dir='$quoted'" 'hydra.sweep.subdir=${name}' \
+    ${overrides[@]+"${overrides[@]}"}
 else
   echo "experiments/all.sh: every experiment in $sweep finished; writing the report"
 fi

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hydra import compose, initialize_config_module
 from test_cli import diffsens
 
 from diffsens_cli.errors import DiffsensError
-from diffsens_cli.sharding import Shard
+from diffsens_cli.sharding import Shard, hydra_quoted
 from diffsens_cli.stages import DONE, StageCache, atomic_write, lock_scope
 from diffsens_cli.threads import cpus_given, visible_cpus
 
@@ -146,6 +147,29 @@ def test_the_lock_file_outlives_its_holder_so_every_job_locks_the_same_file(tmp_
     inode = lock.stat().st_ino
     StageCache(tmp_path, force=["s"]).run("s", 1, lambda p: (p / "a").write_text("2"))
     assert lock.stat().st_ino == inode and (path / "a").read_text() == "2"
+
+
+def test_a_waiter_whose_lock_file_was_removed_takes_the_new_one(tmp_path):
+    """A holder removes the lock file as it releases it (an older version, or a hand), and
+    a newcomer locks a new file there: the waiter, woken on the removed file, waits for
+    the newcomer instead of computing the stage beside it."""
+    path = StageCache(tmp_path).path("s", 1)
+    lock_path = path.parent / f".{path.name}.lock"
+    lock_path.parent.mkdir(parents=True)
+    old = open(lock_path, "a")  # noqa: SIM115
+    fcntl.flock(old, fcntl.LOCK_EX)
+    ran = threading.Event()
+    waiter = threading.Thread(target=lambda: StageCache(tmp_path).run("s", 1, lambda p: ran.set()))
+    waiter.start()
+    time.sleep(0.3)  # the waiter is blocked on the old file
+    lock_path.unlink()
+    new = open(lock_path, "a")  # noqa: SIM115
+    fcntl.flock(new, fcntl.LOCK_EX)
+    old.close()
+    assert not ran.wait(0.5)  # woken on the removed file, it went on to wait for the new one
+    new.close()
+    waiter.join(10)
+    assert ran.is_set()
 
 
 def test_a_cache_on_a_file_system_without_locks_stops_in_one_line(tmp_path, monkeypatch):
@@ -311,6 +335,16 @@ def test_the_jobs_shares_partition_every_list_and_number_on_across_lists():
     assert sorted(x for share in shares for x in share) == sorted(x for items in lists for x in items)
     assert [len(share) for share in shares] == [4, 4, 4]
     assert Shard(0, 1).mine(lists[0], first=5) == lists[0]
+
+
+@pytest.mark.parametrize("path", ["/runs/plain", "/a b,c/x", "/it's", "/back\\slash", "/odd\\'quote", "/end\\",
+                                  "/two\\\\", "=[]{}():"])
+def test_the_assembly_passes_any_run_folder_to_hydra_as_itself(path):
+    """The folder the assembly writes to goes through Hydra's override grammar intact."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides([f"hydra.run.dir={hydra_quoted(path)}"])
+    assert override.value() == path and not override.is_sweep_override()
 
 
 def test_shards_out_of_range_or_of_an_experiment_that_does_not_split_are_refused(cli_error):

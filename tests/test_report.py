@@ -261,7 +261,7 @@ def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_
     assert run[:2] == ["run", "-m"] and run[4:] == ["hydra.sweep.subdir=${name}", "size=tiny"]
     experiments = run[2].removeprefix("experiment=").split(",")
     assert len(experiments) == 11 and "digits_counterfactual" in experiments
-    sweep = run[3].removeprefix("hydra.sweep.dir=")
+    sweep = run[3].removeprefix("hydra.sweep.dir='").removesuffix("'")
     assert sweep.startswith("outputs/figures/cpu/") and report == ["report", sweep, "--out", "report"]
 
     # interrupted after all but two: those two run again, into the same sweep folder
@@ -271,7 +271,7 @@ def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_
             (tmp_path / "sweep" / name / "summary.json").write_text("{}")
     r, calls = all_sh("--resume", "sweep", "size=tiny", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert calls == [["run", "-m", "experiment=gmm_first_order,digits_counterfactual", "hydra.sweep.dir=sweep",
+    assert calls == [["run", "-m", "experiment=gmm_first_order,digits_counterfactual", "hydra.sweep.dir='sweep'",
                       "hydra.sweep.subdir=${name}", "size=tiny"], ["report", "sweep", "--out", "report"]]
     for name in ("gmm_first_order", "digits_counterfactual"):
         (tmp_path / "sweep" / name / "summary.json").write_text("{}")
@@ -279,11 +279,18 @@ def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_
     assert (r.returncode, calls) == (0, [["report", "sweep", "--out", "report"]])
     assert "every experiment in sweep finished" in r.stdout
 
-    r, calls = all_sh("--paper", "--resume", "sweep", cwd=tmp_path)  # the paper's list: none of them ran there
-    assert r.returncode == 0 and "experiment=celeba_oldman," in calls[0][2]
+    # the paper's list (none of it ran there), options in any order, Hydra's own flags passed on
+    r, calls = all_sh("size=tiny", "--resume", "sweep", "--cfg", "job", "--paper", cwd=tmp_path)
+    assert r.returncode == 0 and calls[0][2].startswith("experiment=celeba_oldman,")
+    assert calls[0][3:] == ["hydra.sweep.dir='sweep'", "hydra.sweep.subdir=${name}", "size=tiny", "--cfg", "job"]
+    odd = tmp_path / "it's a,b"  # a folder Hydra would split at the comma, unless quoted
+    odd.mkdir()
+    r, calls = all_sh("--resume", odd.name, cwd=tmp_path)
+    assert r.returncode == 0 and calls[0][3] == "hydra.sweep.dir='it\\'s a,b'" and calls[1][1] == odd.name
 
+    (tmp_path / "back\\slash").mkdir()
     for args, message in ((["--resume", "nowhere"], "--resume: 'nowhere' is not a folder"),
                           (["--resume"], "--resume: '' is not a folder"),
-                          (["--papr"], "unknown option --papr (known: --paper, --resume SWEEP_DIR)")):
+                          (["--resume", "back\\slash"], "has a backslash")):
         r, calls = all_sh(*args, cwd=tmp_path)
         assert (r.returncode, calls, r.stderr.count("\n")) == (2, [], 1) and message in r.stderr, args
