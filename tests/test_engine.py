@@ -211,6 +211,33 @@ def test_chunked_integration_equals_one_batch_and_survives_out_of_memory(monkeyp
     torch.testing.assert_close(out.psi[0], whole.psi[0], rtol=1e-12, atol=1e-12)
 
 
+def test_on_a_cpu_chunks_stay_within_the_models_cpu_chunk_bytes_and_change_nothing(monkeypatch):
+    """A closed-form model caps automatic chunks on a CPU (cache-sized chunks run faster);
+    the capped run, with Hutchinson probes and an SDE, equals one batch bit for bit."""
+    rho, nu, z0 = _setup(d=6, n=40)
+    s = SolverSettings(method="sde", num_steps=20, density="ccov", divergence="hutchinson", hutchinson_samples=3,
+                       progress=False, batch_size=40)
+    model = MixtureScore(rho, SCHED)
+    whole = Integrator(model, s, Perturbation([nu])).run(z0)
+    s.batch_size = None
+    integ = Integrator(model, s, Perturbation([nu]))
+    assert integ._chunk_sizes(z0, 1, 1)[0] == 40  # 32 MiB hold every row
+    monkeypatch.setattr(model, "cpu_chunk_bytes", 1)
+    assert integ._chunk_sizes(z0, 1, 1)[0] == 1
+    lo, hi = 1, 1 << 30
+    while lo < hi:  # the smallest cap that gives 9 rows
+        mid = (lo + hi) // 2
+        monkeypatch.setattr(model, "cpu_chunk_bytes", mid)
+        lo, hi = (mid + 1, hi) if integ._chunk_sizes(z0, 1, 1)[0] < 9 else (lo, mid)
+    monkeypatch.setattr(model, "cpu_chunk_bytes", lo)
+    real_chunk, sizes = integ._chunk, []
+    monkeypatch.setattr(integ, "_chunk", lambda state, *a: sizes.append(state.z.shape[0]) or real_chunk(state, *a))
+    capped = integ.run(z0)
+    assert sizes == [9, 9, 9, 9, 4]
+    for a, b in [(whole.samples, capped.samples), (whole.psi[0], capped.psi[0]), (whole.logp, capped.logp)]:
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("method", ["ode", "sde"])
 def test_a_family_of_etas_in_one_batch_equals_one_run_per_eta(method):
     """rho.mix(nu, [eta_1..eta_R]) integrated as R replicas of z0 (chunked, too) gives

@@ -14,6 +14,10 @@ class MixtureScore(ScoreModel):
     """The optimal score of a Gaussian-mixture or empirical target, with exact JVPs,
     trace and log-density (the oracle every approximate path is tested against)."""
 
+    # 100 Hutchinson probes on 1000 paths of App. F.1.1's 100-d mixture: 1.58 s a step in one
+    # chunk of 1000 rows (about 250 MB), 0.65 s in chunks of 100 rows, 0.62 s in 25.
+    cpu_chunk_bytes = 32 << 20
+
     def __init__(self, measure: GaussianMixture, schedule: Schedule):
         self.measure = measure
         self.schedule = schedule

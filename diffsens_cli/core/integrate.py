@@ -365,8 +365,8 @@ class Integrator:
 
     def _chunk_sizes(self, z0: torch.Tensor, num_k: int, replicas: int) -> tuple[int, int]:
         """Rows (per replica group) and tangents per chunk: the settings' sizes, or the
-        largest that fit in about half of the free memory, splitting the tangents only
-        when one row's tangents do not fit."""
+        largest that fit in about half of the free memory (on a CPU, in the model's ``cpu_chunk_bytes``),
+        splitting the tangents only when one row's tangents do not fit."""
         inner = z0.shape[0] // replicas
         numel, itemsize = z0[0].numel(), z0.element_size()
 
@@ -379,6 +379,8 @@ class Integrator:
             return b * replicas
 
         budget = 0.5 * _free_memory(z0.device)
+        if z0.device.type == "cpu" and self.model.cpu_chunk_bytes:
+            budget = min(budget, self.model.cpu_chunk_bytes)
         chunk_k = self.cfg.tangent_batch_size or num_k
         if self.cfg.tangent_batch_size is None:
             while chunk_k > 1 and per_row(chunk_k) > budget:

@@ -23,6 +23,9 @@ class ScoreModel(ABC):
     """Black-box access to a score ``s_t(z) = grad log rho_t(z)`` and its JVPs."""
 
     schedule: Schedule
+    # The largest chunk (bytes, by ``memory_per_sample``) worth making on a CPU; None: as
+    # large as memory allows.  Elementwise work on big chunks loses to cache misses there.
+    cpu_chunk_bytes: int | None = None
 
     @abstractmethod
     def score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,9 @@ def remainder_curve(comp: Components, settings: SolverSettings, z0: torch.Tensor
     """Sensitivities, then median ``|R(eta)|/eta`` over samples for each ``eta``.
 
     The perturbed targets for all etas are integrated as one batch of replicas of
-    ``z0``, sharing its Wiener increments; one chunk layout for both runs."""
+    ``z0``, sharing its Wiener increments and probes (keyed by row, so the two runs may
+    be chunked differently)."""
     n, r = z0.shape[0], len(etas)
-    settings = replace(settings, batch_size=settings.batch_size or n)
     base = Integrator(comp.model, settings, comp.perturbation).run(z0)
     family = MixtureScore(comp.target.mix(comp.perturbation.measures[0], etas), comp.schedule)
     perturbed = Integrator(family, replace(settings, progress=False)).run(z0.repeat(r, 1), replicas=r).samples
