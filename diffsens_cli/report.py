@@ -240,12 +240,16 @@ def _page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>\n{SCRIPT}\n</script>\n</body></html>\n")
 
 
+def _body_or_problem(run: Run, page_dir: Path, embed: bool) -> str:
+    """The run's body, or the one line saying why it has none."""
+    return _run_body(run, page_dir, embed) if run.problem is None else f'<p class="problem">{escape(run.problem)}</p>'
+
+
 def write_run_index(run_dir: Path) -> Path:
     """Write ``<run_dir>/index.html``: the run's figures (linked, not embedded), headline
     numbers beside the paper's, times, command and settings."""
     run = load_run(Path(run_dir))
-    body = f"<h1>{_title(run)}</h1>\n" + (_run_body(run, run.path, embed=False) if run.problem is None
-                                          else f'<p class="problem">{escape(run.problem)}</p>')
+    body = f"<h1>{_title(run)}</h1>\n" + _body_or_problem(run, run.path, embed=False)
     path = run.path / "index.html"
     text = _page(run.name, body)
     atomic_write(path, lambda f: f.write(text), "w")
@@ -275,8 +279,7 @@ def write_report(inputs: list[Path], out: Path) -> Path:
         links = f'Run directory <a href="{folder}/"><code>{escape(str(run.path))}</code></a>'
         if (run.path / "index.html").is_file():
             links += f' (<a href="{folder}/index.html">its page</a>)'
-        body = _run_body(run, out, embed=True) if run.problem is None \
-            else f'<p class="problem">{escape(run.problem)}</p>'
+        body = _body_or_problem(run, out, embed=True)
         sections.append(f'<section id="run-{i}"><h2>{_title(run)}</h2>\n<p>{links}</p>\n{body}\n</section>')
     head.append("</ul>")
     path = out / "index.html"

@@ -69,8 +69,7 @@ class Shard:
     def mine_first(self, items: Sequence[T]) -> list[T]:
         """All of ``items``, this job's share first: for work every job needs (the others'
         shares are computed meanwhile by their own jobs, or waited for on their locks)."""
-        share = set(range(self.index, len(items), self.count))
-        return [items[i] for i in sorted(share)] + [x for i, x in enumerate(items) if i not in share]
+        return self.mine(items) + [x for i, x in enumerate(items) if i % self.count != self.index]
 
     def blocks(self, n: int) -> list[tuple[int, int]]:
         """The row ranges ``[start, stop)`` of the stages that ``n`` model samples split into."""
@@ -116,7 +115,9 @@ class AssembleShards(Callback):
         try:  # each shard key's values, and the jobs of the other swept values
             values = {o.key_or_group: [job[0].split("=", 1)[1] for job in BasicSweeper.split_arguments([o], None)[0]]
                       for o in parsed if o.key_or_group in SHARD_KEYS}
-            rest = [o for o in parsed if o.key_or_group not in SHARD_KEYS and not o.key_or_group.startswith("hydra")]
+            # stages.force was done by the shards: forcing again would recompute every one of them
+            rest = [o for o in parsed if o.key_or_group not in (*SHARD_KEYS, "stages.force")
+                    and not o.key_or_group.startswith("hydra")]
             jobs = BasicSweeper.split_arguments(rest, None)[0]
         except HydraException as e:  # a callback's exception is only logged: stop here
             print(f"diffsens: error: assembling the shards: {e}", file=sys.stderr)

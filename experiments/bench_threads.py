@@ -66,7 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.steps)
-    cores = len(os.sched_getaffinity(0))
+    from diffsens_cli.threads import visible_cpus
+
+    cores = visible_cpus()
     share = str(max(1, cores // 2))
     cases = {
         "one job, default threads": jobs(1, {}, args.steps),

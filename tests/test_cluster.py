@@ -267,7 +267,7 @@ def test_a_three_way_sharded_run_gives_the_arrays_of_the_unsharded_run(tmp_path)
     whole = diffsens("run", *SPLIT, "stages.dir=cache_whole", "hydra.run.dir=whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-2000:]
     split = diffsens("run", "-m", *SPLIT, "stages.dir=cache_split", "shard.count=3", "shard.index=range(0,3)",
-                     "hydra.sweep.dir=sweep", cwd=tmp_path)
+                     "stages.force=[samples_finetune]", "hydra.sweep.dir=sweep", cwd=tmp_path)  # forced once
     assert split.returncode == 0, split.stderr[-2000:]
 
     computed: dict[str, list[int]] = {}
@@ -392,7 +392,9 @@ def test_a_submitit_job_sent_sigusr2_mid_training_is_requeued_and_resumes_to_the
     assert proc.returncode == 0, out[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
     assert "preempted" in logs and "Requeued job" in logs and "Job completed successfully" in logs, logs[-3000:]
-    for path in sorted((tmp_path / "straight" / "model").rglob("*.safetensors")):
+    weights = sorted((tmp_path / "straight" / "model").rglob("*.safetensors"))
+    assert weights
+    for path in weights:
         assert (tmp_path / "sweep" / "0" / path.relative_to(tmp_path / "straight")).read_bytes() == path.read_bytes()
 
 

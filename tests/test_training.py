@@ -106,7 +106,7 @@ def test_a_stop_signal_mid_training_saves_the_step_it_ended_and_resumes_from_it(
     """SIGTERM, SIGUSR2 (Slurm's warning before a time limit) or Ctrl-C during step 5 of 9,
     with checkpoints due only every 100 steps: the step ends, a checkpoint of step 5 is
     written, the loop stops; a new trainer resumes from it to the same weights as a run
-    that was never stopped.  A second signal stops at once."""
+    that was never stopped."""
     from diffsens_cli import interrupt
 
     straight = _trainer(tmp_path / "a", steps=9, checkpoint_every=100)

@@ -259,7 +259,7 @@ def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str
     done = {key: models.samples(r, seed)
             for key, r, seed in progress.bar(shard.mine(trainings), desc="counterfactual: retrainings", enabled=shows)}
     removals = [torch.cat([removed[m].flatten(0, 1), subsets]) for m in range(m_count)]
-    samples = shard.mine(list(enumerate(models.rows)))
+    samples = shard.mine(list(enumerate(models.rows)), first=len(trainings))  # numbered on from the trainings
     predictions = [_predictions(cfg, run, models.source, i, removals[m])
                    for m, i in progress.bar(samples, desc="predicted changes", enabled=shows)]
     if shard.partial:
