@@ -284,6 +284,9 @@ class InfluenceResult:
 
     samples: torch.Tensor  # [B, *event]
     scores: torch.Tensor  # [C, B, N]: |psi^n|, one row per weight clamp asked for
+    # [C, m, B, N]: q_j^T psi^n on the sketch's orthogonal directions (scaled so that |q psi|^2
+    # estimates |psi|^2; a rotation of psi^n when m = d), or psi^n itself for the exact method
+    projections: torch.Tensor
     singular_values: torch.Tensor  # [B, rank] of each sample's N x d matrix (first clamp)
     singular_vectors: torch.Tensor  # [B, rank, *event]: the right singular vectors
     frobenius_sq: torch.Tensor  # [B]: sum_n |psi^n|^2 (first clamp)
@@ -324,7 +327,8 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
             psis.append(psi)  # [N, B, d]
         scores = torch.stack([p.norm(dim=-1).T for p in psis])
         _, sv, vh = torch.linalg.svd(psis[0].movedim(1, 0), full_matrices=False)
-        return _result(samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event)
+        coordinates = torch.stack([p.permute(2, 1, 0) for p in psis])  # [C, d, B, N]: on the standard basis
+        return _result(samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event, coordinates)
 
     primal = Integrator(counted, settings, tape=True).run(z0, first_index=first_index)
     forcing = EmpiricalForcing(points).to(z0.device, z0.dtype)
@@ -338,7 +342,7 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
     if m == d:  # q is orthogonal: Psi_b = P_b^T q exactly
         psi = proj[0].movedim(0, -1) @ q  # [B, N, d]
         _, sv, vh = torch.linalg.svd(psi, full_matrices=False)
-        return _result(primal.samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event)
+        return _result(primal.samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event, proj)
 
     def mixed(mix: torch.Tensor) -> torch.Tensor:
         return forward(clamps[0], EmpiricalForcing(points, mix=mix))[1]
@@ -354,11 +358,11 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
                     desc=f"adjoint ({vh.shape[1]} singular directions)", show_progress=settings.progress,
                     chunk=settings.tangent_batch_size)  # [C, r, B, N]: V^T psi^n, exact
     scores, sv, vh = refine(proj, q, vh, psi_v, width)
-    return _result(primal.samples, scores, sv, vh, False, counted, stats, event)
+    return _result(primal.samples, scores, sv, vh, False, counted, stats, event, proj)
 
 
-def _result(samples, scores, sv, vh, exact, counted: CountingModel, stats, event) -> InfluenceResult:
+def _result(samples, scores, sv, vh, exact, counted: CountingModel, stats, event, projections) -> InfluenceResult:
     return InfluenceResult(
-        samples=samples.cpu(), scores=scores.cpu(), singular_values=sv.cpu(),
+        samples=samples.cpu(), scores=scores.cpu(), projections=projections.cpu(), singular_values=sv.cpu(),
         singular_vectors=vh.reshape(*vh.shape[:2], *event).cpu(), frobenius_sq=scores[0].pow(2).sum(-1).cpu(),
         exact=exact, network_calls=counted.calls, network_vectors=counted.vectors, weights=stats)
