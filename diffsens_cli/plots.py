@@ -350,11 +350,13 @@ def influence_extremes(samples, train_images, rows: list[dict], title: str | Non
     return fig
 
 
-def influence_regression(l2, scores, fits: list[tuple[float, float, float]], residual_scores=None) -> plt.Figure:
+def influence_regression(l2, scores, fits: list[tuple[float, float, float]], residual_scores=None,
+                         labels: tuple[str, str] = ("clamped", "exact weights")) -> plt.Figure:
     """Paper Sec. 4.4 (Fig. 9's statistic): a panel a model sample m, the influence scores
     |psi^n| of the training images against their L2 distance to the sample, with the fitted
     line (slope, intercept) and its r² in the title: does influence just follow distance?
-    ``residual_scores`` (e.g. without the weight clamp), if given, are drawn alongside."""
+    ``residual_scores`` (e.g. without the weight clamp), if given, are drawn alongside;
+    ``labels`` name the two."""
     l2, scores = np.asarray(l2, dtype=float), np.asarray(scores, dtype=float)
     m_count = len(l2)
     ncol = min(4, m_count)
@@ -364,10 +366,10 @@ def influence_regression(l2, scores, fits: list[tuple[float, float, float]], res
         fig.delaxes(ax)
     for m, (ax, (slope, intercept, r2)) in enumerate(zip(axes.flat, fits)):
         labelled = residual_scores is not None
-        ax.scatter(l2[m], scores[m], s=5, alpha=0.4, color="C0", lw=0, label="clamped" if labelled else None)
+        ax.scatter(l2[m], scores[m], s=5, alpha=0.4, color="C0", lw=0, label=labels[0] if labelled else None)
         if labelled:
             ax.scatter(l2[m], np.asarray(residual_scores[m], dtype=float), s=5, alpha=0.4, color="C1", lw=0,
-                       label="no clamp")
+                       label=labels[1])
         finite = l2[m][np.isfinite(l2[m])]
         if finite.size:
             xs = np.array([finite.min(), finite.max()])
@@ -455,6 +457,60 @@ def singular_vectors(samples, vectors, k: int = 10) -> plt.Figure:
     for i, ax in enumerate(axes[0, 1:]):
         ax.set_title(f"u{i + 1}", fontsize=9)
     fig.tight_layout(h_pad=0.8, w_pad=0.3)  # h_pad: room for the scales under the signed rows
+    return fig
+
+
+def clamp_diagnosis(diagnosis: dict, weights: tuple[str, ...]) -> plt.Figure:
+    """What the weight clamp does to the influence scores, per model sample and for each
+    weights (``pipelines.attribution.clamp_diagnosis``): the share of weights on the clamp's
+    floor, R^2 of the affine fit psi^n ~ A x_n + b, and Spearman of |psi^n| with L2 distance."""
+    panels = (("share_clamped_low", "share of weights on the floor"), ("affine_r2", "R² of ψⁿ ~ A xₙ + b"),
+              ("spearman_l2", "Spearman(|ψⁿ|, L2 distance)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+    count = len(diagnosis[weights[0]][panels[0][0]]["per_sample"])
+    width = 0.8 / len(weights)
+    for ax, (key, title) in zip(axes, panels):
+        for c, name in enumerate(weights):
+            values = diagnosis[name][key]["per_sample"]
+            ax.bar(np.arange(count) + (c - (len(weights) - 1) / 2) * width, values, width, label=name, color=f"C{c}")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("model sample", fontsize=8)
+        ax.set_xticks(np.arange(count))
+        ax.tick_params(labelsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def attribution_tops(samples, train_images, tops: dict[str, np.ndarray]) -> plt.Figure:
+    """Each method's top training images side by side for the same model samples: a panel
+    a sample, a row a method (``tops[name]`` [M, k] image indices, most influential first),
+    the sample itself at the left of every row."""
+    samples, train_images = np.asarray(samples, dtype=float), np.asarray(train_images, dtype=float)
+    names = list(tops)
+    k = max(v.shape[1] for v in tops.values())
+    pad = 1  # pixels between images
+    c, h, w = samples.shape[1:]
+    gap = w // 2  # between the sample and its row
+    panel_w = (1 + k) * (w + pad) + gap
+    panel_h = len(names) * (h + pad)
+    m_count = len(samples)
+    fig, axes = plt.subplots(m_count, 1, figsize=(0.45 * (1.5 + k) + 1.2, (0.45 * len(names) + 0.4) * m_count),
+                             squeeze=False)
+    for m, ax in enumerate(axes[:, 0]):
+        canvas = np.ones((c, panel_h, panel_w))  # white between images
+        for r, name in enumerate(names):
+            y = r * (h + pad)
+            canvas[:, y:y + h, :w] = samples[m]
+            for j, n in enumerate(tops[name][m][:k]):
+                x = w + gap + j * (w + pad)
+                canvas[:, y:y + h, x:x + w] = train_images[int(n)]
+        _show_image(ax, canvas)
+        ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(names))], names, fontsize=7)
+        ax.set_title(f"sample {m}: top {k} per method", fontsize=8)
+    fig.tight_layout()
     return fig
 
 

@@ -46,14 +46,17 @@ ARRAYS["fisher_ot_check"] = ("z0", "samples", "jacobian", "asymmetry", "eig_sym"
 ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
 ARRAYS["bench_influence"] = ARRAYS["bench_influence_faces"] = ("sizes", "speedup", "spearman", "reference_scores")
 ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",
+                                   "influence/ours_exact/scores", "influence/ours_clamped/scores",
                                    "influence/singular_vectors")
 ARRAYS["counterfactual_closed_form"] = ARRAYS["digits_counterfactual"] = ARRAYS["mnist_counterfactual"] = (
     "base", "floor", "counterfactual/retrained", "counterfactual/predicted", "datamodel/retrained",
     "datamodel/predicted", "datamodel/predicted_l2kernel")
-# The image experiments clamp the weights: scores without the clamp too.
+# Every influence run scores with clamped and exact weights (one pass); digits_influence with every method.
 for _e in ("digits_influence", "lfw_influence", "celeba_influence", "digits_crossclass", "cifar10_crossclass"):
-    ARRAYS[_e] = ("z0", "samples", "train_index", "influence/scores", "influence/scores_noclamp",
-                  "influence/singular_vectors", "influence/shown_psi")
+    ARRAYS[_e] = ("z0", "samples", "train_index", "influence/scores", "influence/ours_clamped/scores",
+                  "influence/ours_exact/scores", "influence/ours_set/scores", "influence/ours_loss/scores",
+                  "influence/l2/scores", "influence/singular_vectors", "influence/shown_psi")
+ARRAYS["digits_influence"] += ("influence/feature/scores", "influence/dtrak/scores")
 for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman"):
     ARRAYS[_e] = ("z0", "samples", "psi", "logp", "retrain/change", "retrain/ot_rays", "finetune/change",
                   "finetune/ot_rays")

@@ -178,8 +178,13 @@ def test_rankings_without_ours(tmp_path):
     (["counterfactual.remove=[1.5]"], "counterfactual.remove[0]: must be a whole number, got 1.5"),
     (["counterfactual.remove=[0]"], "counterfactual.remove[0]: must be a fraction in (0, 1) or a count >= 1, got 0"),
     (["datamodel.subsets=1"], "datamodel.subsets: must be >= 2"),
-    (["counterfactual.rankings=[ours,nearest]"], "counterfactual.rankings[1]: 'nearest' is not one of ours, l2, "
-                                                 "random, least"),
+    (["counterfactual.rankings=[ours,nearest]"], "counterfactual.rankings[1]: 'nearest' is not one of ours_exact, "
+                                                 "ours_clamped, ours_set, ours_loss, l2, feature, dtrak, ours, random, "
+                                                 "least"),
+    (["counterfactual.rankings=[ours,ours_set]", "influence.attributions=[ours_exact,l2]"],
+     "counterfactual.rankings[1]: ranking 'ours_set' needs the score set 'ours_set': add it to influence.attributions"),
+    (["counterfactual.rankings=[ours,least,feature]"],
+     "counterfactual.rankings[2]: ranking 'feature' needs the score set 'feature'"),
     (["datamodel.keep=1.0"], "datamodel.keep: must be in (0, 1), got 1.0"),
     (["datamodel.keep=0.99"], "datamodel.keep: must keep some but not all of N = 30 images, got 0.99"),
     (["solver.method=sde"], "solver.method: counterfactual samples are compared along one deterministic path"),

@@ -137,11 +137,12 @@ def test_influence_regression_draws_the_fitted_line_and_reports_r2():
         np.testing.assert_allclose(ax.collections[0].get_offsets(), np.stack([l2[m], scores[m]], axis=1))
         assert ax.get_legend() is None
     assert [ax.get_ylabel() for ax in fig.axes] == ["influence score |ψⁿ|", "", "", "", "influence score |ψⁿ|"]
-    fig = plots.influence_regression(l2[:2], scores[:2], fits[:2], residual_scores=2 * scores[:2])
+    fig = plots.influence_regression(l2[:2], scores[:2], fits[:2], residual_scores=2 * scores[:2],
+                                     labels=("exact", "clamped"))
     for m, ax in enumerate(fig.axes):
         assert len(ax.collections) == 2
         np.testing.assert_allclose(ax.collections[1].get_offsets()[:, 1], 2 * scores[m])
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["clamped", "no clamp"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["exact", "clamped"]
 
 
 def test_singular_rays_spectrum_and_the_ray_through_the_sample():

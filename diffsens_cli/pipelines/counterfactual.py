@@ -39,7 +39,6 @@ from diffsens_cli.core.compare import correlation, relative_difference, spearman
 from diffsens_cli.core.counterfactual import (
     PREDICTIONS,
     kernel_removal_prediction,
-    keyed_generator,
     random_halves,
     removal_mix,
     top_k_mask,
@@ -48,13 +47,12 @@ from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
-from diffsens_cli.pipelines import influence
+from diffsens_cli.pipelines import attribution, influence
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict
 
 STAGES = ("influence", "train_counterfactual", "samples_counterfactual", "predictions_counterfactual")
-RANKINGS = ("ours", "l2", "random", "least")
 
 
 # -- settings --------------------------------------------------------------------------
@@ -75,8 +73,10 @@ def check(cfg: DictConfig) -> None:
     """Every setting, and the data and model (``influence.check``), before any work."""
     influence.check(cfg)
     cc, dm = cfg.counterfactual, cfg.datamodel
-    rankings = listed(cc.rankings, "counterfactual.rankings", lambda v, key: one_of(v, RANKINGS, key))
+    rankings = listed(cc.rankings, "counterfactual.rankings",
+                      lambda v, key: one_of(v, attribution.RANKINGS, key))
     require(len(set(rankings)) == len(rankings), "counterfactual.rankings", f"lists a ranking twice: {rankings}")
+    attribution.check_rankings(cfg, rankings, "counterfactual.rankings")
     shown = whole(cc.shown, "counterfactual.shown")
     require(shown >= 1, "counterfactual.shown", f"must be >= 1, got {shown}")
     subsets = whole(dm.subsets, "datamodel.subsets")
@@ -176,15 +176,6 @@ def exact_models(cfg: DictConfig, rows: list[int]) -> Models:
 
 
 # -- the experiment ----------------------------------------------------------------------
-def rankings(names: list[str], scores: np.ndarray, l2: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
-    """Each ranking of the N training images for one model sample, most influential first."""
-    scores, l2 = torch.from_numpy(scores), torch.from_numpy(l2)
-    orders = {"ours": torch.argsort(scores, descending=True), "least": torch.argsort(scores),
-              "l2": torch.argsort(l2),
-              "random": torch.randperm(len(l2), generator=keyed_generator("ranking", seed))}
-    return {name: orders[name] for name in names}
-
-
 def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int, removed: torch.Tensor) -> np.ndarray:
     """Stage: the predicted changes [len(PREDICTIONS), R, *event] of model sample ``i``
     after each removal (bool [R, N]), with each kind of removal weights
@@ -235,11 +226,14 @@ def run(cfg: DictConfig, run: RunDir) -> None:
                                    enabled=bool(cfg.solver.progress))}
     per_sample = [found[j] for j in range(len(rows))]
     names, ks = list(plain(cfg.counterfactual.rankings)), removal_sizes(cfg, len(source.points))
-    orders = [rankings(names, a["scores"][0], a["l2"], int(cfg.seed)) for a in per_sample]
+    sets, _ = attribution.score_sets(cfg, run, source, rows, per_sample,
+                                     [influence.stage_depends(cfg, source, i) for i in rows],
+                                     only=[attribution.needs(n) for n in names])
+    orders = [attribution.ranking_orders(names, sets, m, len(source.points), int(cfg.seed)) for m in range(len(rows))]
     out = _retrain(cfg, run, models, orders, ks, shard)
     if out is None:  # one job of a sharded run: the unsharded run assembles
         return
-    _report(cfg, run, models, per_sample, orders, ks, out)
+    _report(cfg, run, models, per_sample, sets, orders, ks, out)
 
 
 def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str, torch.Tensor]],
@@ -274,7 +268,7 @@ def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str
                      subsets, np.stack([retrained[digest(s)] for s in subsets], axis=1), predicted[:, :, cut:])
 
 
-def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[ArrayDict],
+def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[ArrayDict], sets: dict[str, np.ndarray],
             orders: list[dict[str, torch.Tensor]], ks: list[int], out: Retrained) -> None:
     """Metrics, arrays, figures and the summary."""
     names, closed = list(orders[0]), influence.closed_form(cfg)
@@ -284,7 +278,7 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     counterfactual |= {"num_train": len(points), "num_samples": len(models.rows)}
     arrays |= more | {"sample_index": np.array(models.rows), "z0": models.source.z0[models.rows].cpu().numpy(),
                       "base": out.base, "floor": out.floor,
-                      "influence/scores": np.stack([a["scores"][0] for a in per_sample]),
+                      "influence/scores": sets["ours"],
                       "influence/l2": np.stack([a["l2"] for a in per_sample])}
     if closed:
         arrays["train_points"] = points.numpy()

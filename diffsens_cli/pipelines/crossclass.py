@@ -29,7 +29,8 @@ def classify(train_images: np.ndarray, train_labels: np.ndarray, samples: np.nda
     cut = int(round(len(y) * (1 - held_out)))
     fit, held = order[:cut], order[cut:]
     if classifier == "cnn":
-        predict = _fit_cnn(train_images[fit], y[fit], epochs, flip, seed, torch.device(device))
+        net, classes = fit_cnn(train_images[fit], y[fit], epochs, flip, seed, torch.device(device))
+        predict = lambda x: classes[_apply(net, x).argmax(1).numpy()]
     else:
         predict = _fit_logistic(train_images[fit], y[fit])
     accuracy = float((predict(train_images[held]) == y[held]).mean()) if len(held) else float("nan")
@@ -44,23 +45,29 @@ def _fit_logistic(images: np.ndarray, labels: np.ndarray) -> Callable[[np.ndarra
     return lambda x: clf.predict(x.reshape(len(x), -1))
 
 
-def _fit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, flip: bool, seed: int,
-             device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """A small CNN fitted to images [N, C, H, W] in [-1, 1]; returns its predict function
-    (numpy images in, numpy labels out)."""
-    classes, targets = np.unique(labels, return_inverse=True)
-    gen = torch.Generator().manual_seed(seed)
-    width = 64
-    blocks, channels = [], images.shape[1]
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG untouched
+def build_cnn(channels: int, num_classes: int, seed: int) -> nn.Sequential:
+    """The classifier ``fit_cnn`` trains, with seeded initial weights (the global RNG
+    untouched): three blocks of two conv-BN-ReLU and a max-pool, global pooling, then a
+    linear head; everything before the head (``net[:-1]``) gives its penultimate features."""
+    width, blocks = 64, []
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for out in (width, 2 * width, 4 * width):
             blocks += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
                        nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
                        nn.MaxPool2d(2, ceil_mode=True)]
             channels = out
-        net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, len(classes)))
-    net = net.to(device)
+        return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+def fit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, flip: bool, seed: int,
+            device: torch.device | str = "cpu") -> tuple[nn.Sequential, np.ndarray]:
+    """``build_cnn`` fitted to images [N, C, H, W] in [-1, 1] (in eval mode, on ``device``),
+    and the classes its outputs stand for."""
+    device = torch.device(device)
+    classes, targets = np.unique(labels, return_inverse=True)
+    gen = torch.Generator().manual_seed(seed)
+    net = build_cnn(images.shape[1], len(classes), seed).to(device)
     x = torch.as_tensor(images, dtype=torch.float32)
     t = torch.as_tensor(targets, dtype=torch.long)
     batch = 256
@@ -79,15 +86,20 @@ def _fit_cnn(images: np.ndarray, labels: np.ndarray, epochs: int, flip: bool, se
             loss.backward()
             opt.step()
             sched.step()
-    net.eval()
+    return net.eval(), classes
 
-    @torch.no_grad()
-    def predict(batch_images: np.ndarray) -> np.ndarray:
-        xs = torch.as_tensor(batch_images, dtype=torch.float32).split(1024)
-        out = torch.cat([net(xb.to(device)).argmax(1).cpu() for xb in xs])
-        return classes[out.numpy()]
 
-    return predict
+@torch.no_grad()
+def _apply(net: nn.Module, images: np.ndarray) -> torch.Tensor:
+    """``net`` on numpy images [N, C, H, W] in batches of 1024; the outputs on the CPU."""
+    device = next(net.parameters()).device
+    xs = torch.as_tensor(images, dtype=torch.float32).split(1024)
+    return torch.cat([net(xb.to(device)).cpu() for xb in xs])
+
+
+def features(net: nn.Sequential, images: np.ndarray) -> np.ndarray:
+    """The penultimate features [N, width] of a ``build_cnn`` network."""
+    return _apply(net[:-1], images).numpy()
 
 
 def crossclass_matrix(scores: np.ndarray, sample_classes: np.ndarray, train_labels: np.ndarray,

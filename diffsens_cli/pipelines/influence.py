@@ -14,7 +14,7 @@ cached stage, so an interrupted run resumes from the finished ones.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.data import IMAGE_DATASETS
 from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
-from diffsens_cli.pipelines import crossclass
+from diffsens_cli.pipelines import attribution, crossclass
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict, checksums
@@ -83,6 +83,7 @@ def check(cfg: DictConfig) -> None:
     shown = whole(ic.shown, "influence.shown")
     require(shown >= 1, "influence.shown", f"must be >= 1, got {shown}")
     listed(ic.ray_amplitudes, "influence.ray_amplitudes", number)
+    attribution.check(cfg, closed_form(cfg), labelled=not closed_form(cfg))
     solver_settings(cfg.solver)
     if closed_form(cfg):
         require(cfg.model.kind == "closed_form", "model.kind",
@@ -163,6 +164,8 @@ def image_source(cfg: DictConfig, run: RunDir) -> Source:
     check_num_train(cfg, len(index))  # before the base model is trained
     require("crossclass" not in cfg or rho.labels is not None, "crossclass",
             f"needs class labels; the data set {cfg.dataset.kind!r} has none")
+    require("feature" not in attribution.methods(cfg) or rho.labels is not None, "influence.attributions",
+            f"feature needs class labels (its classifier's features); the data set {cfg.dataset.kind!r} has none")
     subset = rho.subset(index)
     if cfg.model.kind == "pretrained":  # a model brought as it is: keyed by its files' contents
         model_dir = Path(cfg.model.path).expanduser()
@@ -208,24 +211,33 @@ SHOWN_BLOCKS = ("top_score", "bottom_score", "top_residual", "bottom_residual")
 
 
 def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
-    """One model sample's influence: scores under the solver's clamp and without one, the
-    top singular triples, and the sensitivities psi^n of the images the figures show
-    (``SHOWN_BLOCKS``; computed with one forward tangent each, not counted in the cost)."""
+    """One model sample's influence: scores and projections of the sensitivities with the
+    weights clamped (``influence.clamp``) and exact, from one pass (``attribution.clamps``),
+    the top singular triples under ``influence.weights``, and the sensitivities psi^n of the
+    images the figures show (``SHOWN_BLOCKS``; computed with one forward tangent each, not
+    counted in the cost)."""
     settings = solver_settings(cfg.solver)
-    clamps = [settings.weight_clamp] + ([None] if settings.weight_clamp is not None else [])
+    clamps = attribution.clamps(cfg)  # name -> clamp, influence.weights first
+    names = list(clamps)
     z0 = source.z0[i:i + 1]
     start = time.perf_counter()
-    res = influence(source.model, settings, source.points, z0, influence_settings(cfg), clamps, first_index=i)
+    res = influence(source.model, settings, source.points, z0, influence_settings(cfg), list(clamps.values()),
+                    first_index=i)
     wall = time.perf_counter() - start
-    scores = res.scores[:, 0]  # [C, N]
+    scores = res.scores[:, 0]  # [C, N], influence.weights first
     l2 = (source.points.flatten(1).cpu() - res.samples.flatten(1)).norm(dim=1)
     k = min(int(cfg.influence.shown), len(l2))
     shown = torch.cat([*_extremes(scores[0], k), *_extremes(residuals(l2[None], scores[:1])[0], k)])
     unique, where = torch.unique(shown, return_inverse=True)
-    psi = Integrator(source.model, settings, EmpiricalForcing(source.points, index=unique.to(source.points.device)))
+    psi = Integrator(source.model, replace(settings, weight_clamp=clamps[names[0]]),
+                     EmpiricalForcing(source.points, index=unique.to(source.points.device)))
     shown_psi = psi.run(z0, first_index=i).psi[:, 0][where]
-    counts = [w.as_dict() for w in res.weights]
-    return {"sample": res.samples[0].numpy(), "scores": scores.numpy(), "l2": l2.numpy(),
+    order = [names.index(w) for w in attribution.WEIGHTS]  # stored in WEIGHTS' order
+    counts = [res.weights[c].as_dict() for c in order]
+    return {"sample": res.samples[0].numpy(), "l2": l2.numpy(),
+            **{f"scores/{w}": scores[c].numpy() for w, c in zip(attribution.WEIGHTS, order, strict=True)},
+            **{f"projections/{w}": res.projections[c, :, 0].numpy()
+               for w, c in zip(attribution.WEIGHTS, order, strict=True)},
             "singular_values": res.singular_values[0].numpy(), "singular_vectors": res.singular_vectors[0].numpy(),
             "frobenius_sq": res.frobenius_sq[0].numpy(), "exact": np.array(res.exact),
             "shown_index": shown.numpy(), "shown_psi": shown_psi.numpy(), "network_calls": np.array(res.network_calls),
@@ -239,7 +251,8 @@ def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
     from diffsens_cli.pipelines.image_stages import solver_depends
 
     ic = plain(cfg.influence)
-    settings = {k: ic[k] for k in ("method", "rank", "shown", "num_train")}
+    settings = {k: ic[k] for k in ("method", "rank", "shown", "num_train")} | {
+        "weights": attribution.weights(cfg), "clamp": attribution.clamp(cfg), "projections_stored": True}
     dim = source.points[0].numel()
     if ic["method"] == "sketch":
         settings["projections"] = min(int(ic["projections"]), dim)
@@ -258,49 +271,67 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     for i in progress.bar(todo, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
         per_sample.append(run.stage("influence", lambda i=i: sample_stage(cfg, source, i),
                                     stage_depends(cfg, source, i)))
+    sets, cost = attribution.score_sets(cfg, run, source, todo, per_sample,
+                                        [stage_depends(cfg, source, i) for i in todo])
     if shard.partial:  # the unsharded run assembles
         return finish_partial(run, shard, len(todo), len(samples))
-    _report(cfg, run, source, samples, per_sample)
+    _report(cfg, run, source, samples, per_sample, sets, cost)
 
 
-def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], per_sample: list[ArrayDict]) -> None:
-    """Arrays, figures and summary from the per-sample stages."""
-    stack = {k: np.stack([a[k] for a in per_sample]) for k in per_sample[0]}
-    scores, l2 = torch.from_numpy(stack["scores"]), torch.from_numpy(stack["l2"])  # [M, C, N], [M, N]
-    fits = [linear_fit(l2, scores[:, c]) for c in range(scores.shape[1])]
+def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], per_sample: list[ArrayDict],
+            sets: dict[str, np.ndarray], cost: dict[str, dict[str, float]]) -> None:
+    """Arrays, figures and summary from the per-sample stages and the methods' score sets
+    (and their ``cost``)."""
+    keys = [k for k in per_sample[0] if not k.startswith(("scores/", "projections/"))]
+    stack = {k: np.stack([a[k] for a in per_sample]) for k in keys}
+    chosen, other = attribution.weights(cfg), next(w for w in attribution.WEIGHTS if w != attribution.weights(cfg))
+    by_weights = {w: np.stack([a[f"scores/{w}"] for a in per_sample]) for w in attribution.WEIGHTS}
+    l2 = torch.from_numpy(stack["l2"])
+    fits = {w: linear_fit(l2, torch.from_numpy(by_weights[w])) for w in attribution.WEIGHTS}
     sv, frob = stack["singular_values"], stack["frobenius_sq"]
     top10 = (sv[:, :10] ** 2).sum(1) / frob
-    clamped = scores.shape[1] == 2  # the solver clamps the weights: scores without the clamp too
-    r2 = fits[0][2].numpy()
-    r2_noclamp = fits[1][2].numpy() if clamped else r2
-    arrays = {"influence/scores": stack["scores"][:, 0], "influence/l2": stack["l2"],
+    r2 = {w: fits[w][2].numpy() for w in attribution.WEIGHTS}
+    arrays = {"influence/scores": sets["ours"], "influence/l2": stack["l2"],
               "z0": source.z0[samples].cpu().numpy(),
               "samples": stack["sample"], "train_index": source.train_index.numpy(),
               "influence/singular_values": sv, "influence/singular_vectors": stack["singular_vectors"],
               "influence/frobenius_sq": frob, "influence/shown_index": stack["shown_index"],
-              "influence/shown_psi": stack["shown_psi"], "sample_index": np.array(samples)}
-    if clamped:
-        arrays["influence/scores_noclamp"] = stack["scores"][:, 1]
+              "influence/shown_psi": stack["shown_psi"], "sample_index": np.array(samples),
+              **{f"influence/{name}/scores": values for name, values in sets.items() if name != "ours"}}
     if closed_form(cfg):
         arrays["train_points"] = source.points.cpu().numpy()
-    figures = _figures(cfg, run, source, stack, fits)
-    crossclass = _crossclass(cfg, run, source, stack, arrays) if "crossclass" in cfg else None
+    diagnosis = attribution.clamp_diagnosis(per_sample, source.points)
+    figures = _figures(cfg, run, source, stack, by_weights[chosen], fits[chosen], by_weights[other], (chosen, other))
+    figures += run.save_figure(plots.clamp_diagnosis(diagnosis, attribution.WEIGHTS), "fig_clamp_diagnosis")
+    if source.points.ndim == 4:
+        tops = {name: np.argsort(-values, axis=1, kind="stable")[:, :10] for name, values in sets.items()
+                if name != "ours"}
+        if "ours_loss" in sets:  # signed: its opponents too, the images whose removal would lower the loss
+            tops["ours_loss opponents"] = np.argsort(sets["ours_loss"], axis=1, kind="stable")[:, :10]
+        figures += run.save_figure(plots.attribution_tops(stack["sample"], source.points.cpu().numpy(), tops),
+                                   "fig_attribution_top10")
+    crossclass = _crossclass(cfg, run, source, stack, sets["ours"], arrays) if "crossclass" in cfg else None
     run.save_arrays("arrays", arrays)
     ic = cfg.influence
     metrics = {
         "influence": {
-            "r2_l2": {"per_sample": r2.tolist(), "median": float(np.median(r2))},
-            "r2_l2_noclamp": {"per_sample": r2_noclamp.tolist(), "median": float(np.median(r2_noclamp))},
+            "weights_used": chosen, "clamp": list(attribution.clamp(cfg)),
+            "r2_l2": {"per_sample": r2[chosen].tolist(), "median": float(np.median(r2[chosen]))},
+            **{f"r2_l2_{w}": {"per_sample": r2[w].tolist(), "median": float(np.median(r2[w]))}
+               for w in attribution.WEIGHTS},
             "top10_variance": {"per_sample": top10.tolist(), "median": float(np.median(top10))},
+            "clamp_diagnosis": diagnosis,
+            "methods": {name: row | {"cost": cost[name]} for name, row in attribution.comparisons(sets).items()},
+            **({"ours_loss": attribution.signed_summary(sets["ours_loss"])} if "ours_loss" in sets else {}),
             "method": str(ic.method), "exact": bool(stack["exact"].all()),
             "settings": {k: plain(ic[k]) for k in ("projections", "rank", "oversample", "power_iterations")},
             "num_train": len(source.points), "num_samples": len(samples),
             "network_calls_per_sample": float(stack["network_calls"].mean()),
             "network_vectors_per_sample": float(stack["network_vectors"].mean()),
             "wall_time_s_per_sample": float(stack["wall_time_s"].mean()),
-            "weights": {label: {k.removeprefix("weights/"): int(stack[k][:, c].sum())
-                                for k in stack if k.startswith("weights/")}
-                        for c, label in enumerate(["solver_clamp", "no_clamp"][:scores.shape[1]])},
+            "weights": {w: {k.removeprefix("weights/"): int(stack[k][:, c].sum())
+                            for k in stack if k.startswith("weights/")}
+                        for c, w in enumerate(attribution.WEIGHTS)},
         },
         "paper": plain(ic.paper),
     }
@@ -308,12 +339,16 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
         metrics["crossclass"], more = crossclass
         figures += more
     run.write_summary(metrics, figures=figures, solver=plain(cfg.solver))
-    print(f"influence of {len(source.points)} training points on {len(samples)} samples ({ic.method}): "
-          f"median r2 vs L2 {np.median(r2):.3f} (no clamp {np.median(r2_noclamp):.3f}), "
-          f"top-10 variance {np.median(top10):.3f}; {stack['network_calls'].mean():.0f} network calls per sample")
+    low = diagnosis["clamped"]["share_clamped_low"]["median"]
+    print(f"influence of {len(source.points)} training points on {len(samples)} samples ({ic.method}, "
+          f"ours = {chosen}): median r2 vs L2 {np.median(r2['clamped']):.3f} clamped, {np.median(r2['exact']):.3f} "
+          f"exact; {low:.0%} of the weights on the clamp's floor; affine R^2 "
+          f"{diagnosis['clamped']['affine_r2']['median']:.2f} clamped, {diagnosis['exact']['affine_r2']['median']:.2f} "
+          f"exact; top-10 variance {np.median(top10):.3f}; {stack['network_calls'].mean():.0f} network calls "
+          "per sample")
 
 
-def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray],
+def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray], scores: np.ndarray,
                 arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], list[str]]:
     """Paper Fig. 11 from the scores: the class-by-class mean influence and its diagonal
     dominance (its arrays added to ``arrays``)."""
@@ -322,7 +357,7 @@ def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, n
                                                    float(cc.held_out), int(cfg.seed), str(cc.classifier),
                                                    int(cc.epochs), bool(cc.flip), source.points.device)
     classes = np.unique(labels)
-    matrix = crossclass.crossclass_matrix(stack["scores"][:, 0], sample_classes, labels, classes)
+    matrix = crossclass.crossclass_matrix(scores, sample_classes, labels, classes)
     arrays |= {"crossclass/matrix": matrix, "crossclass/sample_classes": sample_classes, "crossclass/classes": classes}
     dominance = crossclass.diagonal_dominance(matrix)
     figure = run.save_figure(plots.crossclass_heatmap(matrix, [str(c) for c in classes],
@@ -332,12 +367,15 @@ def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, n
             "samples_per_class": counts, "classifier": crossclass.CLASSIFIERS[str(cc.classifier)]}, figure
 
 
-def _figures(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray], fits) -> list[str]:
+def _figures(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray], scores: np.ndarray,
+             fits, other_scores: np.ndarray, labels: tuple[str, str]) -> list[str]:
+    """Paper Figs. 8-10, 12-14 for the scores of ``influence.weights`` (``scores`` [M, N],
+    their lines on distance ``fits``); Fig. 9 shows the other weights' scores too."""
     images = source.points.ndim == 4
-    slope, intercept, r2 = (f.numpy() for f in fits[0])
+    slope, intercept, r2 = (f.numpy() for f in fits)
     figures = run.save_figure(plots.influence_regression(  # paper Fig. 9's statistic
-        stack["l2"], stack["scores"][:, 0], list(zip(slope, intercept, r2, strict=True)),
-        stack["scores"][:, 1] if stack["scores"].shape[1] == 2 else None), "fig9_residual_influence")
+        stack["l2"], scores, list(zip(slope, intercept, r2, strict=True)), other_scores, labels),
+        "fig9_residual_influence")
     amplitudes = np.asarray(OmegaConf.to_container(cfg.influence.ray_amplitudes), dtype=float)
     figures += run.save_figure(plots.singular_rays(stack["sample"], stack["singular_values"], stack["frobenius_sq"],
                                                    stack["singular_vectors"] if images else None, amplitudes),
@@ -346,14 +384,14 @@ def _figures(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.n
         return figures
     k = stack["shown_index"].shape[1] // len(SHOWN_BLOCKS)
     train = source.points.cpu().numpy()
-    residual = residuals(torch.from_numpy(stack["l2"]), torch.from_numpy(stack["scores"][:, 0])).numpy()
+    residual = residuals(torch.from_numpy(stack["l2"]), torch.from_numpy(scores)).numpy()
     for name, part, label in (("fig8_most_least_influential", 0, "influential"),  # Figs. 8 and 12
                               ("fig13_residual_extremes", 1, "residual influence")):  # Figs. 9 and 13
         rows = []
         for m in range(len(stack["sample"])):
             idx, psi = stack["shown_index"][m], stack["shown_psi"][m]
             top, bottom = slice(2 * k * part, 2 * k * part + k), slice(2 * k * part + k, 2 * k * (part + 1))
-            values = stack["scores"][m, 0] if part == 0 else residual[m]
+            values = scores[m] if part == 0 else residual[m]
             rows.append({"top": idx[top], "bottom": idx[bottom], "top_psi": psi[top], "bottom_psi": psi[bottom],
                          "top_values": values[idx[top]], "bottom_values": values[idx[bottom]]})
         figures += run.save_figure(plots.influence_extremes(stack["sample"], train, rows,
