@@ -1,0 +1,100 @@
+"""Intervals and paired tests for comparing methods on a finite number of query samples
+(README: "Which attribution holds up?"): enough to say when two methods cannot be told
+apart, instead of a median of a handful.
+
+- ``bootstrap_interval``: a percentile bootstrap interval of any statistic of one sample.
+- ``lds``: the linear datamodeling score (mean over queries of the Spearman correlation
+  over subsets of predicted and actual outputs) with a two-way bootstrap interval that
+  resamples queries and subsets together (both are random draws: the subsets are shared
+  by all queries, so resampling queries alone would understate the uncertainty).
+- ``paired``: per query, does A beat B? The win rate and an exact two-sided sign test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy.stats import binomtest
+
+LEVEL = 0.95
+RESAMPLES = 2000
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return float("nan"), float("nan")
+    low, high = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], float] = np.median,
+                       resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, float]:
+    """``statistic`` of ``values`` [n] and its percentile bootstrap interval (``ci_low``,
+    ``ci_high``; NaN values dropped first)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    rng = np.random.default_rng(seed)
+    draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
+    stats = np.array([statistic(d) for d in draws])
+    low, high = _percentiles(stats, level)
+    return {"value": float(statistic(values)), "ci_low": low, "ci_high": high, "n": len(values)}
+
+
+def rank_rows(x: np.ndarray) -> np.ndarray:
+    """Ranks 0 .. J-1 along the last axis (ties broken by order, as ``compare.spearman``)."""
+    return np.argsort(np.argsort(x, axis=-1, kind="stable"), axis=-1, kind="stable").astype(float)
+
+
+def _row_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+
+
+def spearman_rows(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Spearman's correlation of each row of two [M, J] arrays (a constant row: NaN)."""
+    return _row_correlation(rank_rows(predicted), rank_rows(actual))
+
+
+def lds(predicted: np.ndarray, actual: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
+        level: float = LEVEL) -> dict[str, float | list[float]]:
+    """The LDS of predicted outputs [M, J] (M queries, J subsets) against actual ones: the
+    mean over queries of the Spearman correlation over subsets, its per-query values, and
+    a bootstrap interval drawing queries and subsets with replacement together (a drawn
+    subset's ties keep their order, so a repeated subset counts twice)."""
+    predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
+    per_query = spearman_rows(predicted, actual)
+    m_count, j_count = predicted.shape
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    for b in range(resamples):
+        q = rng.integers(0, m_count, m_count)
+        s = rng.integers(0, j_count, j_count)
+        stats[b] = np.nanmean(spearman_rows(predicted[np.ix_(q, s)], actual[np.ix_(q, s)]))
+    low, high = _percentiles(stats, level)
+    return {"mean": float(np.nanmean(per_query)), "ci_low": low, "ci_high": high,
+            "per_query": per_query.tolist(), "queries": m_count, "subsets": j_count}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """The exact two-sided sign test's p-value for ``wins`` against ``losses`` (ties
+    dropped before): how surprising the split is if either side were as likely to win."""
+    total = wins + losses
+    return 1.0 if total == 0 else float(binomtest(wins, total, 0.5).pvalue)
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, float | int]:
+    """Per query, is ``a`` larger than ``b``? The share of queries where it is (ties count
+    half), the sign test's p-value, and the counts (queries with a NaN dropped)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    wins, losses = int((a[keep] > b[keep]).sum()), int((a[keep] < b[keep]).sum())
+    n = int(keep.sum())
+    ties = n - wins - losses
+    return {"win_rate": (wins + ties / 2) / n if n else float("nan"), "p_value": sign_test(wins, losses),
+            "wins": wins, "losses": losses, "ties": ties}

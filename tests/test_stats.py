@@ -1,0 +1,68 @@
+"""The intervals and paired tests methods are compared with, against exact answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from diffsens_cli.core.compare import spearman
+from diffsens_cli.core.stats import bootstrap_interval, lds, paired, sign_test, spearman_rows
+
+
+def test_sign_test_is_the_exact_two_sided_binomial_tail():
+    # 9 wins of 10: P(X <= 1) + P(X >= 9) under Binomial(10, 1/2) = 2 * 11 / 1024
+    assert math.isclose(sign_test(9, 1), 22 / 1024, rel_tol=1e-12)
+    assert math.isclose(sign_test(1, 9), 22 / 1024, rel_tol=1e-12)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_paired_counts_ties_half_and_drops_undefined_queries():
+    a = np.array([3.0, 2.0, 1.0, 5.0, np.nan])
+    b = np.array([1.0, 2.0, 4.0, 0.0, 1.0])
+    out = paired(a, b)
+    assert (out["wins"], out["losses"], out["ties"]) == (2, 1, 1)
+    assert out["win_rate"] == 2.5 / 4
+    assert math.isclose(out["p_value"], sign_test(2, 1))
+
+
+def test_spearman_rows_equal_the_vector_spearman():
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(5, 12)), g.normal(size=(5, 12))
+    y[2] = x[2] ** 3  # monotone: 1
+    expected = [float(spearman(torch.from_numpy(x[m]), torch.from_numpy(y[m]))) for m in range(5)]
+    np.testing.assert_allclose(spearman_rows(x, y), expected, atol=1e-12)
+    assert math.isclose(spearman_rows(x, y)[2], 1.0)
+
+
+def test_lds_of_monotone_predictions_is_one_with_a_degenerate_interval_and_reversed_minus_one():
+    g = np.random.default_rng(1)
+    actual = g.normal(size=(6, 10))
+    out = lds(np.exp(actual), actual, resamples=200)
+    assert out["mean"] == out["ci_low"] == out["ci_high"] == 1.0
+    assert math.isclose(lds(-actual, actual, resamples=50)["mean"], -1.0)
+
+
+def test_lds_interval_covers_the_population_value_and_narrows_with_more_queries_and_subsets():
+    """Predicted = actual + noise of the same spread: the Spearman correlation of a
+    bivariate normal with rho = 1/sqrt(2) is (6/pi) asin(rho/2) = 0.6972."""
+    truth = 6 / np.pi * np.arcsin(1 / np.sqrt(2) / 2)
+    widths = []
+    for m, j in ((8, 16), (32, 64)):
+        g = np.random.default_rng(2)
+        actual = g.normal(size=(m, j))
+        out = lds(actual + g.normal(size=(m, j)), actual, resamples=500, seed=3)
+        assert out["ci_low"] < truth < out["ci_high"], out
+        widths.append(out["ci_high"] - out["ci_low"])
+    assert widths[1] < 0.6 * widths[0]
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_theory_interval():
+    values = np.random.default_rng(4).normal(2.0, 3.0, size=400)
+    out = bootstrap_interval(values, np.mean, resamples=4000, seed=5)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert math.isclose(out["value"], values.mean())
+    assert abs(out["ci_low"] - (values.mean() - half)) < 0.1 * half
+    assert abs(out["ci_high"] - (values.mean() + half)) < 0.1 * half
+    assert bootstrap_interval(np.array([np.nan]))["n"] == 0
