@@ -11,7 +11,7 @@ from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete
 from diffsens_cli.models.unet import build_network_model
-from diffsens_cli.pipelines.predict_change import _comparison
+from diffsens_cli.pipelines.predict_change import _beyond_common_shift, _comparison
 
 TINY_UNET = {"kind": "unet", "prediction": "epsilon", "layers_per_block": 1, "block_out_channels": [8, 16],
              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
@@ -39,6 +39,28 @@ def test_comparison_recovers_a_known_scale_and_counts_undefined_samples():
     assert abs(m["median_fitted_eta"] - 0.3) < 1e-12
     assert abs(m["median_corr"] - 1) < 1e-12 and abs(m["median_corr_ot"] - 0.5) < 1e-12
     assert m["num_samples"] == 6 and m["num_samples_ot"] == 5 and m["fraction_ours_better"] == 1.0
+    assert abs(m["p_value_ours_vs_ot"] - 2 / 2**5) < 1e-15  # 5 wins of 5, the NaN dropped
+    np.testing.assert_allclose(m["median_corr_ci"], [1, 1], atol=1e-12)  # every correlation is 1
+
+
+def test_a_shift_shared_by_all_samples_is_told_apart_from_per_sample_skill():
+    """change_i = a + b_i with sum_i b_i = 0: a prediction b_i has centred correlation 1,
+    one of a alone has none left after centring, the mean shift of the others predicts a
+    pure common shift perfectly, and the shift's share of the energy is |a|^2 / (|a|^2 +
+    mean |b_i|^2) (the cross terms sum to zero)."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(20, 1, 4, 4, generator=g, dtype=torch.float64)
+    b -= b.mean(0, keepdim=True)
+    rays = a.expand(20, -1, -1, -1) + 1e-3 * torch.randn(20, 1, 4, 4, generator=g, dtype=torch.float64)
+    m = _beyond_common_shift(b, rays, a + b)
+    assert abs(m["median_corr_centered"] - 1) < 1e-12
+    assert abs(m["median_corr_centered_ot"]) < 0.5 and m["fraction_ours_better_centered"] == 1.0
+    assert abs(m["p_value_ours_vs_ot_centered"] - 2 / 2**20) < 1e-15
+    expected = float(a.square().sum() / (a.square().sum() + b.flatten(1).square().sum(1).mean()))
+    assert abs(m["mean_shift_energy"] - expected) < 1e-12
+    pure = _beyond_common_shift(b, rays, a.expand(20, -1, -1, -1).clone())
+    assert abs(pure["median_corr_mean_shift"] - 1) < 1e-12 and abs(pure["mean_shift_energy"] - 1) < 1e-12
 
 
 def test_the_sensitivity_run_draws_the_same_samples_as_plain_sampling():

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffsens_cli import plots
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core.compare import correlation
+from diffsens_cli.core.stats import bootstrap_interval, paired
 from diffsens_cli.core.transport import METRICS
 from diffsens_cli.errors import number, one_of, require, whole
 from diffsens_cli.pipelines.image_stages import ImageStages, check_training
@@ -69,7 +70,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         corr, corr_ot = correlation(psi, change).numpy(), correlation(rays, change).numpy()
         arrays |= {f"{mode}/samples": perturbed, f"{mode}/change": change.numpy(), f"{mode}/ot_rays": rays.numpy(),
                    f"{mode}/corr": corr, f"{mode}/corr_ot": corr_ot}
-        metrics[mode] = _comparison(corr, corr_ot, psi, change)
+        metrics[mode] = _comparison(corr, corr_ot, psi, change) | _beyond_common_shift(psi, rays, change)
         hist, grid = FIGURES[mode]
         figures += run.save_figure(plots.correlation_histograms([(f"{mode}: {cfg.name}", corr, corr_ot)]), hist)
         k = int(cfg.predict.grid_samples)
@@ -85,7 +86,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
                       device=str(stages.device), dtype=str(stages.dtype), figures=figures)
     for mode, m in metrics.items():
         print(f"{cfg.name} {mode}: median correlation {m['median_corr']:.3f} (OT baseline {m['median_corr_ot']:.3f}) "
-              f"over {m['num_samples']} samples")
+              f"over {m['num_samples']} samples; after removing the mean shift {m['median_corr_centered']:.3f} "
+              f"(OT {m['median_corr_centered_ot']:.3f}); the mean shift alone {m['median_corr_mean_shift']:.3f}")
 
 
 def _reasons(metrics: dict) -> dict[str, str]:
@@ -93,6 +95,8 @@ def _reasons(metrics: dict) -> dict[str, str]:
     why = {"median_corr": "no sample had a finite correlation (psi or the change is constant)",
            "median_corr_ot": "no sample had a finite OT correlation (a ray or the change is constant)",
            "fraction_ours_better": "no sample had both correlations finite",
+           "median_corr_centered": "no sample had a finite correlation after removing the mean shift",
+           "median_corr_centered_ot": "no sample had a finite OT correlation after removing the mean shift",
            "median_fitted_eta": "psi of some sample is zero or non-finite (the fitted scale is 0/0)"}
     return {dotted("metrics", mode, key): text for mode in metrics for key, text in why.items()}
 
@@ -104,7 +108,34 @@ def _comparison(corr: np.ndarray, corr_ot: np.ndarray, psi: torch.Tensor, change
     u, v = psi.flatten(1).double(), change.flatten(1).double()
     scale = (u * v).sum(1) / (u * u).sum(1)
     both = np.isfinite(corr) & np.isfinite(corr_ot)
+    versus = paired(corr, corr_ot)
+    interval, interval_ot = bootstrap_interval(corr), bootstrap_interval(corr_ot)
     return {"median_corr": float(np.nanmedian(corr)), "median_corr_ot": float(np.nanmedian(corr_ot)),
+            "median_corr_ci": [interval["ci_low"], interval["ci_high"]],
+            "median_corr_ot_ci": [interval_ot["ci_low"], interval_ot["ci_high"]],
             "num_samples": int(np.isfinite(corr).sum()), "num_samples_ot": int(np.isfinite(corr_ot).sum()),
             "fraction_ours_better": float((corr[both] > corr_ot[both]).mean()) if both.any() else float("nan"),
+            "p_value_ours_vs_ot": versus["p_value"],
             "median_fitted_eta": float(scale.median())}
+
+
+def _beyond_common_shift(psi: torch.Tensor, rays: torch.Tensor, change: torch.Tensor) -> dict:
+    """Is the prediction more than a shift shared by all samples? The correlations of ours
+    and OT with the change after each has its mean over samples removed, the ``mean_shift``
+    baseline (each sample predicted to move by the mean actual change of the others), the
+    share of the change's energy that the common shift carries, and how often ours beats
+    OT after centring (with the sign test's p-value)."""
+    u, r, c = (x.flatten(1).double() for x in (psi, rays, change))
+    n = len(c)
+    others = (c.sum(0, keepdim=True) - c) / max(n - 1, 1)  # leave-one-out: no sample predicts itself
+
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+    corr, corr_ot = correlation(centred(u), centred(c)).numpy(), correlation(centred(r), centred(c)).numpy()
+    corr_mean = correlation(others, c).numpy()
+    versus = paired(corr, corr_ot)
+    return {"median_corr_centered": float(np.nanmedian(corr)), "median_corr_centered_ot": float(np.nanmedian(corr_ot)),
+            "median_corr_mean_shift": float(np.nanmedian(corr_mean)),
+            "mean_shift_energy": float(c.mean(0).square().sum() / c.square().sum(1).mean()),
+            "fraction_ours_better_centered": versus["win_rate"], "p_value_ours_vs_ot_centered": versus["p_value"]}
