@@ -39,7 +39,7 @@ from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict, checksums
 from diffsens_cli.training.settings import train_settings
 
-STAGES = ("train_base", "influence")
+STAGES = ("train_base", "influence", "attribution_features", "attribution")
 METHODS = ("exact", "sketch")
 
 
