@@ -656,3 +656,30 @@ def datamodeling(corr: dict[str, np.ndarray], norms: dict[str, np.ndarray], lds:
         ax.set_title(f"LDS (median Spearman over subsets) {np.nanmedian(lds[name]):.2f}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+LDS_TITLES = {"loss": "output: the query's denoising loss", "sample": "output: how far the query sample moves"}
+
+
+def lds_intervals(scores: dict[str, dict[str, dict]]) -> plt.Figure:
+    """The linear datamodeling score of each method, a panel per output (``scores[output]
+    [method]`` with ``mean``, ``ci_low``, ``ci_high``): the mean Spearman over queries and
+    its 95% bootstrap interval over queries and subsets; zero (no better than chance) dashed."""
+    outputs = list(scores)
+    fig, axes = plt.subplots(1, len(outputs), figsize=(5 * len(outputs), 0.45 * max(map(len, scores.values())) + 1.5),
+                             squeeze=False)
+    for ax, output in zip(axes[0], outputs, strict=True):
+        names = list(scores[output])
+        mean = np.array([scores[output][n]["mean"] for n in names], dtype=float)
+        low = np.array([scores[output][n]["ci_low"] for n in names], dtype=float)
+        high = np.array([scores[output][n]["ci_high"] for n in names], dtype=float)
+        y = np.arange(len(names))[::-1]
+        ax.errorbar(mean, y, xerr=[mean - low, high - mean], fmt="o", capsize=3)
+        ax.axvline(0, color="k", ls="--", lw=0.8)
+        ax.set_yticks(y, names)
+        ax.set_xlabel("LDS (mean Spearman over subsets, 95% interval)")
+        first = next(iter(scores[output].values()))
+        ax.set_title(f"{LDS_TITLES.get(output, output)}\n{first['queries']} queries, {first['subsets']} subsets",
+                     fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -305,7 +305,8 @@ def test_the_shards_of_a_counterfactual_run_split_the_influence_and_predictions(
     never split."""
     common = ["experiment=counterfactual_closed_form", "size=tiny", "solver.progress=false"]
     # run one after the other, job 0 finds sample 1's influence not yet computed and computes it too
-    for j, computed in ((0, ["influence", "influence", "predictions_counterfactual"]),
+    # and the staged score sets of both (ours_loss), which job 1 then finds
+    for j, computed in ((0, ["influence", "influence", "attribution", "attribution", "predictions_counterfactual"]),
                         (1, ["predictions_counterfactual"])):
         r = diffsens("run", *common, "shard.count=2", f"shard.index={j}", f"hydra.run.dir=shard{j}",
                      "stages.dir=cache_split", cwd=tmp_path)

@@ -12,12 +12,22 @@ import pytest
 import torch
 from test_cli import diffsens
 
+from diffsens_cli.core.attribution import denoising_loss
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.counterfactual import kernel_removal_prediction, random_halves, removal_mix, top_k_mask
+from diffsens_cli.core.counterfactual import (
+    datamodel_predictions,
+    kernel_removal_prediction,
+    random_halves,
+    removal_mix,
+    top_k_mask,
+    variance_above_floor,
+)
 from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
+from diffsens_cli.core.stats import spearman_rows
+from diffsens_cli.core.trak import output_pairs
 from diffsens_cli.training.source import SharedDraws
 
 SETTINGS = SolverSettings(step_size=5e-3, density="closed_form", progress=False)
@@ -158,12 +168,49 @@ def test_more_subsets_train_only_the_new_ones(tmp_path):
         sets = {r.tobytes() for r in a["counterfactual/removed"].reshape(-1, a["datamodel/removed"].shape[1])}
         sets |= {r.tobytes() for r in a["datamodel/removed"]}
     models = {p.parent for p in trained}
-    assert len(models) == len(sets) + 2  # every removal set once, the reference and the noise floor
+    assert len(models) == len(sets) + 4  # every removal set once, the reference and three noise-floor seeds
     mtimes = {p: p.stat().st_mtime_ns for p in trained}
     _run(tmp_path, "b", *args, "datamodel.subsets=4", experiment="digits_counterfactual")
     after = {p.parent for p in tmp_path.glob("outputs/stages/train_counterfactual/*/model/*")}
     assert len(after) == len(models) + 1
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_datamodel_predictions_sum_the_removed_scores_and_the_floor_share_is_one_minus_a_variance_ratio():
+    scores = torch.tensor([[1.0, 2.0, 4.0], [-1.0, 0.5, 3.0]])
+    removed = torch.tensor([[True, False, True], [False, True, False]])
+    np.testing.assert_allclose(datamodel_predictions(scores, removed).numpy(), [[5.0, 2.0], [2.0, 0.5]])
+    outputs = torch.tensor([[1.0, 3.0, 5.0], [0.0, 1.0, 2.0]])  # variances over subsets 4 and 1
+    floor = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])  # over seeds: 1 and 0
+    np.testing.assert_allclose(variance_above_floor(outputs, floor).numpy(), [0.75, 1.0])
+
+
+def test_the_lds_scores_each_method_on_the_exact_retrained_loss_and_move(tmp_path):
+    """On the closed-form model the retrained model is the exact score of the kept points:
+    each subset's loss of each query is that model's denoising loss of the full-data
+    sample at the fixed pairs, every training seed gives the same model (all of the
+    variance is above the floor), and each LDS is the mean Spearman of the summed removed
+    scores with the actual output."""
+    out, metrics = _run(tmp_path, "cf")
+    with np.load(out / "arrays.npz") as a:
+        points, base, removed = (torch.from_numpy(a[k]) for k in ("train_points", "base", "datamodel/removed"))
+        times, noises = output_pairs(10, 1, tuple(base.shape[1:]), 0, base.dtype, "cpu")
+        for j in range(len(removed)):
+            model = MixtureScore(GaussianMixture.empirical(points[~removed[j]]), VPLinear())
+            np.testing.assert_allclose(a["datamodel/retrained_loss"][:, j],
+                                       denoising_loss(model, base, times, noises).numpy(), rtol=1e-10)
+        np.testing.assert_array_equal(a["floor_loss"], np.broadcast_to(a["base_loss"], a["floor_loss"].shape))
+        for output in ("loss", "sample"):
+            actual = a[f"lds/actual_{output}"]
+            for name, value in metrics["lds"][output].items():
+                predicted = a[f"lds/predicted_{name}"]
+                if name != "ours_vector":
+                    np.testing.assert_allclose(predicted, a[f"influence/{name}/scores"] @ a["datamodel/removed"].T)
+                assert value["mean"] == pytest.approx(np.nanmean(spearman_rows(predicted, actual)))
+                assert value["ci_low"] <= value["mean"] <= value["ci_high"]
+    assert set(metrics["lds"]["loss"]) == {"ours_exact", "ours_clamped", "ours_set", "ours_loss", "l2"}
+    assert metrics["noise_floor"]["loss"]["variance_above_floor"] == 1.0
+    assert metrics["counterfactual"]["floor_seeds"] == 3
 
 
 def test_rankings_without_ours(tmp_path):
@@ -178,6 +225,7 @@ def test_rankings_without_ours(tmp_path):
     (["counterfactual.remove=[1.5]"], "counterfactual.remove[0]: must be a whole number, got 1.5"),
     (["counterfactual.remove=[0]"], "counterfactual.remove[0]: must be a fraction in (0, 1) or a count >= 1, got 0"),
     (["datamodel.subsets=1"], "datamodel.subsets: must be >= 2"),
+    (["counterfactual.floor_seeds=0"], "counterfactual.floor_seeds: must be >= 1 (the noise floor), got 0"),
     (["counterfactual.rankings=[ours,nearest]"], "counterfactual.rankings[1]: 'nearest' is not one of ours_exact, "
                                                  "ours_clamped, ours_set, ours_loss, l2, feature, dtrak, ours, random, "
                                                  "least"),

@@ -83,3 +83,20 @@ def kernel_removal_prediction(x: torch.Tensor, points: torch.Tensor, removed: to
     mean_all = torch.softmax(logits, dim=1) @ pts  # [M, d]
     kept = torch.softmax(logits[None].masked_fill(removed[:, None], -torch.inf), dim=2)  # [R, M, N]
     return kept @ pts - mean_all[None]
+
+
+def datamodel_predictions(scores: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The additive datamodel's predicted output [M, J] for each of J subsets (``removed``
+    bool [J, N]) from per-image scores [M, N] (higher: the image supports the query more):
+    the sum of the removed images' scores, so removing supporting images predicts a larger
+    loss and a longer move.  Up to the constant sum over all N (which a rank correlation
+    over subsets ignores) it is minus the sum over the kept images, the field's form."""
+    return scores.double() @ removed.double().T
+
+
+def variance_above_floor(outputs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Per query, the share of an output's variance over subsets (``outputs`` [M, J]) that
+    retraining noise does not explain: ``1 - var_floor / var_subsets``, with ``var_floor``
+    the variance over training seeds of the full data's output (``floor`` [F, M]).  Near 1:
+    the subsets' outputs differ for real; at or below 0: they are noise."""
+    return 1 - floor.double().var(0) / outputs.double().var(1)

@@ -211,10 +211,9 @@ def method_stage(cfg: DictConfig, run, source, method: str, i: int, sample: np.n
 
 # -- score sets, rankings and what they say --------------------------------------------------
 def score_sets(cfg: DictConfig, run, source, rows: list[int], per_sample: list[ArrayDict],
-               sample_depends: list[dict[str, Any]], only: list[str] | None = None
-               ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-    """Every method of ``influence.attributions`` (those in ``only`` where given) and
-    ``ours``: scores [M, N] for the model samples ``rows``; and each method's cost: seconds and diffusion-network
+               sample_depends: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Every method of ``influence.attributions`` and ``ours``: scores [M, N] for the
+    model samples ``rows``; and each method's cost: seconds and diffusion-network
     evaluations per model sample (``ours_*``: the one adjoint pass that gives both
     weights' scores, counted as vectors through the network), and one-off seconds (the
     training images' features)."""
@@ -222,7 +221,7 @@ def score_sets(cfg: DictConfig, run, source, rows: list[int], per_sample: list[A
     cost: dict[str, dict[str, float]] = {}
     ours_seconds = float(np.mean([a["wall_time_s"] for a in per_sample]))
     ours_vectors = float(np.mean([a["network_vectors"] for a in per_sample]))
-    for name in (n for n in methods(cfg) if only is None or n in only):
+    for name in methods(cfg):
         start = time.perf_counter()
         if name in ("ours_clamped", "ours_exact"):
             sets[name] = np.stack([a[f"scores/{name.removeprefix('ours_')}"] for a in per_sample])

@@ -6,11 +6,14 @@ score over random subsets), on the influence scores of ``pipelines.influence``.
   (``ours``: |psi^n|; ``l2``: nearest first; ``random``; ``least``: our bottom), remove
   the top k, retrain from the same initialisation and seeds, sample from the same z0, and
   measure |Delta x| / |x| and the correlation of Delta x with the predicted change
-  ``-(k / (N - k)) mean_R psi^n`` (``core.counterfactual``).  The noise floor is the
-  full data retrained with another training seed.
+  ``-(k / (N - k)) mean_R psi^n`` (``core.counterfactual``), and the change of the
+  sample's denoising loss.  The noise floor is the full data retrained with
+  ``counterfactual.floor_seeds`` other training seeds.
 - Datamodeling: retrain on J random halves; per model sample and subset, the correlation
   of the actual change with the predicted one, and the Spearman correlation over subsets
-  of |predicted| and |actual| (an LDS for samples), against an L2-kernel baseline.
+  of |predicted| and |actual| (an LDS for samples), against an L2-kernel baseline; and
+  the LDS of every score set of ``influence.attributions`` for two outputs, the sample's
+  loss and its move (``lds_metrics``), with bootstrap intervals.
 
 Retrainings of a network share the full-data training's batch draws
 (``training.source.SharedDraws``), so a removal changes the batches only where removed
@@ -38,21 +41,25 @@ from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import correlation, relative_difference, spearman
 from diffsens_cli.core.counterfactual import (
     PREDICTIONS,
+    datamodel_predictions,
     kernel_removal_prediction,
     random_halves,
     removal_mix,
     top_k_mask,
+    variance_above_floor,
 )
 from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.stats import lds
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import attribution, influence
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict
 
-STAGES = ("influence", "train_counterfactual", "samples_counterfactual", "predictions_counterfactual")
+STAGES = ("influence", "attribution_features", "attribution", "train_counterfactual", "samples_counterfactual",
+          "loss_counterfactual", "predictions_counterfactual")
 
 
 # -- settings --------------------------------------------------------------------------
@@ -79,6 +86,8 @@ def check(cfg: DictConfig) -> None:
     attribution.check_rankings(cfg, rankings, "counterfactual.rankings")
     shown = whole(cc.shown, "counterfactual.shown")
     require(shown >= 1, "counterfactual.shown", f"must be >= 1, got {shown}")
+    floor_seeds = whole(cc.floor_seeds, "counterfactual.floor_seeds")
+    require(floor_seeds >= 1, "counterfactual.floor_seeds", f"must be >= 1 (the noise floor), got {floor_seeds}")
     subsets = whole(dm.subsets, "datamodel.subsets")
     require(subsets >= 2, "datamodel.subsets", f"must be >= 2 (a rank correlation over subsets), got {subsets}")
     keep = number(dm.keep, "datamodel.keep")
@@ -114,13 +123,36 @@ def digest(removed: torch.Tensor) -> str:
 # -- models retrained without some images ---------------------------------------------------
 @dataclass
 class Models:
-    """The reference (full-data) model as an influence ``Source``, and ``samples(removed,
+    """The reference (full-data) model as an influence ``Source``; ``samples(removed,
     train_seed)``: the model samples [M, *event] from the rows ``rows`` of z0 of the model
-    trained without the ``removed`` images (bool [N])."""
+    trained without the ``removed`` images (bool [N]); and ``losses(removed, train_seed,
+    queries)``: that model's denoising loss [M] of the query samples [M, *event]
+    (``query_loss``)."""
 
     source: influence.Source
     samples: Callable[[torch.Tensor, int], np.ndarray]
+    losses: Callable[[torch.Tensor, int, np.ndarray], np.ndarray]
     rows: list[int]
+
+
+def query_loss(cfg: DictConfig, model, queries: np.ndarray, device: torch.device, dtype: torch.dtype) -> np.ndarray:
+    """The field's output for attribution: each query's denoising loss [M] under ``model``,
+    averaged over the fixed (time, noise) pairs ``influence.loss_pairs`` (the pairs of
+    ``ours_loss`` and ``dtrak``, ``core.trak.output_pairs``)."""
+    from diffsens_cli.core.attribution import denoising_loss
+    from diffsens_cli.core.trak import output_pairs
+
+    pairs = cfg.influence.loss_pairs
+    x = torch.from_numpy(queries).to(device, dtype)
+    times, noises = output_pairs(int(pairs.timesteps), int(pairs.noises), tuple(x.shape[1:]), int(cfg.seed), dtype,
+                                 device)
+    with torch.no_grad():
+        return denoising_loss(model, x, times, noises).cpu().numpy()
+
+
+def _content(array: np.ndarray) -> str:
+    """A key of an array's content (the query samples a loss stage scores)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
@@ -151,6 +183,13 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
         path = run.cache.run("train_counterfactual", depends, work)
         return f"train_counterfactual/{path.name}", path / "model"
 
+    def losses(removed: torch.Tensor, train_seed: int, queries: np.ndarray) -> np.ndarray:
+        key, path = trained(removed, train_seed)
+        depends = {"model": key, "queries": _content(queries), "loss_pairs": plain(cfg.influence.loss_pairs),
+                   "seed": int(cfg.seed)}
+        return run.stage("loss_counterfactual", lambda: {"loss": query_loss(
+            cfg, stages.score_model(path), queries, stages.device, stages.dtype)}, depends)["loss"]
+
     pool = int(cfg.influence.pool)
     nothing = torch.zeros(len(rho), dtype=torch.bool)
     model_key, model_dir = trained(nothing, int(cfg.train.seed))
@@ -158,7 +197,7 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, torch.arange(len(rho)),
                               stages.z0(model, pool), {"model": model_key, "dataset": plain(cfg.dataset)})
     return Models(source, lambda removed, seed: stages.samples_of_rows(trained(removed, seed), pool, rows)["samples"],
-                  rows)
+                  losses, rows)
 
 
 def exact_models(cfg: DictConfig, rows: list[int]) -> Models:
@@ -167,12 +206,17 @@ def exact_models(cfg: DictConfig, rows: list[int]) -> Models:
     source = influence.closed_form_source(cfg)
     settings = solver_settings(cfg.solver)
 
-    def samples(removed: torch.Tensor, train_seed: int) -> np.ndarray:
+    def model(removed: torch.Tensor) -> MixtureScore:
         kept = source.points[~removed.to(source.points.device)]
-        model = MixtureScore(GaussianMixture.empirical(kept), source.model.schedule)
-        return Integrator(model, settings).run(source.z0[rows]).samples.cpu().numpy()
+        return MixtureScore(GaussianMixture.empirical(kept), source.model.schedule)
 
-    return Models(source, samples, rows)
+    def samples(removed: torch.Tensor, train_seed: int) -> np.ndarray:
+        return Integrator(model(removed), settings).run(source.z0[rows]).samples.cpu().numpy()
+
+    def losses(removed: torch.Tensor, train_seed: int, queries: np.ndarray) -> np.ndarray:
+        return query_loss(cfg, model(removed), queries, source.points.device, source.points.dtype)
+
+    return Models(source, samples, losses, rows)
 
 
 # -- the experiment ----------------------------------------------------------------------
@@ -197,20 +241,27 @@ def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int,
 
 @dataclass
 class Retrained:
-    """The model samples of the experiment, per model sample m of M: the full-data model's
-    (``base`` [M, *event]) and another training seed's (``floor``); after each ranking's
-    removals (``removed`` [M, rankings, ks, N], ``after`` [M, rankings, ks, *event],
-    ``predicted`` [P, M, rankings, ks, *event] for the P = len(PREDICTIONS) kinds of
-    removal weights) and after each random subset's (``subsets`` removed [J, N],
-    ``after_subsets`` [M, J, *event], ``predicted_subsets`` [P, M, J, *event])."""
+    """The model samples and query losses of the experiment, per model sample m of M: the
+    full-data model's (``base`` [M, *event], ``base_loss`` [M]) and F other training
+    seeds' (``floor`` [F, M, *event], ``floor_loss`` [F, M]); after each ranking's removals
+    (``removed`` [M, rankings, ks, N], ``after`` [M, rankings, ks, *event], ``after_loss``
+    [M, rankings, ks], ``predicted`` [P, M, rankings, ks, *event] for the P =
+    len(PREDICTIONS) kinds of removal weights) and after each random subset's
+    (``subsets`` removed [J, N], ``after_subsets`` [M, J, *event], ``subset_loss`` [M, J],
+    ``predicted_subsets`` [P, M, J, *event]).  The losses are each model's denoising loss
+    of the full-data model's samples (``query_loss``)."""
 
     base: np.ndarray
+    base_loss: np.ndarray
     floor: np.ndarray
+    floor_loss: np.ndarray
     removed: torch.Tensor
     after: np.ndarray
+    after_loss: np.ndarray
     predicted: np.ndarray
     subsets: torch.Tensor
     after_subsets: np.ndarray
+    subset_loss: np.ndarray
     predicted_subsets: np.ndarray
 
 
@@ -226,9 +277,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
                                    enabled=bool(cfg.solver.progress))}
     per_sample = [found[j] for j in range(len(rows))]
     names, ks = list(plain(cfg.counterfactual.rankings)), removal_sizes(cfg, len(source.points))
-    sets, _ = attribution.score_sets(cfg, run, source, rows, per_sample,
-                                     [influence.stage_depends(cfg, source, i) for i in rows],
-                                     only=[attribution.needs(n) for n in names])
+    sets, _ = attribution.score_sets(cfg, run, source, rows, per_sample,  # all: each has its LDS
+                                     [influence.stage_depends(cfg, source, i) for i in rows])
     orders = [attribution.ranking_orders(names, sets, m, len(source.points), int(cfg.seed)) for m in range(len(rows))]
     out = _retrain(cfg, run, models, orders, ks, shard)
     if out is None:  # one job of a sharded run: the unsharded run assembles
@@ -246,11 +296,13 @@ def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str
     subsets = ~random_halves(n, float(cfg.datamodel.keep), int(cfg.datamodel.subsets), int(cfg.seed))  # [J, N]
     train_seed, nothing = int(cfg.train.seed), torch.zeros(n, dtype=torch.bool)
     unique = {digest(r): r for r in [*removed.flatten(0, 2), *subsets]}
-    # the reference model, each removal, and the noise floor (the full data, another training seed)
+    # the reference model, each removal, and the noise floor (the full data, other training seeds)
+    floors = [f"floor{s}" for s in range(1, int(cfg.counterfactual.floor_seeds) + 1)]
     trainings = [("base", nothing, train_seed), *((key, r, train_seed) for key, r in unique.items()),
-                 ("floor", nothing, train_seed + 1)]
+                 *((key, nothing, train_seed + s) for s, key in enumerate(floors, start=1))]
     shows = bool(cfg.solver.progress)
-    done = {key: models.samples(r, seed)
+    queries = models.samples(nothing, train_seed)  # the full-data model's samples, whose loss each model scores
+    done = {key: (models.samples(r, seed), models.losses(r, seed, queries))
             for key, r, seed in progress.bar(shard.mine(trainings), desc="counterfactual: retrainings", enabled=shows)}
     removals = [torch.cat([removed[m].flatten(0, 1), subsets]) for m in range(m_count)]
     samples = shard.mine(list(enumerate(models.rows)), first=len(trainings))  # numbered on from the trainings
@@ -259,13 +311,16 @@ def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str
     if shard.partial:
         finish_partial(run, shard, len(done) + len(samples), len(trainings) + m_count)
         return None
-    base, floor, retrained = done["base"], done["floor"], done
     predicted = np.stack(predictions, axis=1)  # [P, M, rankings * ks + J, *event]
-    after = np.stack([retrained[digest(mask)][m] for m in range(m_count) for mask in removed[m].flatten(0, 1)])
-    after = after.reshape(*removed.shape[:3], *base.shape[1:])
+    flat = [(m, digest(mask)) for m in range(m_count) for mask in removed[m].flatten(0, 1)]
+    after = np.stack([done[key][0][m] for m, key in flat]).reshape(*removed.shape[:3], *queries.shape[1:])
+    after_loss = np.array([done[key][1][m] for m, key in flat]).reshape(removed.shape[:3])
     cut = len(names) * len(ks)
-    return Retrained(base, floor, removed, after, predicted[:, :, :cut].reshape(len(PREDICTIONS), *after.shape),
-                     subsets, np.stack([retrained[digest(s)] for s in subsets], axis=1), predicted[:, :, cut:])
+    return Retrained(done["base"][0], done["base"][1], np.stack([done[f][0] for f in floors]),
+                     np.stack([done[f][1] for f in floors]), removed, after, after_loss,
+                     predicted[:, :, :cut].reshape(len(PREDICTIONS), *after.shape), subsets,
+                     np.stack([done[digest(s)][0] for s in subsets], axis=1),
+                     np.stack([done[digest(s)][1] for s in subsets], axis=1), predicted[:, :, cut:])
 
 
 def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[ArrayDict], sets: dict[str, np.ndarray],
@@ -275,11 +330,15 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     points = models.source.points.cpu()
     counterfactual, arrays = counterfactual_metrics(out, names, ks)
     datamodeling, more, panels = datamodeling_metrics(out, points, cfg.datamodel)
+    scores, noise, lds_arrays = lds_metrics(out, sets, int(cfg.seed))
     counterfactual |= {"num_train": len(points), "num_samples": len(models.rows)}
-    arrays |= more | {"sample_index": np.array(models.rows), "z0": models.source.z0[models.rows].cpu().numpy(),
-                      "base": out.base, "floor": out.floor,
-                      "influence/scores": sets["ours"],
-                      "influence/l2": np.stack([a["l2"] for a in per_sample])}
+    arrays |= more | lds_arrays | {
+        "sample_index": np.array(models.rows), "z0": models.source.z0[models.rows].cpu().numpy(),
+        "base": out.base, "floor": out.floor, "base_loss": out.base_loss, "floor_loss": out.floor_loss,
+        "counterfactual/retrained_loss": out.after_loss, "datamodel/retrained_loss": out.subset_loss,
+        "influence/scores": sets["ours"],
+        **{f"influence/{name}/scores": values for name, values in sets.items() if name != "ours"},
+        "influence/l2": np.stack([a["l2"] for a in per_sample])}
     if closed:
         arrays["train_points"] = points.numpy()
     run.save_arrays("arrays", arrays)
@@ -289,7 +348,9 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
                                                    arrays["counterfactual/floor_change"], out.base,
                                                    out.after[:, :, -1], top_removed), "fig_counterfactual")
     figures += run.save_figure(plots.datamodeling(*panels), "fig_datamodeling")
-    run.write_summary({"counterfactual": counterfactual, "datamodeling": datamodeling}, figures=figures,
+    figures += run.save_figure(plots.lds_intervals(scores), "fig_lds")
+    run.write_summary({"counterfactual": counterfactual, "datamodeling": datamodeling, "lds": scores,
+                       "noise_floor": noise}, figures=figures,
                       solver=plain(cfg.solver), **({} if closed else {"train": plain(cfg.train)}))
     for name in names:
         print(f"{name:>6}: " + "; ".join(f"k={k} change {counterfactual[name][f'k{k}']['median_change']:.3f} "
@@ -297,6 +358,10 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     print(f"noise floor {counterfactual['noise_floor']:.3f}; datamodeling: corr {datamodeling['median_corr']:.3f} "
           f"(L2 kernel {datamodeling['median_corr_l2kernel']:.3f}), LDS {datamodeling['lds']:.3f} "
           f"(L2 kernel {datamodeling['lds_l2kernel']:.3f})")
+    for output, methods in scores.items():
+        print(f"LDS of the {output} over {datamodeling['subsets']} subsets (variance above the noise floor "
+              f"{noise[output]['variance_above_floor']:.2f}): " + "; ".join(
+                  f"{name} {v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for name, v in methods.items()))
 
 
 def _correlations(predicted: np.ndarray, actual: np.ndarray, event_dims: int) -> np.ndarray:
@@ -320,18 +385,25 @@ def counterfactual_metrics(out: Retrained, names: list[str], ks: list[int]) -> t
     change = out.after - out.base[:, None, None]  # [M, rankings, ks, *event]
     size = relative_difference(out.after.reshape(-1, *out.base.shape[1:]),
                                np.repeat(out.base, len(names) * len(ks), axis=0)).reshape(change.shape[:3])
+    loss_change = out.after_loss / out.base_loss[:, None, None] - 1  # [M, rankings, ks]
     corr = _correlations(out.predicted, change, event_dims)  # [P, M, rankings, ks]
-    floor = relative_difference(out.floor, out.base)
+    floors = np.stack([relative_difference(f, out.base) for f in out.floor])  # [F, M]
+    floor = floors.mean(0)
     metrics: dict[str, Any] = {
         name: {f"k{k}": {"median_change": float(np.median(size[:, r, j])),
                          **{f"median_corr_pred{_suffix(p)}": float(np.nanmedian(corr[c, :, r, j]))
                             for c, p in enumerate(PREDICTIONS)},
-                         "change_per_sample": size[:, r, j].tolist(), "corr_pred_per_sample": corr[0, :, r, j].tolist()}
+                         "median_loss_change": float(np.median(loss_change[:, r, j])),
+                         "change_per_sample": size[:, r, j].tolist(), "corr_pred_per_sample": corr[0, :, r, j].tolist(),
+                         "loss_change_per_sample": loss_change[:, r, j].tolist()}
                for j, k in enumerate(ks)} for r, name in enumerate(names)}
-    metrics |= {"noise_floor": float(np.median(floor)), "noise_floor_per_sample": floor.tolist(), "k": ks}
+    metrics |= {"noise_floor": float(np.median(floors)), "noise_floor_per_sample": floor.tolist(),
+                "noise_floor_loss": float(np.median(np.abs(out.floor_loss / out.base_loss - 1))),
+                "floor_seeds": len(floors), "k": ks}
     arrays = {"counterfactual/removed": out.removed.numpy(), "counterfactual/retrained": out.after,
               "counterfactual/predicted": out.predicted, "counterfactual/change": size,
-              "counterfactual/corr_pred": corr, "counterfactual/floor_change": floor}
+              "counterfactual/loss_change": loss_change, "counterfactual/corr_pred": corr,
+              "counterfactual/floor_change": floor, "counterfactual/floor_changes": floors}
     return metrics, arrays
 
 
@@ -379,3 +451,43 @@ def datamodeling_metrics(out: Retrained, points: torch.Tensor,
               "datamodel/predicted": out.predicted_subsets, "datamodel/predicted_l2kernel": predictions["l2kernel"],
               **{f"datamodel/corr_{name}": c for name, c in corr.items()}}
     return metrics, arrays, (corr, norms, lds)
+
+
+LDS_OUTPUTS = ("loss", "sample")
+
+
+def lds_metrics(out: Retrained, sets: dict[str, np.ndarray], seed: int) -> tuple[dict[str, Any], dict[str, Any],
+                                                                                ArrayDict]:
+    """The linear datamodeling score of every score set on the J random subsets, for two
+    outputs of each query: ``loss``, its denoising loss under the retrained model, and
+    ``sample``, how far its regenerated sample moves (``|x_S - x| / |x|``, from the same
+    z0); each method's prediction is ``core.counterfactual.datamodel_predictions`` (and
+    for ``sample`` also ``ours_vector``: the length of ours' predicted change
+    ``sum_n w_n psi^n``).  Mean Spearman over queries with a two-way bootstrap interval
+    (``core.stats.lds``).  Also the noise floor: how much of each output's variance over
+    subsets is above its variance over training seeds of the full data."""
+    base = out.base.reshape(len(out.base), -1)
+    moved = np.linalg.norm(out.after_subsets.reshape(*out.after_subsets.shape[:2], -1) - base[:, None], axis=2)
+    actual = {"loss": out.subset_loss, "sample": moved / np.linalg.norm(base, axis=1)[:, None]}  # [M, J] each
+    floor_moved = np.linalg.norm(out.floor.reshape(*out.floor.shape[:2], -1) - base[None], axis=2)
+    floor = {"loss": np.concatenate([out.base_loss[None], out.floor_loss]),  # [F + 1, M]: every seed's loss
+             "sample": floor_moved / np.linalg.norm(base, axis=1)[None]}  # [F, M]: the others' moves
+    removed = out.subsets
+    predicted = {name: datamodel_predictions(torch.from_numpy(values), removed).numpy()
+                 for name, values in sets.items() if name != "ours"}
+    vector = np.linalg.norm(out.predicted_subsets[0].reshape(*out.predicted_subsets.shape[1:3], -1), axis=2)
+    scores: dict[str, Any] = {output: {} for output in LDS_OUTPUTS}
+    for output in LDS_OUTPUTS:
+        methods = predicted | ({"ours_vector": vector} if output == "sample" else {})
+        for name, values in methods.items():
+            scores[output][name] = lds(values, actual[output], seed=seed)
+    above = {output: variance_above_floor(torch.from_numpy(actual[output]), torch.from_numpy(floor[output])).numpy()
+             for output in LDS_OUTPUTS}
+    noise = {output: {"variance_above_floor": float(np.median(above[output])),
+                      "variance_above_floor_per_query": above[output].tolist(),
+                      "subsets_spread": float(np.median(actual[output].std(1))),
+                      "seeds_spread": float(np.median(floor[output].std(0))), "seeds": len(floor[output])}
+             for output in LDS_OUTPUTS}
+    arrays = {f"lds/actual_{output}": actual[output] for output in LDS_OUTPUTS} | {
+        f"lds/predicted_{name}": values for name, values in predicted.items()} | {"lds/predicted_ours_vector": vector}
+    return scores, noise, arrays
