@@ -674,7 +674,8 @@ def lds_intervals(scores: dict[str, dict[str, dict]]) -> plt.Figure:
         low = np.array([scores[output][n]["ci_low"] for n in names], dtype=float)
         high = np.array([scores[output][n]["ci_high"] for n in names], dtype=float)
         y = np.arange(len(names))[::-1]
-        ax.errorbar(mean, y, xerr=[mean - low, high - mean], fmt="o", capsize=3)
+        # a percentile interval need not contain the mean: clip, never a negative bar
+        ax.errorbar(mean, y, xerr=np.clip([mean - low, high - mean], 0, None), fmt="o", capsize=3)
         ax.axvline(0, color="k", ls="--", lw=0.8)
         ax.set_yticks(y, names)
         ax.set_xlabel("LDS (mean Spearman over subsets, 95% interval)")

@@ -225,7 +225,8 @@ def test_rankings_without_ours(tmp_path):
     (["counterfactual.remove=[1.5]"], "counterfactual.remove[0]: must be a whole number, got 1.5"),
     (["counterfactual.remove=[0]"], "counterfactual.remove[0]: must be a fraction in (0, 1) or a count >= 1, got 0"),
     (["datamodel.subsets=1"], "datamodel.subsets: must be >= 2"),
-    (["counterfactual.floor_seeds=0"], "counterfactual.floor_seeds: must be >= 1 (the noise floor), got 0"),
+    (["counterfactual.floor_seeds=1"], "counterfactual.floor_seeds: must be >= 2 (the noise floor is a variance over "
+                                                 "seeds), got 1"),
     (["counterfactual.rankings=[ours,nearest]"], "counterfactual.rankings[1]: 'nearest' is not one of ours_exact, "
                                                  "ours_clamped, ours_set, ours_loss, l2, feature, dtrak, ours, random, "
                                                  "least"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -45,8 +45,9 @@ def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], flo
 
 
 def rank_rows(x: np.ndarray) -> np.ndarray:
-    """Ranks 0 .. J-1 along the last axis (ties broken by order, as ``compare.spearman``)."""
-    return np.argsort(np.argsort(x, axis=-1, kind="stable"), axis=-1, kind="stable").astype(float)
+    """Ranks along the last axis, ties sharing their average rank: a constant row stays
+    constant (no correlation), and a subset drawn twice by the bootstrap is one tie."""
+    return rankdata(x, axis=-1)
 
 
 def _row_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -59,6 +60,13 @@ def _row_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def spearman_rows(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """Spearman's correlation of each row of two [M, J] arrays (a constant row: NaN)."""
     return _row_correlation(rank_rows(predicted), rank_rows(actual))
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    """The mean of the finite values; NaN when none is (a draw of few subsets can repeat
+    one subset only, leaving no rank correlation)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
 
 
 def lds(predicted: np.ndarray, actual: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
@@ -75,9 +83,9 @@ def lds(predicted: np.ndarray, actual: np.ndarray, resamples: int = RESAMPLES, s
     for b in range(resamples):
         q = rng.integers(0, m_count, m_count)
         s = rng.integers(0, j_count, j_count)
-        stats[b] = np.nanmean(spearman_rows(predicted[np.ix_(q, s)], actual[np.ix_(q, s)]))
+        stats[b] = _finite_mean(spearman_rows(predicted[np.ix_(q, s)], actual[np.ix_(q, s)]))
     low, high = _percentiles(stats, level)
-    return {"mean": float(np.nanmean(per_query)), "ci_low": low, "ci_high": high,
+    return {"mean": _finite_mean(per_query), "ci_low": low, "ci_high": high,
             "per_query": per_query.tolist(), "queries": m_count, "subsets": j_count}
 
 

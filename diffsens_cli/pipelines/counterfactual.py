@@ -87,7 +87,8 @@ def check(cfg: DictConfig) -> None:
     shown = whole(cc.shown, "counterfactual.shown")
     require(shown >= 1, "counterfactual.shown", f"must be >= 1, got {shown}")
     floor_seeds = whole(cc.floor_seeds, "counterfactual.floor_seeds")
-    require(floor_seeds >= 1, "counterfactual.floor_seeds", f"must be >= 1 (the noise floor), got {floor_seeds}")
+    require(floor_seeds >= 2, "counterfactual.floor_seeds",
+            f"must be >= 2 (the noise floor is a variance over seeds), got {floor_seeds}")
     subsets = whole(dm.subsets, "datamodel.subsets")
     require(subsets >= 2, "datamodel.subsets", f"must be >= 2 (a rank correlation over subsets), got {subsets}")
     keep = number(dm.keep, "datamodel.keep")
@@ -463,7 +464,8 @@ def lds_metrics(out: Retrained, sets: dict[str, np.ndarray], seed: int) -> tuple
     ``sample``, how far its regenerated sample moves (``|x_S - x| / |x|``, from the same
     z0); each method's prediction is ``core.counterfactual.datamodel_predictions`` (and
     for ``sample`` also ``ours_vector``: the length of ours' predicted change
-    ``sum_n w_n psi^n``).  Mean Spearman over queries with a two-way bootstrap interval
+    ``sum_n w_n psi^n``, per query the same Spearman as ``datamodeling.lds``, whose
+    summary is the median).  Mean Spearman over queries with a two-way bootstrap interval
     (``core.stats.lds``).  Also the noise floor: how much of each output's variance over
     subsets is above its variance over training seeds of the full data."""
     base = out.base.reshape(len(out.base), -1)

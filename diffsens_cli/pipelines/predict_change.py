@@ -97,24 +97,26 @@ def _reasons(metrics: dict) -> dict[str, str]:
            "fraction_ours_better": "no sample had both correlations finite",
            "median_corr_centered": "no sample had a finite correlation after removing the mean shift",
            "median_corr_centered_ot": "no sample had a finite OT correlation after removing the mean shift",
+           "median_corr_mean_shift": "no sample had a finite correlation with the others' mean change",
+           "fraction_ours_better_centered": "no sample had both centred correlations finite",
            "median_fitted_eta": "psi of some sample is zero or non-finite (the fitted scale is 0/0)"}
     return {dotted("metrics", mode, key): text for mode in metrics for key, text in why.items()}
 
 
 def _comparison(corr: np.ndarray, corr_ot: np.ndarray, psi: torch.Tensor, change: torch.Tensor) -> dict:
     """Headline numbers of one mode: medians (NaN-aware: a constant image has no
-    correlation), how often ours beats OT, and the least-squares scale of ``psi`` that
+    correlation) with bootstrap intervals, how often ours beats OT (ties half) with the sign
+    test's p-value, and the least-squares scale of ``psi`` that
     best matches the change (its median: how large an eta ``psi`` predicts)."""
     u, v = psi.flatten(1).double(), change.flatten(1).double()
     scale = (u * v).sum(1) / (u * u).sum(1)
-    both = np.isfinite(corr) & np.isfinite(corr_ot)
     versus = paired(corr, corr_ot)
     interval, interval_ot = bootstrap_interval(corr), bootstrap_interval(corr_ot)
     return {"median_corr": float(np.nanmedian(corr)), "median_corr_ot": float(np.nanmedian(corr_ot)),
             "median_corr_ci": [interval["ci_low"], interval["ci_high"]],
             "median_corr_ot_ci": [interval_ot["ci_low"], interval_ot["ci_high"]],
             "num_samples": int(np.isfinite(corr).sum()), "num_samples_ot": int(np.isfinite(corr_ot).sum()),
-            "fraction_ours_better": float((corr[both] > corr_ot[both]).mean()) if both.any() else float("nan"),
+            "fraction_ours_better": versus["win_rate"],
             "p_value_ours_vs_ot": versus["p_value"],
             "median_fitted_eta": float(scale.median())}
 
