@@ -213,6 +213,26 @@ def test_the_lds_scores_each_method_on_the_exact_retrained_loss_and_move(tmp_pat
     assert metrics["counterfactual"]["floor_seeds"] == 3
 
 
+def test_removal_metrics_give_medians_with_intervals_and_a_sign_test_per_pair():
+    """Ranking a moves 8 of 9 queries further than b: a win rate of 8/9 and the sign
+    test's p = 2 (1 + 9) / 2^9; the medians are the per-query medians."""
+    from diffsens_cli.pipelines.counterfactual import removal_metrics
+
+    g = np.random.default_rng(0)
+    b = g.uniform(0.1, 0.2, size=9)
+    a = b + 0.05
+    a[0] = b[0] - 0.01
+    change = np.stack([a, b], axis=1)[:, :, None]  # [M, rankings, ks]
+    loss = -change
+    out = removal_metrics(change, loss, ["a", "b"], [7], seed=1)
+    row = out["a"]["k7"]
+    assert row["median_change"] == np.median(a) and row["ci_low"] <= row["median_change"] <= row["ci_high"]
+    assert row["median_loss_change"] == np.median(-a)
+    pair = out["pairwise"]["a_vs_b"]["k7"]
+    assert pair["win_rate"] == 8 / 9 and pair["p_value"] == pytest.approx(20 / 512)
+    assert "b_vs_a" not in out["pairwise"]
+
+
 def test_rankings_without_ours(tmp_path):
     out, metrics = _run(tmp_path, "cf", "counterfactual.rankings=[l2,random]")
     assert set(metrics["counterfactual"]) >= {"l2", "random"} and "ours" not in metrics["counterfactual"]

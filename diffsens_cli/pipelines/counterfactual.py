@@ -51,7 +51,7 @@ from diffsens_cli.core.counterfactual import (
 from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.core.stats import lds
+from diffsens_cli.core.stats import bootstrap_interval, lds, paired
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import attribution, influence
 from diffsens_cli.rundir import RunDir
@@ -332,6 +332,8 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     counterfactual, arrays = counterfactual_metrics(out, names, ks)
     datamodeling, more, panels = datamodeling_metrics(out, points, cfg.datamodel)
     scores, noise, lds_arrays = lds_metrics(out, sets, int(cfg.seed))
+    removal = removal_metrics(arrays["counterfactual/change"], arrays["counterfactual/loss_change"], names, ks,
+                              int(cfg.seed))
     counterfactual |= {"num_train": len(points), "num_samples": len(models.rows)}
     arrays |= more | lds_arrays | {
         "sample_index": np.array(models.rows), "z0": models.source.z0[models.rows].cpu().numpy(),
@@ -351,7 +353,7 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     figures += run.save_figure(plots.datamodeling(*panels), "fig_datamodeling")
     figures += run.save_figure(plots.lds_intervals(scores), "fig_lds")
     run.write_summary({"counterfactual": counterfactual, "datamodeling": datamodeling, "lds": scores,
-                       "noise_floor": noise}, figures=figures,
+                       "removal": removal, "noise_floor": noise}, figures=figures,
                       solver=plain(cfg.solver), **({} if closed else {"train": plain(cfg.train)}))
     for name in names:
         print(f"{name:>6}: " + "; ".join(f"k={k} change {counterfactual[name][f'k{k}']['median_change']:.3f} "
@@ -406,6 +408,26 @@ def counterfactual_metrics(out: Retrained, names: list[str], ks: list[int]) -> t
               "counterfactual/loss_change": loss_change, "counterfactual/corr_pred": corr,
               "counterfactual/floor_change": floor, "counterfactual/floor_changes": floors}
     return metrics, arrays
+
+
+def removal_metrics(change: np.ndarray, loss_change: np.ndarray, names: list[str], ks: list[int],
+                    seed: int) -> dict[str, Any]:
+    """Section 2 of the evaluation, from the per-query results [M, rankings, ks] of
+    ``counterfactual_metrics`` (``change``: |Delta x| / |x|; ``loss_change``: the relative
+    change of the query's loss): per ranking and k the medians over queries with bootstrap
+    95% intervals, and for every pair of rankings, per k, how often the first moves the
+    query further than the second, with the exact sign test's p-value."""
+    out: dict[str, Any] = {}
+    for r, name in enumerate(names):
+        out[name] = {}
+        for j, k in enumerate(ks):
+            moved, loss = (bootstrap_interval(v[:, r, j], seed=seed) for v in (change, loss_change))
+            out[name][f"k{k}"] = {"median_change": moved["value"], "ci_low": moved["ci_low"],
+                                  "ci_high": moved["ci_high"], "median_loss_change": loss["value"],
+                                  "loss_ci_low": loss["ci_low"], "loss_ci_high": loss["ci_high"]}
+    out["pairwise"] = {f"{a}_vs_{b}": {f"k{k}": paired(change[:, r, j], change[:, q, j]) for j, k in enumerate(ks)}
+                       for r, a in enumerate(names) for q, b in enumerate(names) if r < q}
+    return out
 
 
 def datamodeling_metrics(out: Retrained, points: torch.Tensor,
