@@ -137,7 +137,7 @@ def test_sample_sensitivity_is_the_derivative_of_the_discrete_flow(method, integ
 def test_sde_sensitivity_needs_the_drift_not_the_velocity():
     """The paper's text uses Eq. 2 (the velocity: forcing c g) unchanged along SDE paths;
     for a fixed noise realisation the derivative is driven by the SDE drift (2 c g)
-    instead, and only that version matches the finite difference (DESIGN.md section 5)."""
+    instead, and only that version matches the finite difference (docs/design.md section 5)."""
     rho, nu, z0 = _setup()
     s = SolverSettings(method="sde", num_steps=100, density="closed_form", progress=False)
     base = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)

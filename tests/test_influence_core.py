@@ -1,4 +1,4 @@
-"""Per-training-sample influence (DESIGN.md section 7): the per-point forcing against the
+"""Per-training-sample influence (docs/design.md section 7): the per-point forcing against the
 point-mass perturbations it replaces, the adjoint against forward tangents (exact
 transposes of the discrete scheme), psi^n against a finite difference of the perturbed
 flow, and the projections and randomised SVD against their exact counterparts."""

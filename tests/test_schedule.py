@@ -9,7 +9,7 @@ T = torch.linspace(0.0, 1 - 1e-3, 999, dtype=torch.float64)
 
 
 def test_vp_coefficients_are_half_beta():
-    """For VP in paper time, a_t = c_t = beta(tau)/2 (DESIGN.md section 2)."""
+    """For VP in paper time, a_t = c_t = beta(tau)/2 (docs/design.md section 2)."""
     s = VPLinear()
     co = s.coefficients(T)
     beta = 1000 * (1e-4 + (1 - T) * (0.02 - 1e-4))

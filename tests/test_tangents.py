@@ -1,6 +1,6 @@
 """K sensitivities in one pass, the flow map's Jacobian from initial tangents, random
 numbers keyed by sample, results independent of how the work is split, and each
-integrator's order of convergence (DESIGN.md sections 5 and 9)."""
+integrator's order of convergence (docs/design.md sections 5 and 9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The score-to-velocity map (DESIGN.md section 2): one place for the ODE velocity, the
+"""The score-to-velocity map (docs/design.md section 2): one place for the ODE velocity, the
 SDE drift and their derivatives.
 
 Both are ``a_t z + k c_t s_t(z)`` with score gain ``k = 1`` (PF-ODE velocity) or

@@ -1,4 +1,4 @@
-"""Per-training-sample influence (DESIGN.md section 7, paper Sec. 4.4).
+"""Per-training-sample influence (docs/design.md section 7, paper Sec. 4.4).
 
 For the point masses ``nu = delta_{x_n}`` of N training points, the sensitivity
 ``psi^n`` of a model sample follows the same linear equation along the same path for

@@ -1,4 +1,4 @@
-"""The fused integration of DESIGN.md section 5 (paper Algorithm 1).
+"""The fused integration of docs/design.md section 5 (paper Algorithm 1).
 
 One loop over time steps integrates, for a whole batch at once on its device, the state
 ``(z, log rho, psi)``: the sample path (PF-ODE or reverse SDE), the CCoV log-density

@@ -2,7 +2,7 @@
 
 Paper time ``t`` runs from ``t0 = 0`` (noise) to ``t1 = 1`` (data); diffusion time is
 ``tau = 1 - t``.  A family only defines ``log alpha(tau)`` and ``sigma^2(tau)``; every
-derivative (and so the velocity coefficients ``a_t``, ``c_t`` of DESIGN.md section 2)
+derivative (and so the velocity coefficients ``a_t``, ``c_t`` of docs/design.md section 2)
 comes from forward-mode AD of those two functions, so the families cannot disagree
 with their own derivatives.
 """
@@ -80,7 +80,7 @@ class VPLinear(Schedule):
 
 
 class VPDiscrete(Schedule):
-    """A discrete ``DDPMScheduler`` (linear by default) made continuous (DESIGN.md section 1).
+    """A discrete ``DDPMScheduler`` (linear by default) made continuous (docs/design.md section 1).
 
     ``scheduler_config`` is the diffusers config that reproduces the betas (what a saved
     model writes).  The constructor's linear betas are float64; diffusers' (and so

@@ -1,4 +1,4 @@
-"""Step rules for the augmented state ``(z, log rho, psi)`` (DESIGN.md section 5).
+"""Step rules for the augmented state ``(z, log rho, psi)`` (docs/design.md section 5).
 
 Small functions in the style of k-diffusion's samplers: each advances a ``State`` from
 grid point ``k`` to ``k + 1`` of a ``Grid`` given ``field(k, state)``, the time

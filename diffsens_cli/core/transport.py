@@ -1,4 +1,4 @@
-"""Entropic optimal-transport baseline (paper Sec. 4.3, App. F.2; DESIGN.md section 6).
+"""Entropic optimal-transport baseline (paper Sec. 4.3, App. F.2; docs/design.md section 6).
 
 The baseline predicts the direction in which base sample ``x_i`` moves when the model is
 retrained or fine-tuned towards targets ``y`` by its transport ray: the barycentric

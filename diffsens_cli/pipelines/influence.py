@@ -1,7 +1,7 @@
 """Which training images does a generated image depend on?  Paper Sec. 4.4 (Figs. 8-10,
 12-14): the influence score ``|psi^n|`` of every training image n on a few model
 samples, its regression on L2 distance, and the singular directions of each sample's
-``N x d`` sensitivity matrix (DESIGN.md section 7, ``core.influence``).
+``N x d`` sensitivity matrix (docs/design.md section 7, ``core.influence``).
 
 The model is a trained image experiment's base model (its stage is reused), a model
 brought with ``model=pretrained`` (``cifar10_crossclass``), or the exact score of N

@@ -5,7 +5,7 @@ Stages (each cached, see ``image_stages``): train the base model on rho; retrain
 ``(1 - eta_bar) rho + eta_bar S`` and fine-tune the base model on S; integrate the base
 model's samples with their sensitivities ``psi`` to S; sample the retrained and the
 fine-tuned model from the same ``z0``; solve the entropic-OT baseline.  Then, per base
-sample, the correlation (DESIGN.md section 6) of ``psi`` and of the OT transport ray with
+sample, the correlation (docs/design.md section 6) of ``psi`` and of the OT transport ray with
 the actual change ``Phi^perturbed(z0) - Phi^base(z0)``.
 """
 
