@@ -117,13 +117,14 @@ def test_affine_r2_by_construction():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(400, 6, generator=g)
     affine = images @ torch.randn(6, 5, generator=g) + torch.randn(5, generator=g)
-    assert attribution.affine_r2(affine, images) == pytest.approx(1.0, abs=1e-12)
+    basis = attribution.principal_basis(images)
+    assert attribution.affine_r2(affine, basis) == pytest.approx(1.0, abs=1e-12)
     blank = torch.cat([images, torch.zeros(400, 3)], 1)  # constant pixels, as the digits' borders
-    assert attribution.affine_r2(affine, blank) == pytest.approx(1.0, abs=1e-12)
+    assert attribution.affine_r2(affine, attribution.principal_basis(blank)) == pytest.approx(1.0, abs=1e-12)
     rotation = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64)).Q
     noisy = affine.double() + torch.randn(400, 5, generator=g, dtype=torch.float64)
-    assert attribution.affine_r2(noisy @ rotation, images) == pytest.approx(attribution.affine_r2(noisy, images))
-    chance = attribution.affine_r2(torch.randn(400, 5, generator=g), images)
+    assert attribution.affine_r2(noisy @ rotation, basis) == pytest.approx(attribution.affine_r2(noisy, basis))
+    chance = attribution.affine_r2(torch.randn(400, 5, generator=g), basis)
     assert 0 < chance < 4 * 6 / 400
     assert attribution.top_k_overlap(torch.tensor([5.0, 4, 3, 2, 1]), torch.tensor([1.0, 5, 4, 3, 2]), 2) == 0.5
 

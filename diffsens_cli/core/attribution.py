@@ -1,5 +1,5 @@
 """Attribution scores built on the per-image sensitivities, and the numbers that say what
-they are (DESIGN.md sections 7 and 12).
+they are (docs/design.md sections 7 and 12).
 
 - ``set_order``: a ranking for removing k images together.  Removing a set R changes a
   sample to first order by ``-(1 / (N - k)) sum_{n in R} psi^n`` (``core.counterfactual``),
@@ -95,24 +95,30 @@ def denoising_loss(model: ScoreModel, queries: torch.Tensor, times: torch.Tensor
     return total / len(times)
 
 
-def affine_r2(targets: torch.Tensor, images: torch.Tensor, components: int | None = None) -> float:
-    """R^2 of the least-squares fit ``targets_n ~ A x_n + b`` [N, m] on the images
-    [N, *event]: 1 - residual / total sum of squares over all n and coordinates.
-
-    ``targets`` may be the sensitivities' projections on orthonormal directions (scaled
-    alike): the fit of each projected coordinate is the projection of the full fit, so the
-    ratio estimates the full R^2 (exact for m = d).  With few images a fit on every pixel
-    is perfect whatever the targets; ``components`` (default ``min(d, N // 4)``) keeps the
-    images' top principal components, so chance alone gives about ``components / N``."""
-    y = targets.double()
+def principal_basis(images: torch.Tensor, components: int | None = None) -> torch.Tensor:
+    """An orthonormal basis [N, k] of the centred images' top ``components`` principal
+    directions over the N images (default ``min(d, N // 4)``; directions of zero spread,
+    such as the digits' constant borders, dropped): the regressors of ``affine_r2``, one
+    SVD for every set of targets."""
     x = images.flatten(1).double()
     n, d = x.shape
     k = min(d, n // 4) if components is None else components
     u, sv, _ = torch.linalg.svd(x - x.mean(0), full_matrices=False)
-    u = u[:, :k][:, sv[:k] > sv[0] * 1e-10]  # constant pixels (the digits' borders) add no direction
-    yc = y - y.mean(0)
-    total = yc.pow(2).sum()
-    return float((u.T @ yc).pow(2).sum() / total)
+    return u[:, :k][:, sv[:k] > sv[0] * 1e-10]
+
+
+def affine_r2(targets: torch.Tensor, basis: torch.Tensor) -> float:
+    """R^2 of the least-squares fit ``targets_n ~ A x_n + b`` [N, m] on the images' top
+    principal components ``basis`` (``principal_basis``): 1 - residual / total sum of
+    squares over all n and coordinates.
+
+    ``targets`` may be the sensitivities' projections on orthonormal directions (scaled
+    alike): the fit of each projected coordinate is the projection of the full fit, so the
+    ratio estimates the full R^2 (exact for m = d).  With few images a fit on every pixel
+    is perfect whatever the targets; keeping k principal components, chance alone gives
+    about ``k / N``."""
+    yc = targets.double() - targets.double().mean(0)
+    return float((basis.T @ yc).pow(2).sum() / yc.pow(2).sum())
 
 
 def top_k_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:

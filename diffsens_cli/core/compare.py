@@ -1,4 +1,4 @@
-"""Comparing sensitivities with each other and with actual changes (DESIGN.md section 6)."""
+"""Comparing sensitivities with each other and with actual changes (docs/design.md section 6)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Spearman's rank correlation of two vectors (ties broken by order: for continuous
-    values such as influence scores)."""
-    rank_x, rank_y = (v.argsort().argsort().double() for v in (x.flatten(), y.flatten()))
-    return correlation(rank_x[None], rank_y[None])[0]
+    """Spearman's rank correlation of two vectors (``core.stats.spearman_rows`` of one row:
+    ties share their average rank)."""
+    from diffsens_cli.core.stats import spearman_rows
+
+    rows = (v.detach().flatten().double().cpu().numpy()[None] for v in (x, y))
+    return torch.tensor(spearman_rows(*rows)[0], dtype=torch.float64)

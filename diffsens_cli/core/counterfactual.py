@@ -1,4 +1,4 @@
-"""Predicted changes of model samples when training images are removed (DESIGN.md
+"""Predicted changes of model samples when training images are removed (docs/design.md
 section 7), and the baseline they are judged against.
 
 Removing a set R of k of N training images changes the empirical measure by
@@ -15,9 +15,9 @@ training images around the sample when the removed ones leave it
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+
+from diffsens_cli.core.keyed_random import keyed_generator
 
 PREDICTIONS = ("removed", "measure")
 
@@ -41,13 +41,6 @@ def removal_mix(removed: torch.Tensor, weights: str = "removed") -> torch.Tensor
     if weights == "measure":
         return torch.where(removed, torch.full((), -1.0 / n, dtype=torch.float64), 1.0 / kept - 1.0 / n)
     raise ValueError(f"weights must be one of {PREDICTIONS}, got {weights!r}")
-
-
-def keyed_generator(*key: int | str) -> torch.Generator:
-    """A CPU generator seeded by a hash of ``key``: streams named apart (a ranking's
-    order, each random subset) never share a seed."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def top_k_mask(order: torch.Tensor, k: int) -> torch.Tensor:

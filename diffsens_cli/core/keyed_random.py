@@ -1,4 +1,4 @@
-"""Random numbers keyed by what they belong to (DESIGN.md section 9).
+"""Random numbers keyed by what they belong to (docs/design.md section 9).
 
 Every Hutchinson probe and Wiener increment the engine draws is a function of
 ``(seed, stream, step, sample index, coordinate)`` alone, so a sample's numbers do not
@@ -13,6 +13,7 @@ key gives the same numbers on the CPU and on a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -72,3 +73,11 @@ def rademacher(shape: tuple[int, ...], sample_ids: torch.Tensor, *, seed: int, s
     """Uniform signs +-1 [B, *shape] for the samples ``sample_ids`` [B]."""
     bits = _bits(_key(seed, stream, step, sample_ids), math.prod(shape)) >> 31
     return (1 - 2 * bits).to(dtype).view(len(sample_ids), *shape)
+
+
+def keyed_generator(*key: int | str) -> torch.Generator:
+    """A sequential CPU generator seeded by a hash of ``key``, for whole draws that belong
+    to one thing (a ranking's order, a random subset, a chunk of a projection): streams
+    named apart never share a seed."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)

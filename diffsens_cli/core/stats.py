@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from scipy.stats import binomtest, rankdata
+
+from diffsens_cli.core.compare import correlation
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -50,16 +53,10 @@ def rank_rows(x: np.ndarray) -> np.ndarray:
     return rankdata(x, axis=-1)
 
 
-def _row_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(-1, keepdims=True)
-    b = b - b.mean(-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
-
-
 def spearman_rows(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     """Spearman's correlation of each row of two [M, J] arrays (a constant row: NaN)."""
-    return _row_correlation(rank_rows(predicted), rank_rows(actual))
+    ranks = (torch.from_numpy(rank_rows(v)) for v in (predicted, actual))
+    return correlation(*ranks).numpy()
 
 
 def _finite_mean(values: np.ndarray) -> float:

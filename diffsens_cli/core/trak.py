@@ -1,4 +1,4 @@
-"""D-TRAK: TRAK data attribution with the output function of diffusion models (DESIGN.md section 12).
+"""D-TRAK: TRAK data attribution with the output function of diffusion models (docs/design.md section 12).
 
 TRAK (Park et al., ICML 2023) scores a training image ``x_n`` for a query ``z`` by
 ``phi(z)^T (Phi^T Phi + lambda I)^-1 phi(x_n)``, with ``phi(x) = R^T grad_theta f(theta; x)``
@@ -27,9 +27,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from diffsens_cli import interrupt, progress
+from diffsens_cli.core.keyed_random import keyed_generator
 from diffsens_cli.core.schedule import Schedule
-
-_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 class _ToScore(Protocol):
@@ -134,25 +133,12 @@ def per_example_gradients(model: NetworkModel, images: torch.Tensor, times: torc
     return torch.cat([g.flatten(1) for g in grads.values()], 1)
 
 
-def _chunk_seed(seed: int, chunk: int) -> int:
-    """A generator seed for one chunk of the projection: splitmix64 of the seed, then of
-    that plus the chunk index, so neighbouring seeds and chunks get unrelated streams."""
-
-    def mix(x: int) -> int:
-        x = (x + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        return x ^ (x >> 31)
-
-    return mix((mix(seed & _MASK64) + chunk) & _MASK64)
-
-
 def random_projection(grads: torch.Tensor, dim: int, seed: int, chunk_rows: int) -> torch.Tensor:
     """``grads @ R`` [B, dim] for flattened gradients [B, P], with ``R`` [P, dim] of
     independent signs ``+-1/sqrt(dim)`` (so ``E[R R^T] = I``; Johnson-Lindenstrauss).
 
     ``R`` is generated chunk by chunk: rows ``[c * chunk_rows, (c + 1) * chunk_rows)`` come
-    from a CPU ``torch.Generator`` seeded by a hash of ``(seed, c)``, as random bytes (8 signs
+    from ``core.keyed_random.keyed_generator("projection", seed, c)``, as random bytes (8 signs
     each: 8x fewer draws than one per sign) that move to the gradients' device and are
     unpacked there.  ``R`` is a fixed function of ``(seed, P, dim, chunk_rows)``: the same
     for every batch of images and every device; ``grads = I`` gives ``R`` itself.  Memory
@@ -170,7 +156,7 @@ def random_projection(grads: torch.Tensor, dim: int, seed: int, chunk_rows: int)
     out = torch.zeros(len(grads), dim, dtype=grads.dtype, device=grads.device)
     for c, start in enumerate(range(0, p, chunk_rows)):
         rows = min(chunk_rows, p - start)
-        generator = torch.Generator().manual_seed(_chunk_seed(seed, c))
+        generator = keyed_generator("projection", seed, c)
         packed = torch.randint(0, 256, (rows * width,), generator=generator, dtype=torch.uint8)
         signs = torch.index_select(table, 0, packed.to(grads.device, torch.int64), out=buffer[:rows * width])
         out.addmm_(grads[:, start:start + rows], signs.view(rows, width * 8)[:, :dim])

@@ -35,8 +35,9 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli.core import attribution
-from diffsens_cli.core.compare import linear_fit, spearman
+from diffsens_cli.core.compare import linear_fit
 from diffsens_cli.core.score_sensitivity import WeightStats
+from diffsens_cli.core.stats import spearman_rows
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.stages import ArrayDict
 
@@ -121,7 +122,8 @@ def stage_depends(cfg: DictConfig, method: str) -> dict[str, Any]:
         return pairs | {"weights": weights(cfg), "clamp": clamp(cfg) if weights(cfg) == "clamped" else None}
     if method == "feature":
         return {"feature": ic["feature"], "seed": int(cfg.seed), "classifier": "cnn"}
-    return {"dtrak": asdict(dtrak_settings(cfg))}  # with the projection's chunking, part of its definition
+    # with the projection's chunking and its sign generator, part of its definition
+    return {"dtrak": asdict(dtrak_settings(cfg)), "projection_signs": "keyed_generator"}
 
 
 def dtrak_settings(cfg: DictConfig):
@@ -251,11 +253,12 @@ def score_sets(cfg: DictConfig, run, source, rows: list[int], per_sample: list[A
 
 
 def clamp_diagnosis(per_sample: list[ArrayDict], points: torch.Tensor) -> dict[str, Any]:
-    """Section 1 of the issue, per model sample and for each weights: the share of weight
-    evaluations clamped low and high, R^2 of the affine fit ``psi^n ~ A x_n + b``, the line
-    of |psi^n| on L2 distance (its slope and correlation), and Spearman of |psi^n| with
-    distance."""
+    """What the weight clamp does, per model sample and for each weights: the share of
+    weight evaluations clamped low and high, R^2 of the affine fit ``psi^n ~ A x_n + b``,
+    the line of |psi^n| on L2 distance (its slope and correlation), and Spearman of |psi^n|
+    with distance."""
     l2 = torch.from_numpy(np.stack([a["l2"] for a in per_sample]))
+    basis = attribution.principal_basis(points.cpu())
     out: dict[str, Any] = {}
     for c, name in enumerate(WEIGHTS):
         scores = torch.from_numpy(np.stack([a[f"scores/{name}"] for a in per_sample]))
@@ -263,15 +266,14 @@ def clamp_diagnosis(per_sample: list[ArrayDict], points: torch.Tensor) -> dict[s
         evaluated = np.array([a["weights/evaluated"][c] for a in per_sample], dtype=float)
         low = np.array([a["weights/clamped_low"][c] for a in per_sample]) / evaluated
         high = np.array([a["weights/clamped_high"][c] for a in per_sample]) / evaluated
-        affine = [attribution.affine_r2(torch.from_numpy(a[f"projections/{name}"]).T, points.cpu())
-                  for a in per_sample]
-        rho = [float(spearman(scores[m], l2[m])) for m in range(len(per_sample))]
+        affine = [attribution.affine_r2(torch.from_numpy(a[f"projections/{name}"]).T, basis) for a in per_sample]
+        rho = spearman_rows(scores.numpy(), l2.numpy())
         corr = torch.sign(slope) * r2.sqrt()
         out[name] = {key: {"per_sample": list(map(float, values)), "median": float(np.median(values))}
                      for key, values in (("share_clamped_low", low), ("share_clamped_high", high),
                                          ("affine_r2", affine), ("slope_l2", slope.numpy()),
                                          ("corr_l2", corr.numpy()), ("spearman_l2", rho))}
-    out["affine_components"] = min(points[0].numel(), len(points) // 4)
+    out["affine_components"] = basis.shape[1]
     return out
 
 
@@ -282,9 +284,8 @@ def comparisons(sets: dict[str, np.ndarray], k: int = 10) -> dict[str, Any]:
     m_count = len(next(iter(sets.values())))
     out: dict[str, Any] = {}
     for a in names:
-        row: dict[str, Any] = {"spearman": {b: float(np.mean([float(spearman(torch.from_numpy(sets[a][m]),
-                                                                             torch.from_numpy(sets[b][m])))
-                                                           for m in range(m_count)])) for b in names if b != a}}
+        row: dict[str, Any] = {"spearman": {b: float(np.mean(spearman_rows(sets[a], sets[b])))
+                                            for b in names if b != a}}
         if "l2" in sets:
             row[f"top{k}_overlap_l2"] = float(np.mean([attribution.top_k_overlap(
                 torch.from_numpy(sets[a][m]), torch.from_numpy(sets["l2"][m]), k) for m in range(m_count)]))
@@ -302,7 +303,7 @@ def signed_summary(scores: np.ndarray, k: int = 10) -> dict[str, Any]:
 
 def ranking_orders(names: list[str], sets: dict[str, np.ndarray], m: int, n: int, seed: int) -> dict[str, torch.Tensor]:
     """Each ranking of the N training images for model sample m, most influential first."""
-    from diffsens_cli.core.counterfactual import keyed_generator
+    from diffsens_cli.core.keyed_random import keyed_generator
 
     orders = {}
     for name in names:

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffsens_cli import plots, progress
 from diffsens_cli.builders import build_schedule, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.compare import correlation, relative_difference, spearman
+from diffsens_cli.core.compare import correlation, relative_difference
 from diffsens_cli.core.counterfactual import (
     PREDICTIONS,
     datamodel_predictions,
@@ -51,7 +51,7 @@ from diffsens_cli.core.counterfactual import (
 from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.core.stats import bootstrap_interval, lds, paired
+from diffsens_cli.core.stats import bootstrap_interval, lds, paired, spearman_rows
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import attribution, influence
 from diffsens_cli.rundir import RunDir
@@ -412,7 +412,7 @@ def counterfactual_metrics(out: Retrained, names: list[str], ks: list[int]) -> t
 
 def removal_metrics(change: np.ndarray, loss_change: np.ndarray, names: list[str], ks: list[int],
                     seed: int) -> dict[str, Any]:
-    """Section 2 of the evaluation, from the per-query results [M, rankings, ks] of
+    """The removal table, from the per-query results [M, rankings, ks] of
     ``counterfactual_metrics`` (``change``: |Delta x| / |x|; ``loss_change``: the relative
     change of the query's loss): per ranking and k the medians over queries with bootstrap
     95% intervals, and for every pair of rankings, per k, how often the first moves the
@@ -455,8 +455,7 @@ def datamodeling_metrics(out: Retrained, points: torch.Tensor,
     predictions["l2kernel"] = kernel(bandwidths[best])
     norms = {name: np.linalg.norm(p.reshape(m_count, j_count, -1), axis=2)
              for name, p in (("actual", actual), *predictions.items())}
-    lds = {name: np.array([float(spearman(torch.from_numpy(norms[name][m]), torch.from_numpy(norms["actual"][m])))
-                           for m in range(m_count)]) for name in predictions}
+    lds = {name: spearman_rows(norms[name], norms["actual"]) for name in predictions}
     corr = {name: _correlations(p, actual, event_dims) for name, p in predictions.items()}
     metrics = {}
     for name in predictions:
