@@ -22,9 +22,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/diffsens run $(ARGS)
 
-## The default test suite (CPU, a few minutes).
+## The default test suite (CPU, a few minutes; a worker per core).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto $(ARGS)
 
 ## Lint the code (ruff; CI runs it before the tests).
 lint: $(STAMP)

@@ -1,7 +1,25 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and one CPU thread per pytest-xdist worker."""
+
+import os
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: with torch's default of a thread per core each,
+    # two workers would run four threads on two cores and wait on each other
+    # (diffsens_cli/threads.py). Runs (threads.configure) and subprocesses read it too.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per core this process may run on (xdist's own count, from
+    psutil, is the host's cores, not a container's share)."""
+    from diffsens_cli.threads import visible_cpus
+
+    return visible_cpus()
 
 
 @pytest.fixture
