@@ -484,6 +484,34 @@ def clamp_diagnosis(diagnosis: dict, weights: tuple[str, ...]) -> plt.Figure:
     return fig
 
 
+def _rows_canvas(rows: list[list[np.ndarray]], gap_after: int) -> np.ndarray:
+    """Images [C, H, W] laid out in rows on one white canvas, 1 pixel apart, with half an
+    image's width of space after the first ``gap_after`` of each row."""
+    c, h, w = rows[0][0].shape
+    pad, gap = 1, w // 2
+    width = max(len(row) for row in rows) * (w + pad) + gap
+    canvas = np.ones((c, len(rows) * (h + pad), width))
+    for r, row in enumerate(rows):
+        y = r * (h + pad)
+        for j, image in enumerate(row):
+            x = j * (w + pad) + (gap if j >= gap_after else 0)
+            canvas[:, y:y + h, x:x + w] = image
+    return canvas
+
+
+def _canvas_panels(canvases: list[np.ndarray], labels: list[str], titles: list[str], columns: int) -> plt.Figure:
+    """One panel per canvas of ``_rows_canvas`` (``labels``: its rows), stacked."""
+    fig, axes = plt.subplots(len(canvases), 1, squeeze=False,
+                             figsize=(0.45 * (columns + 0.5) + 1.2, (0.45 * len(labels) + 0.4) * len(canvases)))
+    for ax, canvas, title in zip(axes[:, 0], canvases, titles, strict=True):
+        _show_image(ax, canvas)
+        h = canvas.shape[1] / len(labels)
+        ax.set_yticks([(r + 0.5) * h for r in range(len(labels))], labels, fontsize=7)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def attribution_tops(samples, train_images, tops: dict[str, np.ndarray]) -> plt.Figure:
     """Each method's top training images side by side for the same model samples: a panel
     a sample, a row a method (``tops[name]`` [M, k] image indices, most influential first),
@@ -491,27 +519,22 @@ def attribution_tops(samples, train_images, tops: dict[str, np.ndarray]) -> plt.
     samples, train_images = np.asarray(samples, dtype=float), np.asarray(train_images, dtype=float)
     names = list(tops)
     k = max(v.shape[1] for v in tops.values())
-    pad = 1  # pixels between images
-    c, h, w = samples.shape[1:]
-    gap = w // 2  # between the sample and its row
-    panel_w = (1 + k) * (w + pad) + gap
-    panel_h = len(names) * (h + pad)
-    m_count = len(samples)
-    fig, axes = plt.subplots(m_count, 1, figsize=(0.45 * (1.5 + k) + 1.2, (0.45 * len(names) + 0.4) * m_count),
-                             squeeze=False)
-    for m, ax in enumerate(axes[:, 0]):
-        canvas = np.ones((c, panel_h, panel_w))  # white between images
-        for r, name in enumerate(names):
-            y = r * (h + pad)
-            canvas[:, y:y + h, :w] = samples[m]
-            for j, n in enumerate(tops[name][m][:k]):
-                x = w + gap + j * (w + pad)
-                canvas[:, y:y + h, x:x + w] = train_images[int(n)]
-        _show_image(ax, canvas)
-        ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(names))], names, fontsize=7)
-        ax.set_title(f"sample {m}: top {k} per method", fontsize=8)
-    fig.tight_layout()
-    return fig
+    canvases = [_rows_canvas([[samples[m], *(train_images[int(n)] for n in tops[name][m][:k])] for name in names], 1)
+                for m in range(len(samples))]
+    return _canvas_panels(canvases, names, [f"sample {m}: top {k} per method" for m in range(len(samples))], 1 + k)
+
+
+def removal_examples(names: list[str], k: int, base, retrained, removed) -> plt.Figure:
+    """What each ranking's removal does to a few queries: a panel a query, a row a ranking:
+    the query (the full-data model's sample), its sample retrained without the ranking's
+    top ``k`` (``retrained`` [Q, rankings, *event]), then the first of those removed
+    images (``removed`` [Q, rankings, shown, *event])."""
+    base, retrained, removed = (np.asarray(a, dtype=float) for a in (base, retrained, removed))
+    canvases = [_rows_canvas([[base[q], retrained[q, r], *removed[q, r]] for r in range(len(names))], 2)
+                for q in range(len(base))]
+    titles = [f"query {q}: sample, retrained without the top {k}, the first {removed.shape[2]} removed"
+              for q in range(len(base))]
+    return _canvas_panels(canvases, names, titles, 2 + removed.shape[2])
 
 
 def crossclass_heatmap(matrix, class_names: list[str], title: str | None = None) -> plt.Figure:
@@ -571,58 +594,44 @@ def influence_cost(runs: dict[str, dict], accuracy: dict[str, dict]) -> plt.Figu
     return fig
 
 
-RANKING_COLOURS = {"ours": "C0", "l2": "C1", "random": "C7", "least": "C2"}
+RANKING_COLOURS = {"ours": "C0", "l2": "C1", "random": "C7", "least": "C2", "ours_exact": "C9",
+                   "ours_clamped": "C4", "ours_set": "C5", "ours_loss": "C6", "feature": "C8", "dtrak": "C3"}
 
 
-def counterfactual(names: list[str], ks: list[int], change, floor, base, retrained, top_removed=None) -> plt.Figure:
+def counterfactual(names: list[str], ks: list[int], change, floor, removal: dict) -> plt.Figure:
     """How far model samples move when each ranking's top k training images are removed
-    and the model retrained: ``change`` [M, rankings, ks] of |Delta x| / |x|, pooled
-    (median bars, quartile whiskers, one dot per sample) and per sample at the largest k,
-    against the noise floor ``floor`` [M] (full data, another training seed).  For image
-    data a grid below: each sample, its retrained samples per ranking at the largest k
-    (``retrained`` [M, rankings, *event]), and our top removed images (``top_removed``
-    [M, shown, *event])."""
-    change = np.moveaxis(np.asarray(change, dtype=float), 0, -1)  # [rankings, ks, M]
+    and the model retrained: ``change`` [Q, rankings, ks] of |Delta x| / |x|, pooled
+    (bars: the medians over queries with their 95% intervals from ``removal[name][f"k{k}"]``,
+    one dot per query) and per query at the largest k, against the noise floor ``floor``
+    [Q] (the full data, other training seeds)."""
+    change = np.moveaxis(np.asarray(change, dtype=float), 0, -1)  # [rankings, ks, Q]
     floor = np.asarray(floor, dtype=float)
-    images = np.asarray(base).ndim == 4
-    fig = plt.figure(figsize=(11, 4 + (1.0 * len(base) + 0.6 if images else 0)))
-    top, bottom = fig.subfigures(2, 1, height_ratios=[4, 1.0 * len(base) + 0.6]) if images else (fig, None)
-    pooled, per_sample = top.subplots(1, 2, width_ratios=[1, 1.6])
+    fig, (pooled, per_sample) = plt.subplots(1, 2, figsize=(11 + 0.15 * len(floor), 4), width_ratios=[1, 1.6])
     width = 0.8 / len(names)
     rng = np.random.default_rng(0)
     for r, name in enumerate(names):
         x = np.arange(len(ks)) + (r - (len(names) - 1) / 2) * width
-        q1, med, q3 = np.percentile(change[r], [25, 50, 75], axis=1)
-        pooled.bar(x, med, width, yerr=[med - q1, q3 - med], color=RANKING_COLOURS[name], alpha=0.8, label=name,
-                   capsize=2)
+        rows = [removal[name][f"k{k}"] for k in ks]
+        med = np.array([row["median_change"] for row in rows])
+        whiskers = np.clip([med - [row["ci_low"] for row in rows], [row["ci_high"] for row in rows] - med], 0, None)
+        colour = RANKING_COLOURS[name]
+        pooled.bar(x, med, width, yerr=whiskers, color=colour, alpha=0.8, label=name, capsize=2)
         for j in range(len(ks)):
             pooled.scatter(x[j] + rng.uniform(-width / 4, width / 4, change.shape[2]), change[r, j], s=6, c="k",
                            zorder=3)
         positions = np.arange(change.shape[2]) + (r - (len(names) - 1) / 2) * width
-        per_sample.bar(positions, change[r, -1], width, color=RANKING_COLOURS[name], alpha=0.8, label=name)
+        per_sample.bar(positions, change[r, -1], width, color=colour, alpha=0.8, label=name)
     for ax in (pooled, per_sample):
         ax.set_ylabel("|Δx| / |x|")
     pooled.axhline(np.median(floor), color="r", ls="--", lw=1)
     pooled.set_xticks(range(len(ks)), [f"k = {k}" for k in ks])
-    pooled.set_title("pooled over samples (dashed: median noise floor)", fontsize=10)
+    pooled.set_title("median over queries, 95% interval (dashed: median noise floor)", fontsize=10)
     per_sample.scatter(range(len(floor)), floor, marker="_", s=200, c="r", zorder=3, label="noise floor")
     per_sample.set_xticks(range(change.shape[2]))
-    per_sample.set_xlabel("model sample")
-    per_sample.set_title(f"per sample, k = {ks[-1]}")
+    per_sample.set_xlabel("query (model sample)")
+    per_sample.set_title(f"per query, k = {ks[-1]}")
     per_sample.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    if bottom is not None:
-        shown = 0 if top_removed is None else np.asarray(top_removed).shape[1]
-        columns = ["base", *[f"−{name}" for name in names], *([f"ours top {i + 1}" for i in range(shown)])]
-        axes = bottom.subplots(len(base), len(columns), squeeze=False)
-        for m in range(len(base)):
-            cells = [base[m], *retrained[m], *(top_removed[m] if shown else [])]
-            for c, (ax, image) in enumerate(zip(axes[m], cells, strict=True)):
-                _show_image(ax, image)
-                if m == 0:
-                    ax.set_title(columns[c], fontsize=8)
-            axes[m, 0].set_ylabel(f"sample {m}", fontsize=8)
-        bottom.suptitle(f"retrained without each ranking's top {ks[-1]}"
-                        + (", and our most influential images" if shown else ""), fontsize=9)
+    fig.tight_layout()
     return fig
 
 

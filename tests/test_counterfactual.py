@@ -137,13 +137,22 @@ def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_pa
     assert cf["ours"]["k6"]["median_change"] > 100 * cf["least"]["k6"]["median_change"]
     with np.load(out / "arrays.npz") as a:
         scores, l2, removed = a["influence/scores"], a["influence/l2"], a["counterfactual/removed"]
+        columns = list(a["counterfactual/columns"])
+        assert columns == ["ours", "l2", "random", "random:1", "random:2", "least"]
         for m in range(2):
-            for r, order in enumerate((np.argsort(-scores[m]), np.argsort(l2[m]), None, np.argsort(scores[m]))):
+            orders = (np.argsort(-scores[m]), np.argsort(l2[m]), None, None, None, np.argsort(scores[m]))
+            for c, order in enumerate(orders):
                 for j, k in enumerate((3, 6)):
-                    assert removed[m, r, j].sum() == k
+                    assert removed[m, c, j].sum() == k
                     if order is not None:
-                        assert set(np.flatnonzero(removed[m, r, j])) == set(order[:k])
-        np.testing.assert_array_equal(removed[0, 2], removed[1, 2])  # one random order for every sample
+                        assert set(np.flatnonzero(removed[m, c, j])) == set(order[:k])
+        np.testing.assert_array_equal(removed[0, 2:5], removed[1, 2:5])  # the random orders are every sample's
+        assert len({removed[0, c, 1].tobytes() for c in (2, 3, 4)}) == 3  # and three different ones
+        # random's result per query is the mean over its seeds; the others are their one column
+        per_column, change = a["counterfactual/change_per_column"], a["counterfactual/change"]
+        np.testing.assert_allclose(change[:, 2], per_column[:, 2:5].mean(1))
+        np.testing.assert_array_equal(change[:, [0, 1, 3]], per_column[:, [0, 1, 5]])
+        assert cf["random"]["k6"]["median_change"] == pytest.approx(float(np.median(change[:, 2, 1])))
         assert a["datamodel/removed"].shape == (3, 30) and (a["datamodel/removed"].sum(1) == 15).all()
         # the predictions are the forward tangents of removal_mix along each sample's path
         subsets = torch.from_numpy(a["datamodel/removed"])
@@ -161,14 +170,16 @@ def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_pa
 def test_more_subsets_train_only_the_new_ones(tmp_path):
     """Retrainings are stages keyed by the removed images: a rerun with one more subset
     trains one more model and reuses every other (their files untouched)."""
-    args = ["counterfactual.rankings=[ours,random]", "counterfactual.remove=[4]"]
+    args = ["counterfactual.rankings=[ours,random]", "counterfactual.remove=[4]", "counterfactual.random_seeds=1",
+            "influence.attributions=[ours_exact,ours_clamped,l2]"]
     out, _ = _run(tmp_path, "a", *args, experiment="digits_counterfactual")
+    assert (out / "fig_removal_examples.png").stat().st_size > 0  # smoke: image data draw the removed images
     trained = sorted(tmp_path.glob("outputs/stages/train_counterfactual/*/model/*"))
     with np.load(out / "arrays.npz") as a:
         sets = {r.tobytes() for r in a["counterfactual/removed"].reshape(-1, a["datamodel/removed"].shape[1])}
         sets |= {r.tobytes() for r in a["datamodel/removed"]}
     models = {p.parent for p in trained}
-    assert len(models) == len(sets) + 4  # every removal set once, the reference and three noise-floor seeds
+    assert len(models) == len(sets) + 3  # every removal set once, the reference and two noise-floor seeds
     mtimes = {p: p.stat().st_mtime_ns for p in trained}
     _run(tmp_path, "b", *args, "datamodel.subsets=4", experiment="digits_counterfactual")
     after = {p.parent for p in tmp_path.glob("outputs/stages/train_counterfactual/*/model/*")}
@@ -209,6 +220,12 @@ def test_the_lds_scores_each_method_on_the_exact_retrained_loss_and_move(tmp_pat
                 assert value["mean"] == pytest.approx(np.nanmean(spearman_rows(predicted, actual)))
                 assert value["ci_low"] <= value["mean"] <= value["ci_high"]
     assert set(metrics["lds"]["loss"]) == {"ours_exact", "ours_clamped", "ours_set", "ours_loss", "l2"}
+    # every pair of methods compared query by query: wins of the first's Spearman over the second's
+    pairs = metrics["lds_pairwise"]["sample"]
+    assert len(pairs) == 6 * 5 // 2
+    for key, pair in pairs.items():
+        a, b = (np.array(metrics["lds"]["sample"][name]["per_query"]) for name in key.split("_vs_"))
+        assert (pair["wins"], pair["losses"]) == (int((a > b).sum()), int((a < b).sum()))
     assert metrics["noise_floor"]["loss"]["variance_above_floor"] == 1.0
     assert metrics["counterfactual"]["floor_seeds"] == 3
 
@@ -233,10 +250,24 @@ def test_removal_metrics_give_medians_with_intervals_and_a_sign_test_per_pair():
     assert "b_vs_a" not in out["pairwise"]
 
 
-def test_rankings_without_ours(tmp_path):
-    out, metrics = _run(tmp_path, "cf", "counterfactual.rankings=[l2,random]")
-    assert set(metrics["counterfactual"]) >= {"l2", "random"} and "ours" not in metrics["counterfactual"]
+def test_removals_for_the_first_queries_only_and_rankings_without_ours(tmp_path):
+    """``counterfactual.queries=1``: removals for the first query alone (one random seed:
+    one random column), while the LDS still scores both queries."""
+    out, metrics = _run(tmp_path, "cf", "counterfactual.rankings=[l2,random]", "counterfactual.queries=1",
+                        "counterfactual.random_seeds=1")
+    cf = metrics["counterfactual"]
+    assert set(cf) >= {"l2", "random"} and "ours" not in cf and cf["num_samples"] == 1
+    assert all(v["queries"] == 2 for v in metrics["lds"]["loss"].values())
+    with np.load(out / "arrays.npz") as a:
+        assert a["counterfactual/removed"].shape == (1, 2, 2, 30) and a["lds/actual_loss"].shape == (2, 3)
     assert (out / "fig_counterfactual.png").stat().st_size > 0
+
+
+def test_every_ranking_has_a_colour():
+    from diffsens_cli.pipelines.attribution import RANKINGS
+    from diffsens_cli.plots import RANKING_COLOURS
+
+    assert set(RANKING_COLOURS) == set(RANKINGS) and len(set(RANKING_COLOURS.values())) == len(RANKINGS)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -254,6 +285,9 @@ def test_rankings_without_ours(tmp_path):
      "counterfactual.rankings[1]: ranking 'ours_set' needs the score set 'ours_set': add it to influence.attributions"),
     (["counterfactual.rankings=[ours,least,feature]"],
      "counterfactual.rankings[2]: ranking 'feature' needs the score set 'feature'"),
+    (["counterfactual.queries=3"], "counterfactual.queries: must be null or in 1 .. 2 (the number of "
+                                   "influence.samples), got 3"),
+    (["counterfactual.random_seeds=0"], "counterfactual.random_seeds: must be >= 1, got 0"),
     (["datamodel.keep=1.0"], "datamodel.keep: must be in (0, 1), got 1.0"),
     (["datamodel.keep=0.99"], "datamodel.keep: must keep some but not all of N = 30 images, got 0.99"),
     (["solver.method=sde"], "solver.method: counterfactual samples are compared along one deterministic path"),

@@ -301,16 +301,20 @@ def signed_summary(scores: np.ndarray, k: int = 10) -> dict[str, Any]:
             f"top{k}_opponents": np.argsort(scores, axis=1, kind="stable")[:, :k].tolist()}
 
 
-def ranking_orders(names: list[str], sets: dict[str, np.ndarray], m: int, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """Each ranking of the N training images for model sample m, most influential first."""
+def ranking_orders(columns: list[tuple[str, int]], sets: dict[str, np.ndarray], m: int, n: int,
+                   seed: int) -> list[torch.Tensor]:
+    """The order of the N training images, most influential first, of each removal column
+    ``(ranking, replicate)`` for model sample m: ``random`` is one seeded permutation per
+    replicate (the same for every sample), the others are the sample's scores sorted."""
     from diffsens_cli.core.keyed_random import keyed_generator
 
-    orders = {}
-    for name in names:
-        if name == "random":
-            orders[name] = torch.randperm(n, generator=keyed_generator("ranking", seed))
+    orders = []
+    for name, replicate in columns:
+        if name == "random":  # replicate 0 keeps the key of the single random order of earlier runs
+            key = ("ranking", seed) if replicate == 0 else ("ranking", seed, replicate)
+            orders.append(torch.randperm(n, generator=keyed_generator(*key)))
         elif name == "least":
-            orders[name] = torch.argsort(torch.from_numpy(sets["ours"][m]))
+            orders.append(torch.argsort(torch.from_numpy(sets["ours"][m])))
         else:
-            orders[name] = torch.argsort(torch.from_numpy(sets[name][m]), descending=True)
+            orders.append(torch.argsort(torch.from_numpy(sets[name][m]), descending=True))
     return orders

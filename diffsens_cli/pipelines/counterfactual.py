@@ -2,12 +2,14 @@
 attribution methods are judged by (counterfactual removal, and a linear datamodeling
 score over random subsets), on the influence scores of ``pipelines.influence``.
 
-- Counterfactual: for each model sample and each ranking of the N training images
-  (``ours``: |psi^n|; ``l2``: nearest first; ``random``; ``least``: our bottom), remove
-  the top k, retrain from the same initialisation and seeds, sample from the same z0, and
+- Counterfactual: for each of the first ``counterfactual.queries`` model samples and each
+  ranking of the N training images (a score set, or ``ours``, ``random`` with
+  ``counterfactual.random_seeds`` seeds, ``least``: our bottom), remove the top k,
+  retrain from the same initialisation and seeds, sample from the same z0, and
   measure |Delta x| / |x| and the correlation of Delta x with the predicted change
   ``-(k / (N - k)) mean_R psi^n`` (``core.counterfactual``), and the change of the
-  sample's denoising loss.  The noise floor is the full data retrained with
+  sample's denoising loss; per ranking and k, medians with intervals and paired sign
+  tests (``removal_metrics``).  The noise floor is the full data retrained with
   ``counterfactual.floor_seeds`` other training seeds.
 - Datamodeling: retrain on J random halves; per model sample and subset, the correlation
   of the actual change with the predicted one, and the Spearman correlation over subsets
@@ -76,6 +78,26 @@ def removal_sizes(cfg: DictConfig, n: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def removal_columns(cfg: DictConfig) -> list[tuple[str, int]]:
+    """The removal columns ``(ranking, replicate)``: each of ``counterfactual.rankings``
+    once, ``random`` once per ``counterfactual.random_seeds`` (its result per query is the
+    mean over them)."""
+    seeds = int(cfg.counterfactual.random_seeds)
+    return [(name, s) for name in plain(cfg.counterfactual.rankings) for s in range(seeds if name == "random" else 1)]
+
+
+def removal_queries(cfg: DictConfig) -> int:
+    """How many model samples have removals: the first ``counterfactual.queries`` of
+    ``influence.samples`` (null: all); the LDS scores every one."""
+    count, total = cfg.counterfactual.queries, len(influence.sample_indices(cfg))
+    if count is None:
+        return total
+    count = whole(count, "counterfactual.queries")
+    require(1 <= count <= total, "counterfactual.queries",
+            f"must be null or in 1 .. {total} (the number of influence.samples), got {count}")
+    return count
+
+
 def check(cfg: DictConfig) -> None:
     """Every setting, and the data and model (``influence.check``), before any work."""
     influence.check(cfg)
@@ -86,6 +108,11 @@ def check(cfg: DictConfig) -> None:
     attribution.check_rankings(cfg, rankings, "counterfactual.rankings")
     shown = whole(cc.shown, "counterfactual.shown")
     require(shown >= 1, "counterfactual.shown", f"must be >= 1, got {shown}")
+    examples = whole(cc.examples, "counterfactual.examples")
+    require(examples >= 0, "counterfactual.examples", f"must be >= 0, got {examples}")
+    random_seeds = whole(cc.random_seeds, "counterfactual.random_seeds")
+    require(random_seeds >= 1, "counterfactual.random_seeds", f"must be >= 1, got {random_seeds}")
+    removal_queries(cfg)
     floor_seeds = whole(cc.floor_seeds, "counterfactual.floor_seeds")
     require(floor_seeds >= 2, "counterfactual.floor_seeds",
             f"must be >= 2 (the noise floor is a variance over seeds), got {floor_seeds}")
@@ -244,10 +271,11 @@ def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int,
 class Retrained:
     """The model samples and query losses of the experiment, per model sample m of M: the
     full-data model's (``base`` [M, *event], ``base_loss`` [M]) and F other training
-    seeds' (``floor`` [F, M, *event], ``floor_loss`` [F, M]); after each ranking's removals
-    (``removed`` [M, rankings, ks, N], ``after`` [M, rankings, ks, *event], ``after_loss``
-    [M, rankings, ks], ``predicted`` [P, M, rankings, ks, *event] for the P =
-    len(PREDICTIONS) kinds of removal weights) and after each random subset's
+    seeds' (``floor`` [F, M, *event], ``floor_loss`` [F, M]); for the first Q model samples
+    (the removal queries), after each removal column's removals (``removed`` [Q, columns,
+    ks, N], ``after`` [Q, columns, ks, *event], ``after_loss`` [Q, columns, ks],
+    ``predicted`` [P, Q, columns, ks, *event] for the P = len(PREDICTIONS) kinds of
+    removal weights; ``removal_columns``) and for every sample after each random subset's
     (``subsets`` removed [J, N], ``after_subsets`` [M, J, *event], ``subset_loss`` [M, J],
     ``predicted_subsets`` [P, M, J, *event]).  The losses are each model's denoising loss
     of the full-data model's samples (``query_loss``)."""
@@ -277,23 +305,25 @@ def run(cfg: DictConfig, run: RunDir) -> None:
              for j in progress.bar(shard.mine_first(range(len(rows))), desc="influence: model samples",
                                    enabled=bool(cfg.solver.progress))}
     per_sample = [found[j] for j in range(len(rows))]
-    names, ks = list(plain(cfg.counterfactual.rankings)), removal_sizes(cfg, len(source.points))
+    columns, ks = removal_columns(cfg), removal_sizes(cfg, len(source.points))
     sets, _ = attribution.score_sets(cfg, run, source, rows, per_sample,  # all: each has its LDS
                                      [influence.stage_depends(cfg, source, i) for i in rows])
-    orders = [attribution.ranking_orders(names, sets, m, len(source.points), int(cfg.seed)) for m in range(len(rows))]
+    orders = [attribution.ranking_orders(columns, sets, m, len(source.points), int(cfg.seed))
+              for m in range(removal_queries(cfg))]
     out = _retrain(cfg, run, models, orders, ks, shard)
     if out is None:  # one job of a sharded run: the unsharded run assembles
         return
-    _report(cfg, run, models, per_sample, sets, orders, ks, out)
+    _report(cfg, run, models, per_sample, sets, columns, orders, ks, out)
 
 
-def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str, torch.Tensor]],
+def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[list[torch.Tensor]],
              ks: list[int], shard: Shard) -> Retrained | None:
     """Every retraining (each unique removal set once) and every prediction; in one job of
-    a sharded run, its share of them (and None)."""
-    n, m_count, names = len(models.source.points), len(models.rows), list(orders[0])
-    removed = torch.stack([top_k_mask(o[r], k) for o in orders for r in names for k in ks])
-    removed = removed.view(m_count, len(names), len(ks), n)
+    a sharded run, its share of them (and None).  ``orders``: per removal query (the first
+    ``len(orders)`` model samples), each removal column's order."""
+    n, m_count, q_count, c_count = len(models.source.points), len(models.rows), len(orders), len(orders[0])
+    removed = torch.stack([top_k_mask(order, k) for o in orders for order in o for k in ks])
+    removed = removed.view(q_count, c_count, len(ks), n)
     subsets = ~random_halves(n, float(cfg.datamodel.keep), int(cfg.datamodel.subsets), int(cfg.seed))  # [J, N]
     train_seed, nothing = int(cfg.train.seed), torch.zeros(n, dtype=torch.bool)
     unique = {digest(r): r for r in [*removed.flatten(0, 2), *subsets]}
@@ -305,36 +335,39 @@ def _retrain(cfg: DictConfig, run: RunDir, models: Models, orders: list[dict[str
     queries = models.samples(nothing, train_seed)  # the full-data model's samples, whose loss each model scores
     done = {key: (models.samples(r, seed), models.losses(r, seed, queries))
             for key, r, seed in progress.bar(shard.mine(trainings), desc="counterfactual: retrainings", enabled=shows)}
-    removals = [torch.cat([removed[m].flatten(0, 1), subsets]) for m in range(m_count)]
+    removals = [torch.cat([removed[m].flatten(0, 1), subsets]) if m < q_count else subsets for m in range(m_count)]
     samples = shard.mine(list(enumerate(models.rows)), first=len(trainings))  # numbered on from the trainings
     predictions = [_predictions(cfg, run, models.source, i, removals[m])
                    for m, i in progress.bar(samples, desc="predicted changes", enabled=shows)]
     if shard.partial:
         finish_partial(run, shard, len(done) + len(samples), len(trainings) + m_count)
         return None
-    predicted = np.stack(predictions, axis=1)  # [P, M, rankings * ks + J, *event]
-    flat = [(m, digest(mask)) for m in range(m_count) for mask in removed[m].flatten(0, 1)]
+    cut = c_count * len(ks)  # each removal query's predictions: its removals, then the subsets
+    flat = [(m, digest(mask)) for m in range(q_count) for mask in removed[m].flatten(0, 1)]
     after = np.stack([done[key][0][m] for m, key in flat]).reshape(*removed.shape[:3], *queries.shape[1:])
     after_loss = np.array([done[key][1][m] for m, key in flat]).reshape(removed.shape[:3])
-    cut = len(names) * len(ks)
+    predicted = np.stack([p[:, :cut] for p in predictions[:q_count]], axis=1)  # [P, Q, columns * ks, *event]
     return Retrained(done["base"][0], done["base"][1], np.stack([done[f][0] for f in floors]),
                      np.stack([done[f][1] for f in floors]), removed, after, after_loss,
-                     predicted[:, :, :cut].reshape(len(PREDICTIONS), *after.shape), subsets,
+                     predicted.reshape(len(PREDICTIONS), *after.shape), subsets,
                      np.stack([done[digest(s)][0] for s in subsets], axis=1),
-                     np.stack([done[digest(s)][1] for s in subsets], axis=1), predicted[:, :, cut:])
+                     np.stack([done[digest(s)][1] for s in subsets], axis=1),
+                     np.stack([p[:, p.shape[1] - len(subsets):] for p in predictions], axis=1))
 
 
 def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[ArrayDict], sets: dict[str, np.ndarray],
-            orders: list[dict[str, torch.Tensor]], ks: list[int], out: Retrained) -> None:
+            columns: list[tuple[str, int]], orders: list[list[torch.Tensor]], ks: list[int], out: Retrained) -> None:
     """Metrics, arrays, figures and the summary."""
-    names, closed = list(orders[0]), influence.closed_form(cfg)
+    names, closed = list(plain(cfg.counterfactual.rankings)), influence.closed_form(cfg)
     points = models.source.points.cpu()
-    counterfactual, arrays = counterfactual_metrics(out, names, ks)
+    counterfactual, arrays = counterfactual_metrics(out, columns, names, ks)
     datamodeling, more, panels = datamodeling_metrics(out, points, cfg.datamodel)
     scores, noise, lds_arrays = lds_metrics(out, sets, int(cfg.seed))
+    lds_pairwise = {output: paired_queries(methods) for output, methods in scores.items()}
     removal = removal_metrics(arrays["counterfactual/change"], arrays["counterfactual/loss_change"], names, ks,
                               int(cfg.seed))
-    counterfactual |= {"num_train": len(points), "num_samples": len(models.rows)}
+    counterfactual |= {"num_train": len(points), "num_samples": len(orders), "random_seeds": int(
+        cfg.counterfactual.random_seeds)}
     arrays |= more | lds_arrays | {
         "sample_index": np.array(models.rows), "z0": models.source.z0[models.rows].cpu().numpy(),
         "base": out.base, "floor": out.floor, "base_loss": out.base_loss, "floor_loss": out.floor_loss,
@@ -345,15 +378,22 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     if closed:
         arrays["train_points"] = points.numpy()
     run.save_arrays("arrays", arrays)
-    shown = min(int(cfg.counterfactual.shown), ks[-1])
-    top_removed = points[torch.stack([o["ours"][:shown] for o in orders])].numpy() if "ours" in names else None
     figures = run.save_figure(plots.counterfactual(names, ks, arrays["counterfactual/change"],
-                                                   arrays["counterfactual/floor_change"], out.base,
-                                                   out.after[:, :, -1], top_removed), "fig_counterfactual")
+                                                   arrays["counterfactual/floor_change"], removal),
+                              "fig_counterfactual")
+    examples = min(int(cfg.counterfactual.examples), len(orders))
+    if not closed and examples:
+        firsts = [c for c, (_, replicate) in enumerate(columns) if replicate == 0]  # one column per ranking
+        shown = min(int(cfg.counterfactual.shown), ks[-1])
+        removed_images = points[torch.stack([torch.stack([orders[m][c][:shown] for c in firsts])
+                                             for m in range(examples)])].numpy()
+        figures += run.save_figure(plots.removal_examples(names, ks[-1], out.base[:examples],
+                                                          out.after[:examples][:, firsts, -1], removed_images),
+                                   "fig_removal_examples")
     figures += run.save_figure(plots.datamodeling(*panels), "fig_datamodeling")
     figures += run.save_figure(plots.lds_intervals(scores), "fig_lds")
     run.write_summary({"counterfactual": counterfactual, "datamodeling": datamodeling, "lds": scores,
-                       "removal": removal, "noise_floor": noise}, figures=figures,
+                       "lds_pairwise": lds_pairwise, "removal": removal, "noise_floor": noise}, figures=figures,
                       solver=plain(cfg.solver), **({} if closed else {"train": plain(cfg.train)}))
     for name in names:
         print(f"{name:>6}: " + "; ".join(f"k={k} change {counterfactual[name][f'k{k}']['median_change']:.3f} "
@@ -381,16 +421,34 @@ def _suffix(kind: str) -> str:
     return "" if kind == PREDICTIONS[0] else f"_{kind}"
 
 
-def counterfactual_metrics(out: Retrained, names: list[str], ks: list[int]) -> tuple[dict[str, Any], ArrayDict]:
-    """Per ranking and k: the median over samples of |Delta x| / |x| and of the
-    correlation of Delta x with each predicted change; the noise floor's |Delta x| / |x|."""
+def column_label(name: str, replicate: int) -> str:
+    """A removal column's name in the arrays: the ranking, and ``:<replicate>`` after the first."""
+    return name if replicate == 0 else f"{name}:{replicate}"
+
+
+def pool_replicates(values: np.ndarray, columns: list[tuple[str, int]], names: list[str], axis: int) -> np.ndarray:
+    """Per ranking, the mean over its replicate columns (``random``'s seeds) along ``axis``:
+    the columns' axis becomes the rankings'."""
+    index = np.array([names.index(name) for name, _ in columns])
+    return np.stack([np.take(values, np.flatnonzero(index == r), axis=axis).mean(axis) for r in range(len(names))],
+                    axis=axis)
+
+
+def counterfactual_metrics(out: Retrained, columns: list[tuple[str, int]], names: list[str],
+                           ks: list[int]) -> tuple[dict[str, Any], ArrayDict]:
+    """Per ranking and k: the median over removal queries of |Delta x| / |x| and of the
+    correlation of Delta x with each predicted change (``random``: per query the mean over
+    its seeds); the noise floor's |Delta x| / |x|."""
     event_dims = out.base.ndim - 1
-    change = out.after - out.base[:, None, None]  # [M, rankings, ks, *event]
-    size = relative_difference(out.after.reshape(-1, *out.base.shape[1:]),
-                               np.repeat(out.base, len(names) * len(ks), axis=0)).reshape(change.shape[:3])
-    loss_change = out.after_loss / out.base_loss[:, None, None] - 1  # [M, rankings, ks]
-    corr = _correlations(out.predicted, change, event_dims)  # [P, M, rankings, ks]
-    floors = np.stack([relative_difference(f, out.base) for f in out.floor])  # [F, M]
+    base, base_loss = out.base[:len(out.removed)], out.base_loss[:len(out.removed)]
+    change = out.after - base[:, None, None]  # [Q, columns, ks, *event]
+    per_column = relative_difference(out.after.reshape(-1, *base.shape[1:]),
+                                     np.repeat(base, len(columns) * len(ks), axis=0)).reshape(change.shape[:3])
+    loss_per_column = out.after_loss / base_loss[:, None, None] - 1  # [Q, columns, ks]
+    corr_per_column = _correlations(out.predicted, change, event_dims)  # [P, Q, columns, ks]
+    size, loss_change = (pool_replicates(v, columns, names, 1) for v in (per_column, loss_per_column))
+    corr = pool_replicates(corr_per_column, columns, names, 2)
+    floors = np.stack([relative_difference(f[:len(base)], base) for f in out.floor])  # [F, Q]
     floor = floors.mean(0)
     metrics: dict[str, Any] = {
         name: {f"k{k}": {"median_change": float(np.median(size[:, r, j])),
@@ -403,9 +461,11 @@ def counterfactual_metrics(out: Retrained, names: list[str], ks: list[int]) -> t
     metrics |= {"noise_floor": float(np.median(floors)), "noise_floor_per_sample": floor.tolist(),
                 "noise_floor_loss": float(np.median(np.abs(out.floor_loss / out.base_loss - 1))),
                 "floor_seeds": len(floors), "k": ks}
-    arrays = {"counterfactual/removed": out.removed.numpy(), "counterfactual/retrained": out.after,
+    arrays = {"counterfactual/columns": np.array([column_label(*c) for c in columns]),
+              "counterfactual/removed": out.removed.numpy(), "counterfactual/retrained": out.after,
               "counterfactual/predicted": out.predicted, "counterfactual/change": size,
-              "counterfactual/loss_change": loss_change, "counterfactual/corr_pred": corr,
+              "counterfactual/change_per_column": per_column, "counterfactual/loss_change": loss_change,
+              "counterfactual/loss_change_per_column": loss_per_column, "counterfactual/corr_pred": corr,
               "counterfactual/floor_change": floor, "counterfactual/floor_changes": floors}
     return metrics, arrays
 
@@ -476,6 +536,14 @@ def datamodeling_metrics(out: Retrained, points: torch.Tensor,
 
 
 LDS_OUTPUTS = ("loss", "sample")
+
+
+def paired_queries(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """For every pair of methods (in their order) of one output's LDS: on how many queries
+    the first's Spearman correlation is the higher, with the sign test (``core.stats.paired``)."""
+    names = list(methods)
+    return {f"{a}_vs_{b}": paired(np.array(methods[a]["per_query"]), np.array(methods[b]["per_query"]))
+            for i, a in enumerate(names) for b in names[i + 1:]}
 
 
 def lds_metrics(out: Retrained, sets: dict[str, np.ndarray], seed: int) -> tuple[dict[str, Any], dict[str, Any],
