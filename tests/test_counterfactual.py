@@ -14,6 +14,7 @@ from test_cli import diffsens
 
 from diffsens_cli.core.attribution import denoising_loss
 from diffsens_cli.core.closed_form import MixtureScore
+from diffsens_cli.core.compare import spearman_rows
 from diffsens_cli.core.counterfactual import (
     datamodel_predictions,
     kernel_removal_prediction,
@@ -26,7 +27,6 @@ from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
-from diffsens_cli.core.stats import spearman_rows
 from diffsens_cli.core.trak import output_pairs
 from diffsens_cli.training.source import SharedDraws
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffsens_cli.core.compare import spearman
-from diffsens_cli.core.stats import bootstrap_interval, lds, paired, sign_test, spearman_rows
+from diffsens_cli.core.compare import spearman, spearman_rows
+from diffsens_cli.core.stats import bootstrap_interval, lds, paired, sign_test
 
 
 def test_sign_test_is_the_exact_two_sided_binomial_tail():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 
 def correlation(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -44,10 +45,15 @@ def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return slope, intercept, r2
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Spearman's rank correlation of two vectors (``core.stats.spearman_rows`` of one row:
-    ties share their average rank)."""
-    from diffsens_cli.core.stats import spearman_rows
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's correlation of each row of two [M, J] arrays: ``correlation`` of the
+    ranks along the last axis, ties sharing their average rank (a constant row: NaN; a
+    subset the bootstrap draws twice is one tie)."""
+    ranks = (torch.from_numpy(rankdata(v, axis=-1)) for v in (x, y))
+    return correlation(*ranks).numpy()
 
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of two vectors (``spearman_rows`` of one row)."""
     rows = (v.detach().flatten().double().cpu().numpy()[None] for v in (x, y))
     return torch.tensor(spearman_rows(*rows)[0], dtype=torch.float64)

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
-from scipy.stats import binomtest, rankdata
+from scipy.stats import binomtest
 
-from diffsens_cli.core.compare import correlation
+from diffsens_cli.core.compare import spearman_rows
 
 LEVEL = 0.95
 RESAMPLES = 2000
@@ -45,18 +44,6 @@ def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], flo
     stats = np.array([statistic(d) for d in draws])
     low, high = _percentiles(stats, level)
     return {"value": float(statistic(values)), "ci_low": low, "ci_high": high, "n": len(values)}
-
-
-def rank_rows(x: np.ndarray) -> np.ndarray:
-    """Ranks along the last axis, ties sharing their average rank: a constant row stays
-    constant (no correlation), and a subset drawn twice by the bootstrap is one tie."""
-    return rankdata(x, axis=-1)
-
-
-def spearman_rows(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Spearman's correlation of each row of two [M, J] arrays (a constant row: NaN)."""
-    ranks = (torch.from_numpy(rank_rows(v)) for v in (predicted, actual))
-    return correlation(*ranks).numpy()
 
 
 def _finite_mean(values: np.ndarray) -> float:

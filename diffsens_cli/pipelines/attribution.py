@@ -35,9 +35,8 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli.core import attribution
-from diffsens_cli.core.compare import linear_fit
+from diffsens_cli.core.compare import linear_fit, spearman_rows
 from diffsens_cli.core.score_sensitivity import WeightStats
-from diffsens_cli.core.stats import spearman_rows
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.stages import ArrayDict
 

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffsens_cli import plots, progress
 from diffsens_cli.builders import build_schedule, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.compare import correlation, relative_difference
+from diffsens_cli.core.compare import correlation, relative_difference, spearman_rows
 from diffsens_cli.core.counterfactual import (
     PREDICTIONS,
     datamodel_predictions,
@@ -53,7 +53,7 @@ from diffsens_cli.core.counterfactual import (
 from diffsens_cli.core.influence import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.core.stats import bootstrap_interval, lds, paired, spearman_rows
+from diffsens_cli.core.stats import bootstrap_interval, lds, paired
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import attribution, influence
 from diffsens_cli.rundir import RunDir
@@ -143,9 +143,14 @@ def _num_images(cfg: DictConfig) -> int:
     return len(load_images(cfg.dataset))
 
 
+def content_key(array: np.ndarray) -> str:
+    """A stage key of an array's content (a removal set's positions, the query samples)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
 def digest(removed: torch.Tensor) -> str:
     """A removal set's content key: the sorted positions of the removed images."""
-    return hashlib.sha256(torch.nonzero(removed).flatten().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+    return content_key(torch.nonzero(removed).flatten().numpy().astype(np.int64))
 
 
 # -- models retrained without some images ---------------------------------------------------
@@ -178,11 +183,6 @@ def query_loss(cfg: DictConfig, model, queries: np.ndarray, device: torch.device
         return denoising_loss(model, x, times, noises).cpu().numpy()
 
 
-def _content(array: np.ndarray) -> str:
-    """A key of an array's content (the query samples a loss stage scores)."""
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-
-
 def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     """Networks trained from the same initialisation and seeds with shared batch draws,
     each a ``train_counterfactual`` stage, and their samples, ``samples_counterfactual``."""
@@ -213,7 +213,7 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
 
     def losses(removed: torch.Tensor, train_seed: int, queries: np.ndarray) -> np.ndarray:
         key, path = trained(removed, train_seed)
-        depends = {"model": key, "queries": _content(queries), "loss_pairs": plain(cfg.influence.loss_pairs),
+        depends = {"model": key, "queries": content_key(queries), "loss_pairs": plain(cfg.influence.loss_pairs),
                    "seed": int(cfg.seed)}
         return run.stage("loss_counterfactual", lambda: {"loss": query_loss(
             cfg, stages.score_model(path), queries, stages.device, stages.dtype)}, depends)["loss"]
@@ -557,12 +557,12 @@ def lds_metrics(out: Retrained, sets: dict[str, np.ndarray], seed: int) -> tuple
     summary is the median).  Mean Spearman over queries with a two-way bootstrap interval
     (``core.stats.lds``).  Also the noise floor: how much of each output's variance over
     subsets is above its variance over training seeds of the full data."""
-    base = out.base.reshape(len(out.base), -1)
-    moved = np.linalg.norm(out.after_subsets.reshape(*out.after_subsets.shape[:2], -1) - base[:, None], axis=2)
-    actual = {"loss": out.subset_loss, "sample": moved / np.linalg.norm(base, axis=1)[:, None]}  # [M, J] each
-    floor_moved = np.linalg.norm(out.floor.reshape(*out.floor.shape[:2], -1) - base[None], axis=2)
+    m_count, j_count = out.subset_loss.shape
+    moved = relative_difference(out.after_subsets.reshape(m_count * j_count, *out.base.shape[1:]),
+                                np.repeat(out.base, j_count, axis=0)).reshape(m_count, j_count)
+    actual = {"loss": out.subset_loss, "sample": moved}  # [M, J] each
     floor = {"loss": np.concatenate([out.base_loss[None], out.floor_loss]),  # [F + 1, M]: every seed's loss
-             "sample": floor_moved / np.linalg.norm(base, axis=1)[None]}  # [F, M]: the others' moves
+             "sample": np.stack([relative_difference(f, out.base) for f in out.floor])}  # [F, M]: the others' moves
     removed = out.subsets
     predicted = {name: datamodel_predictions(torch.from_numpy(values), removed).numpy()
                  for name, values in sets.items() if name != "ours"}
