@@ -157,3 +157,27 @@ def test_the_influence_run_scores_both_weights_against_finite_differences(tmp_pa
     assert diagnosis["clamped"]["share_clamped_low"]["median"] > 0.1
     assert diagnosis["exact"]["share_clamped_low"]["median"] == 0
     assert summary["weights_used"] == "exact"
+
+
+def test_ours_loss_takes_its_own_weights_whatever_ours_uses(tmp_path):
+    """``influence.loss_weights`` sets ``ours_loss``' weights apart from ``influence.weights``
+    (ours' ``exact`` here in both runs): its scores are the closed-form loss sensitivity of
+    the run's sample 0 under the clamp, or without it, as asked."""
+    def scores(loss_weights: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        out = tmp_path / loss_weights
+        r = diffsens("run", "experiment=influence_closed_form", "size=tiny", f"hydra.run.dir={out}",
+                     "solver.progress=false", "influence.attributions=[ours_exact,ours_loss]",
+                     f"influence.loss_weights={loss_weights}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with np.load(out / "arrays.npz") as a:
+            return a["influence/ours_loss/scores"][0], torch.from_numpy(a["train_points"]), \
+                torch.from_numpy(a["samples"][:1])
+
+    clamped, points, x = scores("clamped")
+    exact, _, _ = scores("exact")
+    model = MixtureScore(GaussianMixture.empirical(points), SCHED)
+    times, noises = output_pairs(10, 1, tuple(x.shape[1:]), seed=0, dtype=torch.float64, device="cpu")
+    for got, clamp in ((clamped, (0.1, 10.0)), (exact, None)):
+        want = attribution.loss_sensitivity(model, points, x, times, noises, clamp)[0]
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-12)
+    assert np.abs(clamped - exact).max() > 1e-3 * np.abs(exact).max()  # the two settings differ here

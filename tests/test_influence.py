@@ -75,6 +75,7 @@ def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_poi
     (["influence.num_train=0"], "influence.num_train: must be null (every training image) or >= 1, got 0"),
     (["influence.method=adjoint"], "influence.method: 'adjoint' is not one of exact, sketch"),
     (["influence.weights=soft"], "influence.weights: 'soft' is not one of clamped, exact"),
+    (["influence.loss_weights=hard"], "influence.loss_weights: 'hard' is not one of clamped, exact"),
     (["influence.attributions=[ours_exact,trak]"], "influence.attributions[1]: 'trak' is not one of ours_exact, "
                                                    "ours_clamped, ours_set, ours_loss, l2, feature, dtrak"),
     (["influence.attributions=[ours_exact,dtrak]"], "influence.attributions: dtrak needs a network's parameters"),

@@ -11,7 +11,8 @@ more influential (ranked first):
 - ``ours_set``: the greedy order for removing images together (``core.attribution.set_order``)
   on ``ours``' sensitivities, as scores N (first) .. 1 (last).
 - ``ours_loss``: ``-dL/d eta_n``, the first-order fall of the sample's denoising loss
-  (``core.attribution.loss_sensitivity``, under ``ours``' weights): signed, proponents first.
+  (``core.attribution.loss_sensitivity``, under ``influence.loss_weights``): signed,
+  proponents first.
 - ``l2``: minus the pixel distance (nearest first).
 - ``feature``: cosine similarity in the penultimate features of a CNN classifier of the
   training images (``crossclass.fit_cnn``).
@@ -47,7 +48,14 @@ STAGED = ("ours_loss", "feature", "dtrak")  # score sets with stages of their ow
 
 
 def weights(cfg: DictConfig) -> str:
+    """The weights of ``ours``, ``ours_set`` and the singular directions."""
     return one_of(cfg.influence.weights, WEIGHTS, "influence.weights")
+
+
+def loss_weights(cfg: DictConfig) -> str:
+    """The weights of ``ours_loss``: its own setting, as its LDS wants the clamp where
+    ``|psi^n|``'s does not (README: "Which attribution to use")."""
+    return one_of(cfg.influence.loss_weights, WEIGHTS, "influence.loss_weights")
 
 
 def clamp(cfg: DictConfig) -> tuple[float, float]:
@@ -80,6 +88,7 @@ def needs(ranking: str) -> str | None:
 def check(cfg: DictConfig, closed_form: bool, labelled: bool) -> None:
     """The attribution settings, before any work."""
     weights(cfg)
+    loss_weights(cfg)
     clamp(cfg)
     names = methods(cfg)
     pairs = cfg.influence.loss_pairs
@@ -118,7 +127,8 @@ def stage_depends(cfg: DictConfig, method: str) -> dict[str, Any]:
     ic = plain(cfg.influence)
     pairs = {"loss_pairs": ic["loss_pairs"], "seed": int(cfg.seed)}
     if method == "ours_loss":
-        return pairs | {"weights": weights(cfg), "clamp": clamp(cfg) if weights(cfg) == "clamped" else None}
+        used = loss_weights(cfg)
+        return pairs | {"weights": used, "clamp": clamp(cfg) if used == "clamped" else None}
     if method == "feature":
         return {"feature": ic["feature"], "seed": int(cfg.seed), "classifier": "cnn"}
     # with the projection's chunking and its sign generator, part of its definition
@@ -189,7 +199,7 @@ def method_stage(cfg: DictConfig, run, source, method: str, i: int, sample: np.n
             times, noises = output_pairs(int(pairs.timesteps), int(pairs.noises), tuple(x.shape[1:]), int(cfg.seed),
                                          points.dtype, points.device)
             stats = WeightStats()
-            clamp_used = clamps(cfg)[weights(cfg)]
+            clamp_used = clamps(cfg)[loss_weights(cfg)]
             scores = attribution.loss_sensitivity(source.model, points, x, times, noises, clamp_used, stats)[0]
             out = {"scores": scores.cpu().numpy(), **{f"weights/{k}": np.array(v) for k, v in stats.as_dict().items()}}
         elif method == "feature":
