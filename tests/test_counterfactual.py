@@ -250,6 +250,27 @@ def test_removal_metrics_give_medians_with_intervals_and_a_sign_test_per_pair():
     assert "b_vs_a" not in out["pairwise"]
 
 
+def test_the_noise_floor_is_per_query_the_mean_over_seeds_then_the_median_over_removal_queries():
+    """``counterfactual.noise_floor`` and ``noise_floor_loss`` are summarised as each
+    ranking's change is (per query a mean over seeds, the median over the removal
+    queries), so the figure's line and the summary agree; the LDS-only query 2 is left out."""
+    from diffsens_cli.pipelines.counterfactual import PREDICTIONS, Retrained, counterfactual_metrics
+
+    base = np.ones((3, 4))  # 3 model samples; the first 2 are removal queries
+    moves = np.array([[0.1, 0.2, 9.0], [0.3, 0.0, 9.0]])  # [seeds, samples]: |Delta x| / |x|
+    floor = base[None] * (1 + moves[:, :, None])
+    base_loss = np.array([2.0, 4.0, 1.0])
+    floor_loss = base_loss * np.array([[1.1, 0.5, 5.0], [0.9, 1.0, 5.0]])
+    after = np.ones((2, 1, 1, 4))
+    out = Retrained(base, base_loss, floor, floor_loss, torch.zeros(2, 1, 1, 5, dtype=torch.bool), after,
+                    np.ones((2, 1, 1)), np.ones((len(PREDICTIONS), 2, 1, 1, 4)), torch.zeros(1, 5, dtype=torch.bool),
+                    np.ones((3, 1, 4)), np.ones((3, 1)), np.ones((len(PREDICTIONS), 3, 1, 4)))
+    metrics, arrays = counterfactual_metrics(out, [("l2", 0)], ["l2"], [1])
+    np.testing.assert_allclose(arrays["counterfactual/floor_change"], [0.2, 0.1])
+    assert metrics["noise_floor"] == pytest.approx(0.15)  # median of the per-query means 0.2 and 0.1
+    assert metrics["noise_floor_loss"] == pytest.approx(0.175)  # the median of mean(0.1, 0.1) and mean(0.5, 0)
+
+
 def test_removals_for_the_first_queries_only_and_rankings_without_ours(tmp_path):
     """``counterfactual.queries=1``: removals for the first query alone (one random seed:
     one random column), while the LDS still scores both queries."""

@@ -395,9 +395,11 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
     run.write_summary({"counterfactual": counterfactual, "datamodeling": datamodeling, "lds": scores,
                        "lds_pairwise": lds_pairwise, "removal": removal, "noise_floor": noise}, figures=figures,
                       solver=plain(cfg.solver), **({} if closed else {"train": plain(cfg.train)}))
-    for name in names:
-        print(f"{name:>6}: " + "; ".join(f"k={k} change {counterfactual[name][f'k{k}']['median_change']:.3f} "
-                                         f"corr {counterfactual[name][f'k{k}']['median_corr_pred']:.3f}" for k in ks))
+    for name in names:  # the removal table: median move over queries [95% interval], and ours' prediction
+        print(f"{name:>12}: " + "; ".join(
+            f"k={k} change {removal[name][f'k{k}']['median_change']:.3f} [{removal[name][f'k{k}']['ci_low']:.3f}, "
+            f"{removal[name][f'k{k}']['ci_high']:.3f}] corr {counterfactual[name][f'k{k}']['median_corr_pred']:.3f}"
+            for k in ks))
     print(f"noise floor {counterfactual['noise_floor']:.3f}; datamodeling: corr {datamodeling['median_corr']:.3f} "
           f"(L2 kernel {datamodeling['median_corr_l2kernel']:.3f}), LDS {datamodeling['lds']:.3f} "
           f"(L2 kernel {datamodeling['lds_l2kernel']:.3f})")
@@ -405,6 +407,14 @@ def _report(cfg: DictConfig, run: RunDir, models: Models, per_sample: list[Array
         print(f"LDS of the {output} over {datamodeling['subsets']} subsets (variance above the noise floor "
               f"{noise[output]['variance_above_floor']:.2f}): " + "; ".join(
                   f"{name} {v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for name, v in methods.items()))
+
+
+def _nanmedian(values: np.ndarray) -> float:
+    """The median of the defined values; NaN, without numpy's warning, when none is (a
+    correlation with a change of zero: the summary lists it under ``null_values``)."""
+    defined = np.asarray(values, dtype=float)
+    defined = defined[~np.isnan(defined)]
+    return float(np.median(defined)) if defined.size else float("nan")
 
 
 def _correlations(predicted: np.ndarray, actual: np.ndarray, event_dims: int) -> np.ndarray:
@@ -438,7 +448,8 @@ def counterfactual_metrics(out: Retrained, columns: list[tuple[str, int]], names
                            ks: list[int]) -> tuple[dict[str, Any], ArrayDict]:
     """Per ranking and k: the median over removal queries of |Delta x| / |x| and of the
     correlation of Delta x with each predicted change (``random``: per query the mean over
-    its seeds); the noise floor's |Delta x| / |x|."""
+    its seeds); the noise floor's |Delta x| / |x| and relative loss change, the same way (per
+    query the mean over the floor's seeds, then the median over queries)."""
     event_dims = out.base.ndim - 1
     base, base_loss = out.base[:len(out.removed)], out.base_loss[:len(out.removed)]
     change = out.after - base[:, None, None]  # [Q, columns, ks, *event]
@@ -452,14 +463,15 @@ def counterfactual_metrics(out: Retrained, columns: list[tuple[str, int]], names
     floor = floors.mean(0)
     metrics: dict[str, Any] = {
         name: {f"k{k}": {"median_change": float(np.median(size[:, r, j])),
-                         **{f"median_corr_pred{_suffix(p)}": float(np.nanmedian(corr[c, :, r, j]))
+                         **{f"median_corr_pred{_suffix(p)}": _nanmedian(corr[c, :, r, j])
                             for c, p in enumerate(PREDICTIONS)},
                          "median_loss_change": float(np.median(loss_change[:, r, j])),
                          "change_per_sample": size[:, r, j].tolist(), "corr_pred_per_sample": corr[0, :, r, j].tolist(),
                          "loss_change_per_sample": loss_change[:, r, j].tolist()}
                for j, k in enumerate(ks)} for r, name in enumerate(names)}
-    metrics |= {"noise_floor": float(np.median(floors)), "noise_floor_per_sample": floor.tolist(),
-                "noise_floor_loss": float(np.median(np.abs(out.floor_loss / out.base_loss - 1))),
+    floor_loss = np.abs(out.floor_loss[:, :len(base)] / base_loss - 1).mean(0)  # [Q]
+    metrics |= {"noise_floor": float(np.median(floor)), "noise_floor_per_sample": floor.tolist(),
+                "noise_floor_loss": float(np.median(floor_loss)),
                 "floor_seeds": len(floors), "k": ks}
     arrays = {"counterfactual/columns": np.array([column_label(*c) for c in columns]),
               "counterfactual/removed": out.removed.numpy(), "counterfactual/retrained": out.after,
@@ -509,7 +521,7 @@ def datamodeling_metrics(out: Retrained, points: torch.Tensor,
         pred = kernel_removal_prediction(base, points, out.subsets, bandwidth).transpose(0, 1)
         return pred.reshape(actual.shape).numpy()
 
-    tuned = [float(np.nanmedian(_correlations(kernel(b)[:, :1], actual[:, :1], event_dims))) for b in bandwidths]
+    tuned = [_nanmedian(_correlations(kernel(b)[:, :1], actual[:, :1], event_dims)) for b in bandwidths]
     best = int(np.nanargmax(tuned)) if np.isfinite(tuned).any() else 0
     predictions = {f"ours{_suffix(p)}": out.predicted_subsets[c] for c, p in enumerate(PREDICTIONS)}
     predictions["l2kernel"] = kernel(bandwidths[best])
@@ -520,7 +532,7 @@ def datamodeling_metrics(out: Retrained, points: torch.Tensor,
     metrics = {}
     for name in predictions:
         key = "" if name == "ours" else "_" + name.removeprefix("ours_")
-        metrics |= {f"median_corr{key}": float(np.nanmedian(corr[name])), f"lds{key}": float(np.nanmedian(lds[name])),
+        metrics |= {f"median_corr{key}": _nanmedian(corr[name]), f"lds{key}": _nanmedian(lds[name]),
                     f"lds{key}_per_sample": lds[name].tolist()}
     metrics |= {
         "median_change": float(np.median(norms["actual"] / np.linalg.norm(out.base.reshape(m_count, 1, -1), axis=2))),
