@@ -8,11 +8,13 @@ finds it finished and reuses it; changing only a plot style retrains nothing.
 
 A stage directory is finished when its ``done.json`` exists, written last and
 atomically; it records the size and SHA-256 of every file of the stage.  A finished
-stage is reused only after every file passes that check; one that fails (a truncated
-or replaced file, a ``done.json`` without checksums) is named in one line, set aside
+stage is reused only when ``done.json`` lists exactly its files and every one passes
+that check; one that fails (a truncated, replaced, unlisted or symlinked file, a
+``done.json`` without checksums, a stage directory that is a symlink) is named in one
+line, set aside
 under ``<root>/.set-aside/`` (never deleted) and recomputed, or, in a cache this
 process may not write, the run stops with one line saying how to recompute it.
-Everything else in a stage directory is the stage's own business (a training stage
+Until it is finished, a stage directory is the stage's own business (a training stage
 keeps its checkpoints there, so an interrupted stage resumes where it stopped).  A
 stage that fails, or is interrupted, leaves no ``done.json``, and no stage directory
 if it wrote nothing (only its lock file).  Reading a finished stage takes no lock, so a finished cache can
@@ -97,14 +99,41 @@ def file_digest(path: Path) -> str:
 
 
 def checksums(directory: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file under ``directory`` but ``done.json``, by relative path."""
-    return {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != DONE}
+    """Size and SHA-256 of every file under ``directory`` but its ``done.json``, by
+    relative path; a stage keeps regular files only (anything else is refused on reuse)."""
+    files, odd = _entries(directory)
+    if odd:
+        raise DiffsensError(f"{directory}: {odd[0]}; a stage keeps regular files only")
+    return {name: {"size": (directory / name).stat().st_size, "sha256": file_digest(directory / name)}
+            for name in sorted(files)}
+
+
+def _entries(directory: Path) -> tuple[set[str], list[str]]:
+    """The regular files under ``directory`` by relative path (its ``done.json`` aside),
+    and what else is there but folders: symlinks (never followed) and special files."""
+    files, odd = set(), []
+    for root, dirs, names in os.walk(directory):  # symlinked folders are listed in dirs, not entered
+        for name in dirs:
+            if (Path(root) / name).is_symlink():
+                odd.append(f"{(Path(root) / name).relative_to(directory).as_posix()} is a symlink")
+        for name in names:
+            path = Path(root) / name
+            relative = path.relative_to(directory).as_posix()
+            if path.is_symlink():
+                odd.append(f"{relative} is a symlink")
+            elif not path.is_file():
+                odd.append(f"{relative} is not a regular file")
+            elif relative != DONE:
+                files.add(relative)
+    return files, sorted(odd)
 
 
 def verify(directory: Path) -> str | None:
-    """Why the finished stage in ``directory`` cannot be trusted, or None if every file
-    recorded in its ``done.json`` is there with its recorded size and checksum."""
+    """Why the finished stage in ``directory`` cannot be trusted, or None if its
+    ``done.json`` lists exactly the files in it (nothing missing, nothing extra, no
+    symlinks), each with its recorded size and checksum."""
+    if directory.is_symlink():
+        return "the stage directory is a symlink"
     try:
         record = json.loads((directory / DONE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -112,6 +141,11 @@ def verify(directory: Path) -> str | None:
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         return f"{DONE} records no checksums (an older diffsens wrote it)"
+    present, odd = _entries(directory)
+    if odd:
+        return odd[0]
+    if present - set(files):
+        return f"{sorted(present - set(files))[0]} is not listed in {DONE}"
     for name, expected in files.items():
         path = directory / name
         if not path.is_file():
@@ -171,7 +205,8 @@ class StageCache:
         return self.root / name / stage_key(depends)
 
     def is_done(self, name: str, depends: Any) -> bool:
-        return (self.path(name, depends) / DONE).is_file()
+        path = self.path(name, depends)
+        return not path.is_symlink() and (path / DONE).is_file()
 
     def run(self, name: str, depends: Any, work: Callable[[Path], None]) -> Path:
         """The directory of stage ``name`` for ``depends``: reused if finished and intact,
@@ -184,6 +219,8 @@ class StageCache:
             return self._reused(name, path)
         with self._locked(name, path, problem):
             if forcing:
+                if path.is_symlink():
+                    path.unlink()  # the link, never what it points to
                 shutil.rmtree(path, ignore_errors=True)
                 self.forced.add(path)
             else:
@@ -228,7 +265,10 @@ class StageCache:
     # -- checks ------------------------------------------------------------------------
     @staticmethod
     def _problem(path: Path) -> str | None:
-        """None if the stage in ``path`` is finished and passes its check, else why not."""
+        """None if the stage in ``path`` is finished and passes its check, else why not
+        (a symlink is never written through, finished or not)."""
+        if path.is_symlink():
+            return "the stage directory is a symlink"
         return verify(path) if (path / DONE).is_file() else _UNFINISHED
 
     def _set_aside(self, name: str, path: Path, problem: str) -> None:

@@ -207,13 +207,27 @@ def test_done_json_records_a_checksum_of_every_file(tmp_path):
     assert files == {"arrays.npz": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
 
 
-@pytest.mark.parametrize("damage", ["truncate", "replace", "delete", "old_done_json"])
+@pytest.mark.parametrize("damage", ["truncate", "replace", "delete", "old_done_json", "empty_manifest", "unlisted",
+                                    "symlinked_file"])
 def test_a_stage_that_fails_its_check_is_set_aside_and_recomputed(tmp_path, capsys, damage):
-    """A truncated file, a valid file with other contents (NaN psi), a missing file and a
-    done.json without checksums are each named in one line, set aside whole, recomputed."""
+    """A truncated file, a valid file with other contents (NaN psi), a missing file, a
+    done.json without checksums, one that lists nothing beside other arrays, an extra file,
+    and a file swapped for a symlink to an identical copy are each named in one line, set
+    aside whole, recomputed."""
     calls, path = _finished(tmp_path)
     npz = path / "arrays.npz"
-    if damage == "truncate":
+    if damage == "empty_manifest":
+        np.savez_compressed(npz, psi=np.full(3, 7.0))
+        (path / "done.json").write_text(json.dumps({"files": {}}))
+    elif damage == "unlisted":
+        (path / "extra").mkdir()
+        (path / "extra" / "more.npz").write_bytes(b"x")
+    elif damage == "symlinked_file":
+        copy = tmp_path / "copy.npz"
+        copy.write_bytes(npz.read_bytes())
+        npz.unlink()
+        npz.symlink_to(copy)
+    elif damage == "truncate":
         npz.write_bytes(npz.read_bytes()[:40])
     elif damage == "replace":
         np.savez_compressed(npz, psi=np.full(3, np.nan))
@@ -227,12 +241,36 @@ def test_a_stage_that_fails_its_check_is_set_aside_and_recomputed(tmp_path, caps
     assert np.array_equal(_recompute(tmp_path, calls), np.full(3, 2.0)) and len(calls) == 2
     err = capsys.readouterr().err.strip().splitlines()
     reason = {"truncate": "has 40 bytes", "replace": "does not match its checksum", "delete": "is missing",
-              "old_done_json": "records no checksums"}[damage]
+              "old_done_json": "records no checksums", "empty_manifest": "arrays.npz is not listed in done.json",
+              "unlisted": "extra/more.npz is not listed in done.json",
+              "symlinked_file": "arrays.npz is a symlink"}[damage]
     assert len(err) == 1 and err[0].startswith(f"diffsens: warning: stage s/{path.name} ") and reason in err[0]
     aside = list((tmp_path / ".set-aside" / "s").iterdir())
     assert len(aside) == 1 and str(aside[0]) in err[0] and (aside[0] / "done.json").is_file()
     assert verify(path) is None  # the recomputed stage passes
     assert np.array_equal(_recompute(tmp_path, calls), np.full(3, 2.0)) and len(calls) == 2  # and is reused
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_stage_directory_that_is_a_symlink_is_set_aside_and_never_written_through(tmp_path, capsys, finished):
+    """A stage directory swapped for a symlink to another directory (holding a finished
+    stage, or nothing) is set aside as the link itself and recomputed in a real
+    directory; what it pointed to is left as it was."""
+    calls, path = _finished(tmp_path / "cache")
+    target = tmp_path / "elsewhere"
+    if finished:
+        shutil.copytree(path, target)
+    else:
+        target.mkdir()
+    before = sorted((p.name, p.read_bytes()) for p in target.iterdir())
+    shutil.rmtree(path)
+    path.symlink_to(target)
+    capsys.readouterr()
+    assert np.array_equal(_recompute(tmp_path / "cache", calls), np.full(3, 2.0)) and len(calls) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the stage directory is a symlink" in err[0]
+    assert not path.is_symlink() and verify(path) is None
+    assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
 
 
 def test_a_stage_that_writes_nothing_and_fails_leaves_only_its_lock_file(tmp_path):
