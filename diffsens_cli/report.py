@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ from diffsens_cli.stages import atomic_write
 
 SKIP = {"stages", ".hydra", ".submitit", ".set-aside"}  # folders that hold no run directories
 MAX_ROWS = 60  # of the numbers table; the rest are in summary.json
+MAX_SETTINGS = 200  # rows of the settings table; the rest are in config.yaml
 LIST_ITEMS = 4  # shown of a list (per-sample values), then how many there are
 SETTINGS = ("seed", "solver", "train")  # the config groups the report shows
+MAX_FIGURE_BYTES = 20 * 2**20  # a figure larger than this is listed, not embedded
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_DEPTH = 64  # of a summary.json or config.yaml a page reads (diffsens writes under 10)
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:75em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
@@ -54,29 +59,64 @@ class Run:
 
 
 def load_run(path: Path) -> Run:
-    """The run directory ``path``; a missing or unreadable summary.json is a ``problem``, not an error."""
-    config = _read_yaml(path / "config.yaml")
+    """The run directory ``path``; a missing or unreadable summary.json, or a config.yaml
+    that is not plain YAML, is a ``problem``, not an error."""
+    config, problem = _read_yaml(path / "config.yaml")
     summary_path = path / "summary.json"
-    summary, problem = None, None
+    summary = None
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = _strict_json(summary_path.read_text())
         if not isinstance(summary, dict):
             summary, problem = None, "summary.json is not a JSON object"
     except FileNotFoundError:
         problem = "no summary.json: the run did not finish"
-    except (OSError, ValueError) as e:
-        problem = f"summary.json is unreadable: {e}"
+    except (OSError, ValueError, RecursionError) as e:
+        problem = f"summary.json is unreadable: {'nested too deep' if isinstance(e, RecursionError) else e}"
+    if summary is not None and _depth(summary) > MAX_DEPTH:
+        summary, problem = None, f"summary.json is nested deeper than {MAX_DEPTH} levels"
     mtime = (summary_path if summary_path.exists() else path).stat().st_mtime
     return Run(path, str(config.get("name") or path.name), mtime, summary, config, problem)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping, or ``{}`` if the file is missing, unreadable or not a mapping."""
+def _strict_json(text: str) -> Any:
+    """JSON as the standard has it: ``NaN`` and ``Infinity`` (which Python writes and reads
+    by default) are refused with a ValueError."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _depth(x: Any, limit: int = MAX_DEPTH + 1) -> int:
+    """How deep ``x`` nests mappings and lists, counted up to ``limit`` (no recursion)."""
+    deepest, todo = 0, [(x, 0)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth < limit and isinstance(item, dict | list):
+            todo += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A YAML mapping (``{}`` if the file is missing or not a mapping), and why it was
+    refused: YAML with aliases (which no diffsens run writes: a recursive one, or a few
+    hundred bytes that expand to megabytes) or nested deeper than ``MAX_DEPTH``."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        text = path.read_text()
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events: nothing expanded, nothing recursed
+            if isinstance(event, yaml.AliasEvent):
+                return {}, "config.yaml uses YAML aliases, which diffsens never writes: not read"
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_DEPTH:
+                return {}, f"config.yaml is nested deeper than {MAX_DEPTH} levels: not read"
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        return {}, f"config.yaml is unreadable: {' '.join(str(e).split())}"
+    return (data if isinstance(data, dict) else {}), None
 
 
 def find_runs(inputs: list[Path]) -> list[Run]:
@@ -179,18 +219,50 @@ def figures(run: Run) -> list[Path]:
     return sorted(run.path.glob("*.png"))
 
 
+def _shown_name(png: Path, run_dir: Path) -> str:
+    """A figure's name as its run lists it: relative to the run directory where it is inside."""
+    return png.relative_to(run_dir).as_posix() if png.is_relative_to(run_dir) else str(png)
+
+
 def _href(path: Path, page_dir: Path) -> str:
     """``path`` as a link from a page in ``page_dir``, escaped for an attribute."""
     return escape(quote(Path(os.path.relpath(path, page_dir)).as_posix()))
 
 
-def _image_src(png: Path, page_dir: Path, embed: bool) -> str | None:
-    """The ``src`` of a figure: its bytes as a data URL with ``embed``, else a relative link; None if it is missing."""
-    if not embed:
-        return _href(png, page_dir) if png.is_file() else None
+def figure_problem(png: Path, run_dir: Path) -> str | None:
+    """Why ``png`` is not shown on a page of ``run_dir``, or None: only a regular file
+    inside the run directory (its resolved path, so no symlink or ``..`` out of it) that
+    starts with the PNG signature, at most ``MAX_FIGURE_BYTES``.  Nothing is opened before
+    it is known to be a regular file (a FIFO or a device named ``*.png`` never blocks)."""
     try:
-        return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
-    except OSError:
+        resolved = png.resolve()
+        if not resolved.is_relative_to(run_dir.resolve()):
+            return "outside the run directory"
+        info = resolved.stat()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        return f"unreadable ({e})"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size > MAX_FIGURE_BYTES:
+        return f"{info.st_size / 2**20:.1f} MB, over the {MAX_FIGURE_BYTES / 2**20:g} MB cap of a figure"
+    try:
+        with open(resolved, "rb") as f:
+            signature = f.read(len(PNG_SIGNATURE))
+    except OSError as e:
+        return f"unreadable ({e})"
+    return None if signature == PNG_SIGNATURE else "not a PNG file"
+
+
+def _image_src(png: Path, page_dir: Path, embed: bool) -> str | None:
+    """The ``src`` of a figure that passed ``figure_problem``: its bytes as a data URL with
+    ``embed``, else a relative link."""
+    if not embed:
+        return _href(png, page_dir)
+    try:
+        return "data:image/png;base64," + base64.b64encode(png.resolve().read_bytes()).decode("ascii")
+    except OSError:  # gone since it was checked
         return None
 
 
@@ -207,9 +279,13 @@ def _run_body(run: Run, page_dir: Path, embed: bool) -> str:
     if summary.get("command"):
         parts.append(f"<p>Command: <code>{escape(str(summary['command']))}</code></p>")
     for png in figures(run):
+        problem = figure_problem(png, run.path)
+        if problem is not None:
+            parts.append(f'<p class="problem">{escape(_shown_name(png, run.path))}: not shown, {escape(problem)}</p>')
+            continue
         src = _image_src(png, page_dir, embed)
         if src is None:
-            parts.append(f'<p class="problem">{escape(png.name)}: missing</p>')
+            parts.append(f'<p class="problem">{escape(_shown_name(png, run.path))}: not shown, unreadable</p>')
             continue
         pdf = png.with_suffix(".pdf")
         caption = escape(png.name) + (f' (<a href="{_href(pdf, page_dir)}">PDF</a>)' if pdf.is_file() else "")
@@ -225,8 +301,10 @@ def _run_body(run: Run, page_dir: Path, embed: bool) -> str:
     settings = _flatten({k: run.config[k] for k in SETTINGS if k in run.config})
     if settings:
         parts.append("<details><summary>Settings</summary><table>")
-        parts += [f'<tr><td>{escape(k)}</td><td class="n">{escape(fmt(v))}</td></tr>' for k, v in settings.items()]
-        parts.append("</table></details>")
+        parts += [f'<tr><td>{escape(k)}</td><td class="n">{escape(fmt(v))}</td></tr>'
+                  for k, v in list(settings.items())[:MAX_SETTINGS]]
+        parts.append("</table>" + (f"<p>{len(settings) - MAX_SETTINGS} more settings not shown: see config.yaml.</p>"
+                                   if len(settings) > MAX_SETTINGS else "") + "</details>")
     return "\n".join(parts)
 
 
@@ -266,6 +344,8 @@ def write_report(inputs: list[Path], out: Path) -> Path:
     if not runs:
         raise DiffsensError(f"no run directories (folders holding summary.json) under {', '.join(map(str, inputs))}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DiffsensError(f"--out {out}: not a folder")
     total = sum(w for r in runs if isinstance(w := (r.summary or {}).get("wall_time_s"), int | float))
     broken = sum(r.problem is not None for r in runs)
     head = [f"<h1>diffsens report</h1>\n<p>Generated {escape(time.strftime('%Y-%m-%d %H:%M %Z'))}: {len(runs)} "
@@ -284,5 +364,8 @@ def write_report(inputs: list[Path], out: Path) -> Path:
     head.append("</ul>")
     path = out / "index.html"
     text = _page("diffsens report", "\n".join(head + sections))
-    atomic_write(path, lambda f: f.write(text), "w")
+    try:
+        atomic_write(path, lambda f: f.write(text), "w")
+    except OSError as e:
+        raise DiffsensError(f"--out {out}: cannot write {path.name} there ({e.strerror or e})") from None
     return path

@@ -192,6 +192,72 @@ def test_report_embeds_every_figure_of_the_newest_run_of_each_experiment(runs, t
     assert os.path.relpath(new, out) + "/index.html" in Page(write_report([runs], out).read_text()).links
 
 
+def test_the_report_embeds_only_png_files_inside_the_run_and_lists_the_rest_with_why(tmp_path, monkeypatch):
+    """A summary listing an absolute path, a ``..`` path, a symlink out of the run, a FIFO,
+    a device, a file that is no PNG and one over the size cap: none is embedded (nor
+    opened, for the FIFO and the device), each is one line saying why; a PNG in the run,
+    also through a symlink inside it, is embedded."""
+    import diffsens_cli.report as report
+
+    secret = tmp_path / "secret.png"
+    plt.imsave(secret, np.zeros((2, 2, 3)))
+    run = make_run(tmp_path / "outputs" / "r", "r", {}, {"fig_ok.png": 1})
+    plt.imsave(run / "big.png", np.random.default_rng(2).random((60, 90, 3)))
+    (run / "leak.png").symlink_to(secret)
+    (run / "alias.png").symlink_to(run / "fig_ok.png")
+    os.mkfifo(run / "fifo.png")
+    (run / "zero.png").symlink_to("/dev/zero")
+    (run / "text.png").write_text("not an image")
+    listed = [str(secret), "../../secret.png", "leak.png", "fifo.png", "zero.png", "text.png", "big.png",
+              "fig_ok.png", "alias.png"]
+    (run / "summary.json").write_text(json.dumps({"metrics": {}, "figures": listed}))
+    cap = (run / "fig_ok.png").stat().st_size
+    monkeypatch.setattr(report, "MAX_FIGURE_BYTES", cap)
+    page = Page(write_report([tmp_path / "outputs"], tmp_path / "rep").read_text())
+    ok = base64.b64encode((run / "fig_ok.png").read_bytes()).decode()
+    assert page.images == [f"data:image/png;base64,{ok}"] * 2
+    assert base64.b64encode(secret.read_bytes()).decode() not in "".join(page.images)
+    words = [t for t in page.text if "not shown" in t]
+    assert words == [f"{secret}: not shown, outside the run directory", "../../secret.png: not shown, outside the run "
+                     "directory", "leak.png: not shown, outside the run directory",
+                     "fifo.png: not shown, not a regular file", "zero.png: not shown, outside the run directory",
+                     "text.png: not shown, not a PNG file", f"big.png: not shown, "
+                     f"{(run / 'big.png').stat().st_size / 2**20:.1f} MB, over the {cap / 2**20:g} MB cap of a figure"]
+    assert report.figure_problem(Path("/dev/zero"), Path("/dev")) == "not a regular file"
+
+
+@pytest.mark.parametrize("case,summary,config,why", [
+    ("nan", '{"metrics": {"a": NaN}}', None, "summary.json is unreadable: NaN is not JSON"),
+    ("infinity", '{"metrics": {"a": -Infinity}}', None, "summary.json is unreadable: -Infinity is not JSON"),
+    ("deep", '{"metrics": ' + "[" * 100_000 + "]" * 100_000 + "}", None, "summary.json is unreadable: nested too deep"),
+    ("deep_loadable", '{"m": ' + "[" * 200 + "]" * 200 + "}", None, "summary.json is nested deeper than 64 levels"),
+    ("recursive_alias", "{}", "name: r\nsolver: &a [*a]\n", "config.yaml uses YAML aliases"),
+    ("alias_bomb", "{}", "name: r\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nsolver: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+     "config.yaml uses YAML aliases"),
+    ("bad_yaml", "{}", "name: [r\n", "config.yaml is unreadable: "),
+    ("deep_yaml", "{}", "name: r\nsolver: " + "[" * 5000 + "]" * 5000 + "\n", "config.yaml is nested deeper than 64"),
+])
+def test_one_bad_run_is_one_line_and_the_rest_of_the_report_stands(runs, tmp_path, case, summary, config, why):
+    """Non-standard JSON, nesting past any recursion limit, YAML aliases (recursive, or a
+    bomb of a few hundred bytes) and broken YAML: the run is listed with one line saying
+    why, and every other run is on the page as before."""
+    bad = make_run(runs / "bad" / case, "bad", summary)
+    if config is not None:
+        (bad / "config.yaml").write_text(config)
+    text = write_report([runs], tmp_path / "rep").read_text()
+    page = Page(text)
+    assert f"{bad} {why}" in "".join(page.text)
+    assert len(page.images) == 4 and page.row("retrain.median_corr") == ["retrain.median_corr", "0.203", "0.31"]
+    assert len(text) < 100_000
+
+
+def test_report_out_that_is_a_file_is_one_line(runs, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    r = diffsens("report", str(runs), "--out", "taken", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (2, "diffsens: error: --out taken: not a folder\n")
+
+
 def test_report_command(runs, tmp_path):
     r = diffsens("report", str(runs), "--out", str(tmp_path / "rep"), cwd=tmp_path)
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{tmp_path / 'rep' / 'index.html'}\n", "")
