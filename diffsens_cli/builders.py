@@ -23,6 +23,7 @@ from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain
 from diffsens_cli.models import VECTOR_KINDS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MIN_STEP_SIZE = 1e-6  # of the solver: a million steps at most (a smaller step is a typo, not a setting)
 
 
 def build_schedule(cfg: DictConfig) -> Schedule:
@@ -55,8 +56,11 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
     num_steps = whole(cfg.num_steps, "solver.num_steps", null=True)
     if num_steps is None:
         require(step_size is not None and step_size > 0, "solver.step_size", f"must be > 0, got {cfg.step_size}")
+        require(step_size >= MIN_STEP_SIZE, "solver.step_size",
+                f"must be >= {MIN_STEP_SIZE:g} (at most {1 / MIN_STEP_SIZE:,.0f} steps), got {cfg.step_size}")
     else:
-        require(num_steps >= 1, "solver.num_steps", f"must be >= 1, got {num_steps}")
+        require(1 <= num_steps <= 1 / MIN_STEP_SIZE, "solver.num_steps",
+                f"must be in 1 .. {1 / MIN_STEP_SIZE:.0f}, got {num_steps}")
     t_min = number(cfg.t_min, "solver.t_min")
     require(0 < t_min < 1, "solver.t_min", f"must be in (0, 1), got {t_min}")
     density = one_of(cfg.density, ["ccov", "closed_form"], "solver.density")

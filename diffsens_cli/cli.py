@@ -8,6 +8,7 @@ line naming what stopped, exit status 130; the same command resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra import compose, initialize_config_module
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -121,6 +123,8 @@ def check_jobs(overrides: list[str], multirun: bool) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise DiffsensError(str(e).splitlines()[0]) from None
+    if any(o.key_or_group == "hydra/launcher" and o.value() == "slurm" for o in parsed):
+        check_site_settings(site_file("slurm"))
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if not multirun:
         if sweeps:
@@ -142,6 +146,39 @@ def check_jobs(overrides: list[str], multirun: bool) -> None:
         except DiffsensError as e:
             values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
             raise DiffsensError(f"{e} (sweep job #{number} of {len(jobs)}: {values}; no job was launched)") from None
+
+
+def site_file(name: str) -> Path:
+    """``site/<name>.yaml`` in the site folder on config.yaml's search path:
+    ``$DIFFSENS_CONFIG_DIR``, else ``~/.config/diffsens``."""
+    root = os.environ.get("DIFFSENS_CONFIG_DIR") or f"{os.environ.get('HOME', '/nonexistent')}/.config/diffsens"
+    return Path(root) / "site" / f"{name}.yaml"
+
+
+def check_site_settings(path: Path) -> None:
+    """The Slurm site file, if there is one: YAML text, a mapping, keys the launcher takes
+    (Hydra would stop on each with a long traceback that names neither key nor file)."""
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    if not path.is_file():
+        return
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise DiffsensError(f"{path}: not a text file (the Slurm site settings are YAML)") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise DiffsensError(f"{path}: not valid YAML: {' '.join(str(e).split()) or 'nested too deep'}") from None
+    except OSError as e:
+        raise DiffsensError(f"{path}: unreadable ({e.strerror or e})") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise DiffsensError(f"{path}: must be a mapping of Slurm launcher settings (partition: gpu, ...), "
+                            f"got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(SlurmQueueConf) if not f.name.startswith("_")]
+    unknown = [str(k) for k in data if k not in known]
+    if unknown:
+        raise DiffsensError(f"{path}: unknown key {unknown[0]!r}; the Slurm launcher takes: {', '.join(known)}")
 
 
 class GroupOptions:

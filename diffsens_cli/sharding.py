@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from diffsens_cli.errors import require, whole
+from diffsens_cli.errors import DiffsensError, require, whole
 from diffsens_cli.rundir import RunDir
 
 T = TypeVar("T")
@@ -100,6 +100,19 @@ class AssembleShards(Callback):
     process of its own on this machine (it reads every job's stages from the cache)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Assemble; any failure is one ``diffsens: error:`` line and exit status 2 (an
+        exception in a callback would only be logged by Hydra, and the sweep exit 0)."""
+        try:
+            self._assemble(config)
+        except DiffsensError as e:
+            print(f"diffsens: error: assembling the shards: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:  # noqa: BLE001 -- whatever it is, it must not pass as a warning
+            print(f"diffsens: error: assembling the shards: {type(e).__name__}: {' '.join(str(e).split())}",
+                  file=sys.stderr)
+            sys.exit(2)
+
+    def _assemble(self, config: DictConfig) -> None:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.errors import HydraException
@@ -112,20 +125,23 @@ class AssembleShards(Callback):
         for o in parsed:
             if o.is_sweep_override():
                 o.config_loader = GroupOptions()
-        try:  # each shard key's values, and the jobs of the other swept values
-            values = {o.key_or_group: [job[0].split("=", 1)[1] for job in BasicSweeper.split_arguments([o], None)[0]]
+        try:  # each shard key's values, typed as Hydra gives them to the jobs, and the jobs of the other swept values
+            values = {o.key_or_group: list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
                       for o in parsed if o.key_or_group in SHARD_KEYS}
             # stages.force was done by the shards: forcing again would recompute every one of them
             rest = [o for o in parsed if o.key_or_group not in (*SHARD_KEYS, "stages.force")
                     and not o.key_or_group.startswith("hydra")]
             jobs = BasicSweeper.split_arguments(rest, None)[0]
-        except HydraException as e:  # a callback's exception is only logged: stop here
-            print(f"diffsens: error: assembling the shards: {e}", file=sys.stderr)
-            sys.exit(2)
-        count = int(values.get("shard.count", [config.shard.count])[0])
+        except HydraException as e:
+            raise DiffsensError(" ".join(str(e).split())) from None
+        # the swept values as the jobs' checks read them (2.0 is 2)
+        counts = {whole(v, "shard.count") for v in values.get("shard.count", [])} or \
+            {whole(config.shard.count, "shard.count")}
+        require(len(counts) == 1, "shard.count", f"one value per sweep, got {sorted(counts)}")
+        count = counts.pop()
         if count < 2:
             return
-        missing = sorted(set(range(count)) - {int(i) for i in values["shard.index"]})
+        missing = sorted(set(range(count)) - {whole(i, "shard.index") for i in values["shard.index"]})
         if missing:
             print(f"diffsens: shards {missing} of {count} were not run: nothing assembled; run them, or the "
                   f"command without shard.index and shard.count", file=sys.stderr)

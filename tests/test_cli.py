@@ -156,6 +156,14 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
                           "digits_counterfactual, digits_crossclass, digits_influence, digits_psi_convergence, "
                           "digits_typography, fisher_ot_check, "),
     (["solver.step_size=-0.001"], "solver.step_size: must be > 0, got -0.001"),
+    (["solver.step_size=1e-30"], "solver.step_size: must be >= 1e-06 (at most 1,000,000 steps), got 1e-30"),
+    (["solver.num_steps=10000000"], "solver.num_steps: must be in 1 .. 1000000, got 10000000"),
+    (["seed=100000000000000000000000"], "seed: must be in 0 .. 4294967295, got 100000000000000000000000"),
+    (["seed=-1"], "seed: must be in 0 .. 4294967295, got -1"),
+    (["name=../x"], "name: must be a folder name of 1 to 100 characters without '/' (not '.' or '..'), got '../x'"),
+    (["name=" + "n" * 300], "name: must be a folder name of 1 to 100 characters without '/' (not '.' or '..'), "
+                            "got '" + "n" * 40 + "...'"),
+    (["name=.."], "name: must be a folder name of 1 to 100 characters"),
     (["experiment=gmm_first_order", "perturbation.mean=[1,2,3]"],
      "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),
     (["solver.method=sde", "solver.density=ccov"], "solver.density: CCoV log-densities hold along ODE paths only"),
@@ -166,6 +174,12 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
 ])
 def test_bad_input_is_one_clear_line(args, expected, cli_error):
     assert cli_error(["run", *args]).startswith(expected)
+
+
+def test_a_stage_cache_that_is_a_file_is_one_line(tmp_path, cli_error):
+    (tmp_path / "cache").write_text("x")
+    assert cli_error(["run", "experiment=toy2d", f"stages.dir={tmp_path / 'cache'}"]) == \
+        f"stages.dir: {tmp_path / 'cache'} exists and is not a folder"
 
 
 def test_bad_input_in_a_real_process_is_one_line_on_stderr_and_exit_2(tmp_path):

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from test_cli import diffsens
 
 from diffsens_cli.errors import DiffsensError
-from diffsens_cli.sharding import Shard, hydra_quoted
+from diffsens_cli.sharding import AssembleShards, Shard, hydra_quoted
 from diffsens_cli.stages import DONE, StageCache, atomic_write, lock_scope
 from diffsens_cli.threads import cpus_given, visible_cpus
 
@@ -62,6 +63,22 @@ def test_the_slurm_preset_reads_the_site_file_when_it_exists(tmp_path, monkeypat
     (tmp_path / "site" / "slurm.yaml").write_text(yaml.safe_dump({**site, "account": "lab", "timeout_min": 30}))
     filled = _launcher(monkeypatch, tmp_path, "hydra.launcher.mem_gb=8")
     assert (filled.partition, filled.account, filled.timeout_min, filled.mem_gb) == ("gpu", "lab", 30, 8)
+
+
+@pytest.mark.parametrize("content,problem", [
+    (b"partition: [gpu\n", "not valid YAML: "),
+    (b"\x89\xff\xfe\x00binary", "not a text file (the Slurm site settings are YAML)"),
+    (b"- gpu\n", "must be a mapping of Slurm launcher settings (partition: gpu, ...), got list"),
+    (b"partiton: gpu\n", "unknown key 'partiton'; the Slurm launcher takes: submitit_folder, timeout_min, "),
+])
+def test_a_bad_slurm_site_file_is_one_line_naming_the_file(tmp_path, monkeypatch, content, problem):
+    site = tmp_path / "conf" / "site" / "slurm.yaml"
+    site.parent.mkdir(parents=True)
+    site.write_bytes(content)
+    monkeypatch.setenv("DIFFSENS_CONFIG_DIR", str(tmp_path / "conf"))
+    r = diffsens("run", "-m", "experiment=toy2d", "size=tiny", "hydra/launcher=slurm", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(f"diffsens: error: {site}: {problem}"), r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "multirun").exists()
 
 
 def test_a_typo_in_one_value_of_a_slurm_sweep_submits_nothing(tmp_path):
@@ -346,6 +363,30 @@ def test_the_assembly_passes_any_run_folder_to_hydra_as_itself(path):
 
     (override,) = OverridesParser.create().parse_overrides([f"hydra.run.dir={hydra_quoted(path)}"])
     assert override.value() == path and not override.is_sweep_override()
+
+
+def test_shard_values_written_as_floats_assemble_like_whole_ones(tmp_path):
+    """``shard.count=2.0 shard.index=0.0,1.0`` is read as the checks read it (2.0 is 2):
+    both shards run and the sweep's end assembles them."""
+    r = diffsens("run", "-m", "experiment=influence_closed_form", "size=tiny", "solver.progress=false",
+                 "shard.count=2.0", "shard.index=0.0,1.0", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep" / "assembled" / "summary.json").read_text())["metrics"]["influence"]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["shard.count=2.5", "shard.index=0,1"], "shard.count: must be a whole number, got 2.5"),
+    (["shard.count=2,3", "shard.index=0,1"], "shard.count: one value per sweep, got [2, 3]"),
+])
+def test_an_assembly_that_fails_is_one_line_and_a_non_zero_exit(tmp_path, capsys, overrides, expected):
+    """Hydra only logs a callback's exception (the sweep would exit 0 having assembled
+    nothing): the assembly's own failures end the process with one line instead."""
+    config = OmegaConf.create({"hydra": {"overrides": {"task": overrides}, "sweep": {"dir": str(tmp_path)}},
+                               "shard": {"count": 1}})
+    with pytest.raises(SystemExit) as stopped:
+        AssembleShards().on_multirun_end(config)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"diffsens: error: assembling the shards: {expected}\n"
 
 
 def test_shards_out_of_range_or_of_an_experiment_that_does_not_split_are_refused(cli_error):

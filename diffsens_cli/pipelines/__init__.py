@@ -24,13 +24,17 @@ TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "count
 
 # The tasks whose per-sample stages split over jobs (shard.index, shard.count).
 SHARDED_TASKS = ("attribute_sensitivity", "counterfactual", "influence", "predict_change")
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it, with room for the seeds derived from it
+MAX_NAME = 100  # characters of a run's name, the folder it runs in
 
 
 def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
     """Check ``cfg`` for its task without doing the work, and, given the run directory,
     what is already there (``check_run_dir``); raises a DiffsensError."""
     task = one_of(cfg.task, TASK_NAMES, "task")
-    whole(cfg.seed, "seed")
+    seed = whole(cfg.seed, "seed")
+    require(0 <= seed <= MAX_SEED, "seed", f"must be in 0 .. {MAX_SEED}, got {seed}")
+    _check_name(cfg.name)
     require(not Shard.of(cfg).partial or task in SHARDED_TASKS, "shard.count",
             f"the task {task} of {cfg.name} does not split over jobs (these do: {', '.join(SHARDED_TASKS)})")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
@@ -43,6 +47,14 @@ def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
         Components(cfg)
     if run_dir is not None and hasattr(module, "check_run_dir"):
         module.check_run_dir(cfg, Path(run_dir))
+
+
+def _check_name(name: object) -> None:
+    """``name`` names the run's folder under outputs/: one plain folder name."""
+    text = str(name)
+    require(0 < len(text) <= MAX_NAME and "/" not in text and "\\" not in text and text not in (".", ".."),
+            "name", f"must be a folder name of 1 to {MAX_NAME} characters without '/' (not '.' or '..'), "
+            f"got {text[:40] + '...' if len(text) > 40 else text!r}")
 
 
 def run_task(cfg: DictConfig, out_dir: str) -> None:
@@ -65,4 +77,6 @@ def _stage_cache(cfg: DictConfig, names: tuple[str, ...]) -> StageCache:
     force = [force] if isinstance(force, str) else force
     for name in force:
         one_of(name, (*names, "all"), "stages.force")
+    root = Path(str(cfg.stages.dir)).expanduser()
+    require(not root.exists() or root.is_dir(), "stages.dir", f"{root} exists and is not a folder")
     return StageCache(str(cfg.stages.dir), force)
