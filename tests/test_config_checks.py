@@ -5,6 +5,7 @@ exit status 2, and no run directory. Also: CIFAR-10 batches re-saved by Python 3
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import pickle
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers import UNet2DModel
 from hydra import compose, initialize_config_module
+from safetensors.torch import save_file
 
 from diffsens_cli.data import load_images
 from diffsens_cli.data.synthetic import read_points
@@ -103,7 +106,7 @@ def test_data_folders_with_the_wrong_files_stop_before_the_run_directory(tmp_pat
     base = ["run", "experiment=digits_typography", "dataset=mnist", f"dataset.root={mnist}"]
     assert cli_error(base) == (
         f"dataset.root: {mnist / 'train-images-idx3-ubyte'} is not an IDX file of unsigned bytes "
-        "(magic 0x0000080N, N sizes, then the data)")
+        "(magic 0x0000080N, N sizes of at least 1, then exactly their product in bytes)")
     celeba = tmp_path / "celeba"
     celeba.mkdir()
     assert cli_error(["run", "experiment=celeba_oldman", f"dataset.root={celeba}"]).startswith(
@@ -114,8 +117,11 @@ def test_a_model_directory_of_the_wrong_shape_stops_before_the_run_directory(tmp
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "scheduler").mkdir()
-    (model / "unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "sample_size": 28, "in_channels": 1}')
-    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    config = {"_class_name": "UNet2DModel", "sample_size": 28, "in_channels": 1, "out_channels": 1,
+              "block_out_channels": [4, 8], "norm_num_groups": 4, "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    save_file(UNet2DModel.from_config(config).state_dict(), model / "unet" / "diffusion_pytorch_model.safetensors")
     (model / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
     args = ["run", "experiment=digits_typography", "model=pretrained", f"model.path={model}"]
     assert cli_error(args) == (

@@ -174,9 +174,43 @@ def test_mnist_resizes_and_explains_missing_or_bad_files(mnist_root, tmp_path):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")  # 5 promised, 1 given
     assert error(load_images, cfg("mnist", root=str(tmp_path))) == (
         f"dataset.root: {tmp_path / 'train-labels-idx1-ubyte'} is not an IDX file of unsigned bytes "
-        "(magic 0x0000080N, N sizes, then the data)")
+        "(magic 0x0000080N, N sizes of at least 1, then exactly their product in bytes)")
     assert error(load_images, cfg("mnist", root=str(tmp_path / "nope"))).startswith(
         f"dataset.root: {tmp_path / 'nope'} is not a folder; expected one holding train-images-idx3-ubyte")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("sizes", [(2, 0, 0), (-2, 3, 3), (2**31 - 1, 3, 3), (3, 3, 3)])
+def test_idx_headers_that_do_not_match_their_data_are_refused_before_anything_loads(tmp_path, gz, sizes):
+    """0x0 images, a negative count, a count of 2^31 - 1, or more images promised than
+    given (2 images of 3x3 written): refused by the check that runs before a run starts
+    (the header alone, against the file's size), in the same line as a full load."""
+    from diffsens_cli.data import check_images
+
+    images = np.zeros((2, 3, 3), np.uint8)
+    raw = bytes([0, 0, 8, 3]) + struct.pack(">3i", *sizes) + images.tobytes()
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(raw)
+    else:
+        path.write_bytes(raw)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(2, np.uint8), gz=False)
+    expected = (f"dataset.root: {path} is not an IDX file of unsigned bytes (magic 0x0000080N, N sizes of at least "
+                "1, then exactly their product in bytes)")
+    assert error(check_images, cfg("mnist", root=str(tmp_path))) == expected
+    assert error(load_images, cfg("mnist", root=str(tmp_path))) == expected
+
+
+def test_a_tmnist_csv_without_rows_or_with_labels_out_of_range_is_one_line_and_no_warning(tmp_path, recwarn):
+    header = "names,labels," + ",".join(map(str, range(1, 785)))
+    (tmp_path / "empty.csv").write_text(header + "\n")
+    (tmp_path / "labels.csv").write_text(header + "\nAbel,12," + ",".join(["0"] * 784) + "\n")
+    for file, rows in (("empty.csv", 0), ("labels.csv", 1)):
+        assert error(load_images, cfg("tmnist", root=str(tmp_path), file=file)) == (
+            f"dataset.file: {tmp_path / file} holds {rows} rows; expected at least one, with labels in 0..9 and "
+            "pixels in 0..255")
+    assert not [w for w in recwarn if "input contained no data" in str(w.message)]
 
 
 # --- TMNIST ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 from torch.func import jvp
 
@@ -277,6 +278,43 @@ def test_load_errors_name_the_path_and_the_layout(tmp_path):
     fails(f"{root} has no unet/config.json; {LAYOUT}")
     shutil.rmtree(root)
     fails(f"{root} is not a directory; {LAYOUT}")
+
+
+def test_bin_weights_load_without_diffusers_warning_of_unsafe_serialization(tmp_path, capfd):
+    """A model saved with .bin weights only (older diffusers): the same weights, and none
+    of the messages diffusers prints when it looks for safetensors first."""
+    model = tiny_unet_model()
+    save_pretrained(model, tmp_path / "m")
+    unet = tmp_path / "m" / "unet"
+    weights = load_file(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(weights, unet / "diffusion_pytorch_model.bin")
+    capfd.readouterr()
+    loaded = load_pretrained(tmp_path / "m", dtype=torch.float64)
+    out, err = capfd.readouterr()
+    assert "unsafe serialization" not in out + err and "An error occurred" not in out + err
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), loaded.net.state_dict().values()))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"block_out_channels": [16384, 16384]}, "does not match the weights beside it: conv_in.weight is [16384, 2, 3, "
+                                             "3] by the config and [8, 2, 3, 3] in the weights"),
+    ({"layers_per_block": -1}, "has layers_per_block -1; expected whole numbers >= 1"),
+    ({"layers_per_block": 2}, "does not match the weights beside it: "),
+    ({"norm_num_groups": 0}, "has norm_num_groups 0; expected whole numbers >= 1"),
+    ({"attention_head_dim": 0}, "has attention_head_dim 0; expected whole numbers >= 1"),
+    ({"norm_num_groups": 3}, "does not describe a network that builds: "),
+])
+def test_a_network_config_that_does_not_build_or_match_its_weights_is_one_line(tmp_path, change, message):
+    """Checked before any weight is loaded: the config builds on torch's meta device (no
+    memory, so [16384, 16384] channels ask for nothing) and its parameters' shapes are
+    compared with the safetensors header's."""
+    save_pretrained(tiny_unet_model(), tmp_path / "m")
+    config = tmp_path / "m/unet/config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(ConfigError) as e:
+        load_pretrained(tmp_path / "m")
+    assert str(e.value).startswith(f"model.path: {config} {message}")
 
 
 # -- schedules from scheduler configs -----------------------------------------------------

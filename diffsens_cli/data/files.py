@@ -11,7 +11,10 @@ before a run directory exists; they return the native (C, H, W) of the images.
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +48,22 @@ def _read_idx(spec: Spec, root: Path, name: str, header_only: bool = False) -> t
     ndim = raw[3] if len(raw) >= 4 else 0
     valid = len(raw) >= 4 + 4 * ndim and raw[:3] == b"\x00\x00\x08" and ndim >= 1
     shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", count=ndim, offset=4)) if valid else ()
-    require(valid and (header_only or len(raw) == 4 + 4 * ndim + int(np.prod(shape))), spec.name("root"),
-            f"{path} is not an IDX file of unsigned bytes (magic 0x0000080N, N sizes, then the data)")
+    size = 4 + 4 * ndim + math.prod(shape)  # what the header says the file holds (python ints: no overflow)
+    valid = valid and all(s >= 1 for s in shape) and size == (_idx_size(path) if header_only else len(raw))
+    require(valid, spec.name("root"), f"{path} is not an IDX file of unsigned bytes (magic 0x0000080N, N sizes "
+            f"of at least 1, then exactly their product in bytes)")
     data = np.empty(0, np.uint8) if header_only else np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
     return shape, data
+
+
+def _idx_size(path: Path) -> int:
+    """The bytes of an IDX file without reading it: its size, or a gzip's recorded
+    uncompressed size (its last 4 bytes, modulo 2^32: ample for MNIST's 47 MB)."""
+    if path.suffix != ".gz":
+        return path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
 
 
 def _mnist_files(spec: Spec, header_only: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +119,15 @@ def tmnist(spec: Spec) -> ImageSet:
     """TMNIST from its CSV: a header row, then font name, digit and 784 pixels (28x28, 0..255) per row."""
     path, _ = _tmnist_file(spec)
     try:
-        rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(1, 786), dtype=np.int64, quotechar='"',
-                          ndmin=2)
+        with warnings.catch_warnings():  # numpy warns of an empty file; the check below says it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=range(1, 786), dtype=np.int64, quotechar='"',
+                              ndmin=2)
     except ValueError as e:
         raise spec.error("file", f"{path} is malformed: {e}") from None
-    require(len(rows) > 0 and rows[:, 1:].min() >= 0 and rows[:, 1:].max() <= 255, spec.name("file"),
-            f"{path} holds {len(rows)} rows; expected at least one, with pixels in 0..255")
+    require(len(rows) > 0 and rows[:, 1:].min() >= 0 and rows[:, 1:].max() <= 255 and rows[:, 0].min() >= 0
+            and rows[:, 0].max() <= 9, spec.name("file"),
+            f"{path} holds {len(rows)} rows; expected at least one, with labels in 0..9 and pixels in 0..255")
     images = torch.from_numpy(rows[:, 1:].astype(np.uint8).reshape(-1, 1, 28, 28))
     return ImageSet(images, torch.from_numpy(rows[:, 0].copy()), None, "tmnist")
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +68,76 @@ def check_pretrained(path: str | os.PathLike) -> tuple[Path, dict, VPDiscrete, s
     require(name != "FourierMLP" or steps == schedule.num_train_timesteps, "model.path",
             f"{root / 'unet/config.json'} has num_train_timesteps {steps}, "
             f"but the scheduler has {schedule.num_train_timesteps}")
+    _check_network_shapes(root / "unet", NETWORKS[name], net_config)
     return root, net_config, schedule, prediction
+
+
+POSITIVE_SETTINGS = ("layers_per_block", "attention_head_dim", "norm_num_groups", "block_out_channels")
+
+
+def _check_network_shapes(folder: Path, network: type, config: dict) -> None:
+    """The network ``config`` describes, built without memory (torch's meta device), must
+    build with positive sizes, and every parameter it needs must be in the safetensors
+    weights beside it with the same shape (read from their headers, nothing loaded; old
+    attention key names renamed as diffusers does on load; extra keys are diffusers' to
+    warn of): a config that does not match its weights is refused before it can ask for
+    gigabytes."""
+    where = folder / "config.json"
+    for key in POSITIVE_SETTINGS:
+        value = config.get(key)
+        values = value if isinstance(value, list) else [value]
+        require(value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values),
+                "model.path", f"{where} has {key} {value!r}; expected whole numbers >= 1")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = network.from_config(config)
+            shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    except Exception as e:  # noqa: BLE001 -- any way a bad config fails to build is one line
+        raise ConfigError("model.path", f"{where} does not describe a network that builds: "
+                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    stored = _safetensors_shapes(folder)
+    if stored is None:  # .bin weights: their shapes are known only once loaded (diffusers compares them then)
+        return
+    rename = getattr(net, "_fix_state_dict_keys_on_load", None)
+    if rename is not None:
+        renamed = rename(stored)
+        stored = renamed if isinstance(renamed, dict) else stored
+    wrong = [k for k in shapes if k in stored and shapes[k] != stored[k]] or [k for k in shapes if k not in stored]
+    if wrong:
+        key = wrong[0]
+        raise ConfigError("model.path", f"{where} does not match the weights beside it: {key} is "
+                                        f"{_shape_text(shapes[key])} by the config and "
+                                        f"{_shape_text(stored.get(key))} in the weights")
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else str(list(shape))
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor's shape in ``folder``'s safetensors weights (one file or an index of
+    shards), from the files' headers; None where the weights are not safetensors."""
+    from safetensors import safe_open
+
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+        files = [folder / SAFETENSORS_WEIGHTS_NAME]
+    elif index.is_file():
+        try:
+            files = sorted({folder / str(f) for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError("model.path", f"{index} is not a weight index ({e})") from None
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            raise ConfigError("model.path", f"{file} is not a readable safetensors file ({e})") from None
+    return shapes
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -77,7 +147,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     root, net_config, schedule, prediction = check_pretrained(path)
     name = net_config["_class_name"]
     try:
-        net = NETWORKS[name].from_pretrained(root / "unet", torch_dtype=dtype, local_files_only=True)
+        # .bin weights alone: said so, or diffusers first looks for safetensors and logs an
+        # error and "Defaulting to unsafe serialization" (it reads .bin with weights_only=True)
+        safetensors = any((root / "unet" / w).is_file() for w in (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+        net = NETWORKS[name].from_pretrained(root / "unet", torch_dtype=dtype, local_files_only=True,
+                                             use_safetensors=safetensors)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise ConfigError("model.path", f"{root / 'unet'}: cannot load the {name}: {str(e).splitlines()[0]}") from None
     if not isinstance(net, FourierMLP):
