@@ -89,6 +89,9 @@ def test_a_pickle_in_place_of_any_checkpoint_file_never_runs(run, tmp_path, caps
     assert not marker.exists()
     assert trainer.step == 3 and [p.name for p in trainer.checkpoints()] == ["step-00000003"]
     assert len(err) == 1 and err[0].startswith(f"diffsens: warning: checkpoint {newest} fails its check: "), err
+    assert "Re-running" not in err[0]  # torch's advice to load with weights_only=False is not passed on
+    if name.endswith(".pt") and form == "torch.save":
+        assert "torch.load(weights_only=True) refused it, nothing of it was run: " in err[0] and "posix" in err[0]
     aside = [p.name for p in (run / "checkpoints").glob("corrupt-step-00000006-*")]
     assert len(aside) == 1 and sorted(p.name for p in (run / "checkpoints" / aside[0]).iterdir()) == sorted(FILES)
 
@@ -186,3 +189,14 @@ def test_a_sound_checkpoint_that_does_not_fit_stops_in_one_line_and_stays(run, t
     assert str(e.value).startswith(f"checkpoint {newest} passed its checks but cannot be resumed here (RuntimeError: ")
     assert [p.name for p in trainer.checkpoints()] == ["step-00000003", "step-00000006"]
     assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(initial, trainer.net.parameters()))
+
+
+def test_a_training_that_diverges_ends_in_one_line_and_saves_no_model(tmp_path):
+    """``train.lr=1e30``: the run stops with one ``diffsens: error:`` line naming the step
+    and the setting, exit status 2, and no model (or samples) of non-finite weights."""
+    out = tmp_path / "run"
+    r = _cli(f"hydra.run.dir={out}", "train.lr=1e30", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("diffsens: error: training: the ") and "lower train.lr (now 1e+30)" in lines[0]
+    assert not (out / "model").exists() and not (out / "summary.json").exists()

@@ -197,3 +197,26 @@ def test_horizontal_flips_mirror_about_half_of_a_batch(tmp_path):
     flipped = (batch == image.flip(-1)).flatten(1).all(1)
     assert (flipped | (batch == image).flatten(1).all(1)).all()
     assert abs(flipped.double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / 4000)
+
+
+def test_a_non_finite_loss_stops_the_training_at_its_step_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """Weights poisoned after step 3's checkpoint: step 4's loss is NaN, the training stops
+    in one line naming step 4, and no checkpoint of the poisoned weights is written."""
+    trainer = _trainer(tmp_path)
+    trainer.train(until=3)
+    with torch.no_grad():
+        next(trainer.net.parameters()).fill_(math.nan)
+    with pytest.raises(DiffsensError, match=r"^training: the loss became nan at step 4; stopped there, nothing "
+                                            r"saved after it \(the last checkpoint, step-00000003, is kept\)"):
+        trainer.train()
+    assert [p.name for p in trainer.checkpoints()] == ["step-00000003"] and len(trainer.losses) == 3
+
+
+def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path)
+    with torch.no_grad():
+        next(trainer.net.parameters()).fill_(math.inf)
+    with pytest.raises(DiffsensError, match=r"^training: the weights are not finite at step 0; stopped, nothing "
+                                            r"saved after step 0"):
+        trainer.save_checkpoint()
+    assert trainer.checkpoints() == []

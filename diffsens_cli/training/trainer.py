@@ -135,8 +135,13 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _one_line(error: BaseException) -> str:
-    """An exception's first line, cut to 200 characters (some loaders explain at length)."""
-    lines = str(error).strip().splitlines()
+    """An exception's first line, cut to 200 characters (some loaders explain at length).
+    torch.load's refusal of a pickle says what it refused, not its first line, which
+    suggests re-running with weights_only=False (diffsens never does)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        refused = next((line for line in lines[1:] if not line.startswith("Check the documentation")), "")
+        return f"torch.load(weights_only=True) refused it, nothing of it was run: {refused[:200]}"
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
@@ -261,10 +266,28 @@ class Trainer:
         bar.close()
 
     def _flush(self, pending: list[torch.Tensor]) -> None:
-        """Move the losses of the steps in ``pending`` to ``losses`` (one device sync) and empty it."""
+        """Move the losses of the steps in ``pending`` to ``losses`` (one device sync) and
+        empty it; a non-finite loss stops the training (a DiffsensError naming its step)
+        before any checkpoint of weights it has touched is written."""
         if pending:
-            self.losses += torch.stack(pending).float().cpu().tolist()
+            first = self.step - len(pending) + 1
+            losses = torch.stack(pending).float().cpu().tolist()
             pending.clear()
+            bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+            if self.accelerator.num_processes > 1:  # every process stops, or the others wait in the next step
+                flag = torch.tensor([float(bad is not None)], device=self.accelerator.device)
+                anywhere = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            else:
+                anywhere = bad is not None
+            if anywhere:
+                kept = self.checkpoints()
+                what = f"the loss became {losses[bad]} at step {first + bad}" if bad is not None else \
+                    f"another process's loss became non-finite by step {self.step}"
+                raise DiffsensError(
+                    f"training: {what}; stopped there, nothing saved after it "
+                    f"({f'the last checkpoint, {kept[-1].name}, is kept' if kept else 'no checkpoint yet'})"
+                    f": lower train.lr (now {self.cfg.lr:g}) or check the data")
+            self.losses += losses
 
     def recent_loss(self, window: int) -> float:
         """Mean loss over the last ``window`` steps."""
@@ -312,6 +335,11 @@ class Trainer:
         final = self.checkpoint_dir / f"step-{self.step:08d}"
         if final.exists():
             return final
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):  # a finite loss, then a bad step
+            kept = self.checkpoints()
+            raise DiffsensError(
+                f"training: the weights are not finite at step {self.step}; stopped, nothing saved after "
+                f"{kept[-1].name if kept else 'step 0'}: lower train.lr (now {self.cfg.lr:g}) or check the data")
         tmp = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
