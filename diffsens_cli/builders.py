@@ -114,6 +114,19 @@ def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def fits_dtype(measure: GaussianMixture, dtype: torch.dtype, key: str) -> None:
+    """A ConfigError naming ``key`` when the means of ``measure``, their squared norms or
+    its stds are not finite in ``dtype`` (e.g. a mean of 1e300: its square overflows even
+    float64), where every density and score of it would be NaN or infinite."""
+    name, most = str(dtype).removeprefix("torch."), torch.finfo(dtype).max
+    for what, values, scale in (("means", measure.means, measure.means), ("stds", measure.stds, measure.stds),
+                                ("means' squared norms", measure.sq_norms, measure.means)):
+        big = scale.abs().max().item() if scale.numel() else 0.0
+        require(bool(torch.isfinite(values.to(dtype)).all()), key,
+                f"its {what} overflow solver.dtype={name} (largest {most:.3g}): its values reach {big:.3g}; "
+                "use a scale near the data's")
+
+
 class Components:
     """Everything a pipeline builds from the config, checked: target rho, nu, the score
     model, the schedule, solver settings, device and dtype."""
@@ -123,6 +136,9 @@ class Components:
         self.schedule = build_schedule(cfg.schedule)
         self.target = build_dataset(cfg.dataset)
         self.perturbation = build_perturbation(cfg.perturbation, self.target, whole(cfg.seed, "seed"))
+        fits_dtype(self.target, self.dtype, "dataset")
+        for measure in self.perturbation.measures:
+            fits_dtype(measure, self.dtype, "perturbation")
         self.model = build_model(cfg.model, self.target, self.schedule)
         self.solver = solver_settings(cfg.solver, self.model)
 

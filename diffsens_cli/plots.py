@@ -20,7 +20,13 @@ def remainder_panels(etas, curves) -> plt.Figure:
             if p != panel:
                 continue
             style = "--" if label == "exact density" else ":" if "rademacher" in label else "-"
-            ax.loglog(etas, arrays["remainder_over_eta"], style, marker="o", ms=3, label=label)
+            r = np.asarray(arrays["remainder_over_eta"], dtype=float)
+            ax.plot(etas, np.where(r > 0, r, np.nan), style, marker="o", ms=3, label=label)  # log axes: > 0 only
+        ax.set_xscale("log")
+        if ax.has_data() and any(np.nanmax(line.get_ydata(), initial=0) > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no positive remainder", transform=ax.transAxes, ha="center")
         ax.set_title(PANEL_TITLES.get(panel, panel))
         ax.set_xlabel(r"$\bar\eta$")
         ax.grid(True, which="both", alpha=0.3)
@@ -42,13 +48,22 @@ def score_sensitivity_field(grid, fields, times, support, nu_mean) -> plt.Figure
         ax.scatter(support[:, 0], support[:, 1], s=2, c="0.3", label=r"supp $\rho$")
         q = ax.quiver(grid[:, 0], grid[:, 1], direction[:, 0], direction[:, 1], log_norm,
                       cmap="viridis", angles="xy", scale=30, width=0.004)
-        ax.plot(*nu_mean, marker="*", ms=14, c="crimson", ls="", label=r"$\nu$ mean")
+        if _near(nu_mean, grid):
+            ax.plot(*nu_mean, marker="*", ms=14, c="crimson", ls="", label=r"$\nu$ mean")
         ax.set_title(f"$g_t$ at t = {t:g}" + ("" if nonzero.any() else " (zero)"))
         ax.set_aspect("equal")
         fig.colorbar(q, ax=ax, fraction=0.046, label=r"$\log_{10} |g_t|$")
     axes[0][0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _near(point: np.ndarray, points: np.ndarray, spans: float = 3.0) -> bool:
+    """Whether ``point`` lies within ``spans`` times the extent of ``points`` from their box
+    (a perturbation's mean far off the data would squash the plot to nothing)."""
+    lo, hi = points.min(0), points.max(0)
+    reach = spans * np.maximum(hi - lo, 1e-12)
+    return bool(np.all(np.isfinite(point)) and np.all((point >= lo - reach) & (point <= hi + reach)))
 
 
 def sample_paths(path, psi, perturbed, eta, support, nu_mean) -> plt.Figure:
@@ -64,10 +79,13 @@ def sample_paths(path, psi, perturbed, eta, support, nu_mean) -> plt.Figure:
               color="tab:orange", width=0.004, label=rf"$\bar\eta\,\psi$ ($\bar\eta$={eta:g})", zorder=4)
     ax.scatter(perturbed[:, 0], perturbed[:, 1], s=8, marker="x", c="crimson",
                label=r"perturbed $\Phi^{\bar\eta}(z_0)$", zorder=5)
-    ax.plot(*nu_mean, marker="*", ms=14, c="crimson", ls="")
+    shown = support
+    if _near(nu_mean, support):
+        ax.plot(*nu_mean, marker="*", ms=14, c="crimson", ls="")
+        shown = np.vstack([support, nu_mean[None]])
     pad = 0.4
     ax.set_xlim(support[:, 0].min() - pad, support[:, 0].max() + pad)
-    ax.set_ylim(min(support[:, 1].min(), nu_mean[1]) - pad, max(support[:, 1].max(), nu_mean[1]) + pad)
+    ax.set_ylim(shown[:, 1].min() - pad, shown[:, 1].max() + pad)
     ax.set_aspect("equal")
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title("Sample paths and sample sensitivities")

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 import diffsens_cli
 from diffsens_cli import threads
 from diffsens_cli.errors import warn
-from diffsens_cli.stages import ArrayDict, StageCache, atomic_write
+from diffsens_cli.stages import ArrayDict, StageCache, atomic_write, nonfinite
 
 
 class RunDir:
@@ -38,6 +38,7 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cache = cache or StageCache(self.path / "stages")
+        self.cache.warn = self.warn  # a stage's non-finite values are the run's warnings too
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
@@ -48,6 +49,11 @@ class RunDir:
         atomic_write(self.path / "config.yaml", lambda f: f.write(text), "w")
 
     def save_arrays(self, name: str, arrays: ArrayDict) -> Path:
+        """``name.npz``; an array none of whose values is finite is told (some NaN are
+        expected: a correlation of constant values, an unfilled cell of a table)."""
+        for key, share, size in nonfinite(arrays):
+            if share == 1:
+                self.warn(f"{name}.npz: every one of the {size} values of {key} is NaN or infinite")
         path = self.path / f"{name}.npz"
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return path
@@ -86,11 +92,18 @@ class RunDir:
         n, under, bad = weights.get("evaluated", 0), weights.get("underflow", 0), weights.get("nonfinite", 0)
         if under and under == n:
             why = f"all {n} weights nu/rho underflowed in {dtype}"
+        elif bad and bad == n:
+            why = f"all {n} log weights log(nu/rho) were NaN or infinite in {dtype} (a log-density overflowed)"
         elif under or bad:
-            why = f"{under} of {n} weights nu/rho underflowed in {dtype} and {bad} were non-finite"
+            why = f"{under} of {n} weights nu/rho underflowed in {dtype} and {bad} were NaN or infinite"
         else:
             why = f"no weight nu/rho underflowed: nu's score equals rho's where nu/rho > 0 ({n} weights)"
-        advice = "; use solver.dtype=float64 or a perturbation nearer the data" if under else ""
+        if not (under or bad):
+            advice = ""
+        elif dtype == np.float64:  # already the widest dtype: nu is too far from the samples
+            advice = "; nu is beyond float64's range from the samples: check the perturbation's scale"
+        else:
+            advice = "; use solver.dtype=float64 or a perturbation nearer the data"
         self.warn(f"psi is identically zero: {why}{advice}")
 
     def write_summary(self, metrics: dict[str, Any], reasons: dict[str, str] | None = None, **extra: Any) -> Path:

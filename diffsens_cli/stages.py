@@ -84,6 +84,25 @@ def _umask() -> int:
     return mask
 
 
+def nonfinite(arrays: ArrayDict) -> list[tuple[str, float, int]]:
+    """(name, share of non-finite values, size) of each non-empty floating-point array in
+    ``arrays`` that holds a NaN or an infinity."""
+    out = []
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
+            out.append((key, float(np.mean(~np.isfinite(value))), int(value.size)))
+    return out
+
+
+def _refuse_dead(name: str, arrays: ArrayDict, then: str) -> None:
+    """One line naming stage ``name``'s arrays none of whose values is finite, if any."""
+    dead = [f"{key} ({size} values)" for key, share, size in nonfinite(arrays) if share == 1]
+    if dead:
+        raise DiffsensError(f"stage {name}: every value of {', '.join(dead)} is NaN or infinite; {then} "
+                            "(see the run's weights counts and the settings' scales)")
+
+
 def stage_key(depends: Any) -> str:
     """A short, stable hash of ``depends`` (JSON with sorted keys)."""
     return hashlib.sha256(json.dumps(depends, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -194,9 +213,10 @@ class StageCache:
     """Finished stages under ``root``; stage names in ``force`` (or ``"all"``) are
     recomputed once in this process, whatever was there."""
 
-    def __init__(self, root: str | os.PathLike, force: Iterable[str] = ()):
+    def __init__(self, root: str | os.PathLike, force: Iterable[str] = (), warn: Callable[[str], None] = warn):
         self.root = Path(root)
         self.force = set(force)
+        self.warn = warn  # how non-finite values in a stage are told (a run keeps them in its summary)
         self.forced: set[Path] = set()
         self.log: list[dict[str, Any]] = []  # what this process did, stage by stage
         self._scope_checked = False
@@ -248,19 +268,28 @@ class StageCache:
             return path
 
     def arrays(self, name: str, depends: Any, compute: Callable[[], ArrayDict]) -> ArrayDict:
-        """A stage whose result is a dict of arrays (``arrays.npz``, read without pickles)."""
+        """A stage whose result is a dict of arrays (``arrays.npz``, read without pickles).
+
+        A result with an array of numbers none of which is finite is refused before it is
+        kept (one line naming the stage and the array); one with some non-finite values
+        is kept and told, with their share, each time it is used."""
 
         def work(path: Path) -> None:
             arrays = compute()
+            _refuse_dead(name, arrays, "nothing was kept")
             atomic_write(path / "arrays.npz", lambda f: np.savez_compressed(f, **arrays))
 
         path = self.run(name, depends, work)
         try:
             with np.load(path / "arrays.npz", allow_pickle=False) as f:
-                return dict(f)
+                arrays = dict(f)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # checked, yet unreadable
             raise DiffsensError(f"stage {name}/{path.name}: {path / 'arrays.npz'} is unreadable ({e}); "
                                 f"recompute it with stages.force=[{name}]") from None
+        _refuse_dead(name, arrays, f"an older diffsens kept it: recompute it with stages.force=[{name}]")
+        for key, share, size in nonfinite(arrays):
+            self.warn(f"stage {name}: {share:.1%} of the {size} values of {key} are NaN or infinite")
+        return arrays
 
     # -- checks ------------------------------------------------------------------------
     @staticmethod

@@ -60,6 +60,13 @@ def test_typed_accessors():
     (["experiment=gmm_first_order", "first_order.hutchinson_probes=[gauss]"],
      "first_order.hutchinson_probes[0]: 'gauss' is not one of gaussian, rademacher"),
     (["experiment=gmm_first_order", "first_order.etas=[0.1,x]"], "first_order.etas[1]: must be a number, got 'x'"),
+    (["experiment=gmm_first_order", "perturbation.mean=1e300"],  # its square overflows float64: all NaN psi
+     "perturbation: its means' squared norms overflow solver.dtype=float64 (largest 1.8e+308): its values reach "
+     "1e+300"),
+    (["experiment=gmm_first_order", "perturbation.mean=1e39", "solver.dtype=float32"],
+     "perturbation: its means overflow solver.dtype=float32 (largest 3.4e+38): its values reach 1e+39"),
+    (["experiment=gmm_first_order", "dataset.means=[-1e200,1e200]"],
+     "dataset: its means' squared norms overflow solver.dtype=float64"),
     (["experiment=gmm_first_order", "first_order.num_samples=1.5"],
      "first_order.num_samples: must be a whole number, got 1.5"),
     (["experiment=gmm_score_error", "train.lr=abc"], "train.lr: must be a number, got 'abc'"),

@@ -73,12 +73,13 @@ def test_weight_clamp_and_nonfinite_are_counted():
                                "overflow": 0}
 
 
-@pytest.mark.parametrize("dtype,underflow,overflow", [(torch.float32, 3, 1), (torch.float64, 1, 0)])
+@pytest.mark.parametrize("dtype,underflow,overflow", [(torch.float32, 4, 1), (torch.float64, 2, 0)])
 def test_weights_that_underflow_or_overflow_the_working_dtype_are_counted(dtype, underflow, overflow):
     """exp of a finite log weight is 0 below the smallest subnormal (float32: 2^-149 = e^-103.3,
     float64: 2^-1074 = e^-744.4) and inf above the largest value (e^88.7, e^709.8): of the log
     weights -50, -120, -200, 100, -1000, float32 loses -120, -200, -1000 to 0 and 100 to inf;
-    float64 only -1000.  log nu = -inf is an exact zero weight, neither."""
+    float64 only -1000.  log nu = -inf underflows in both: nu_t, a Gaussian smoothing, is
+    positive everywhere, so its log is -inf only when it overflowed."""
     log_nu = torch.tensor([-50.0, -120.0, -200.0, 100.0, -1000.0, -math.inf], dtype=dtype)
     stats = WeightStats()
     g = score_sensitivity(log_nu, torch.ones(6, 2, dtype=dtype), torch.zeros(6, dtype=dtype),
@@ -87,6 +88,19 @@ def test_weights_that_underflow_or_overflow_the_working_dtype_are_counted(dtype,
                                "underflow": underflow, "overflow": overflow}
     assert g[0, 0].item() == pytest.approx(math.exp(-50.0), rel=1e-6)
     assert (g[4:] == 0).all() and ((g[1:3] == 0).all() == (dtype == torch.float32))
+
+
+def test_a_zero_weight_times_a_score_that_overflowed_is_zero_not_nan():
+    """nu's score inf or NaN where its weight is 0 (its log-density overflowed to -inf, as for a
+    mean far beyond the data's scale): g_t is 0 there, not 0 * inf = NaN, and the weight counts
+    as an underflow; where the weight is positive an infinite score stays infinite."""
+    stats = WeightStats()
+    log_nu = torch.tensor([-math.inf, -math.inf, 0.0])
+    s_nu = torch.tensor([[math.inf, 1.0], [math.nan, 1.0], [math.inf, 1.0]])
+    g = score_sensitivity(log_nu, s_nu, torch.zeros(3), torch.zeros(3, 2), stats=stats)
+    assert (g[:2] == 0).all() and g[2, 0] == math.inf and g[2, 1] == 1.0
+    assert stats.as_dict() == {"evaluated": 3, "clamped_low": 0, "clamped_high": 0, "nonfinite": 0,
+                               "underflow": 2, "overflow": 0}
 
 
 def test_underflow_counts_survive_chunking_and_say_why_psi_is_zero():

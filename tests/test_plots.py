@@ -205,3 +205,39 @@ def test_crossclass_heatmap_writes_cell_values_and_masks_nan():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("training class", "model-sample class")
     assert fig.axes[1].get_ylabel() == "mean influence score"  # the colour bar
+
+
+def test_a_perturbation_mean_far_off_the_data_leaves_the_toy_plots_drawable():
+    """nu's mean at 1e30 (psi all zero): the plots keep the data's frame and leave the star
+    out rather than stretching the axes to 1e30 (a singular transform, a traceback)."""
+    rng = np.random.default_rng(0)
+    support = np.stack([np.linspace(-1.5, 1.5, 30), np.sin(np.linspace(-3, 3, 30))], 1)
+    path = rng.normal(size=(5, 4, 2))
+    far = np.array([1e30, 1e30])
+    fig = plots.sample_paths(path, np.zeros((4, 2)), path[-1], 0.1, support, far)
+    fig.canvas.draw()
+    assert fig.axes[0].get_ylim()[1] < 2
+    grid = np.stack(np.meshgrid(np.linspace(-2, 2, 5), np.linspace(-2, 2, 5)), -1).reshape(-1, 2)
+    fig = plots.score_sensitivity_field(grid, np.zeros((1, 25, 2)), [0.5], support, far)
+    fig.canvas.draw()
+    assert fig.axes[0].get_xlim()[1] < 3
+    near = plots.sample_paths(path, np.zeros((4, 2)), path[-1], 0.1, support, np.array([0.0, -3.0]))
+    assert near.axes[0].get_ylim()[0] == pytest.approx(-3.4)  # a mean near the data is drawn and framed
+
+
+def test_remainder_panels_of_zero_remainders_say_so_without_a_log_warning():
+    import warnings
+
+    curves = [("ode", "step 0.05", {"remainder_over_eta": np.zeros(3)}),
+              ("sde", "step 0.05", {"remainder_over_eta": np.array([1e-3, 0.0, 1e-5])})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.remainder_panels([0.1, 0.01, 0.001], curves)
+        fig.canvas.draw()
+    assert fig.axes[0].texts[0].get_text() == "no positive remainder" and not fig.axes[1].texts
+    assert fig.axes[1].get_yscale() == "log" and fig.axes[1].get_xscale() == "log"  # y shared by the panels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.remainder_panels([0.1, 0.01, 0.001], curves[:1])
+        fig.canvas.draw()
+    assert fig.axes[0].get_yscale() == "linear"

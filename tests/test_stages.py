@@ -23,7 +23,8 @@ from test_cli import TINY, diffsens
 
 from diffsens_cli.errors import DiffsensError
 from diffsens_cli.pipelines.image_stages import ImageStages
-from diffsens_cli.stages import StageCache, verify
+from diffsens_cli.rundir import RunDir
+from diffsens_cli.stages import StageCache, checksums, verify
 
 ONES = {"x": np.ones(3)}
 
@@ -71,6 +72,48 @@ def test_forced_stages_are_recomputed_once_per_process(tmp_path):
     assert len(calls) == 2
     StageCache(tmp_path, force=["all"]).arrays("s", 1, compute)
     assert len(calls) == 3
+
+
+def test_a_stage_whose_result_is_all_nan_is_refused_and_not_kept(tmp_path):
+    """psi all NaN (a perturbation beyond the dtype's range) must not become a finished stage
+    that every later run reuses: one line naming the stage and the array, no done.json."""
+    cache = StageCache(tmp_path)
+    dead = lambda: {"psi": np.full((4, 2), np.nan), "remainder": np.array([np.inf, -np.inf]), "n": np.arange(3)}
+    with pytest.raises(DiffsensError, match=r"^stage psi: every value of psi \(8 values\), remainder \(2 values\) "
+                                            r"is NaN or infinite; nothing was kept"):
+        cache.arrays("psi", {"a": 1}, dead)
+    assert not cache.is_done("psi", {"a": 1})
+    assert StageCache(tmp_path).arrays("psi", {"a": 1}, lambda: ONES)["x"].tolist() == [1, 1, 1]
+
+
+def test_some_nan_in_a_stage_is_kept_and_told_with_its_share_each_time_it_is_used(tmp_path, capsys):
+    run = RunDir(tmp_path / "run", StageCache(tmp_path / "stages"))
+    some = {"psi": np.array([1.0, np.nan, 2.0, 3.0]), "label": np.array(["a", "b"]), "empty": np.zeros(0)}
+    line = "stage psi: 25.0% of the 4 values of psi are NaN or infinite"
+    for _ in range(2):  # computed, then reused
+        arrays = run.stage("psi", lambda: some, depends={"a": 1})
+        assert np.isnan(arrays["psi"][1]) and capsys.readouterr().err == f"diffsens: warning: {line}\n"
+    assert run.warnings == [line, line]
+
+
+def test_a_kept_stage_that_is_all_nan_stops_in_one_line(tmp_path):
+    """A stage an older diffsens kept with every value NaN is not used as a result."""
+    cache = StageCache(tmp_path)
+    cache.arrays("psi", {"a": 1}, lambda: ONES)
+    path = cache.path("psi", {"a": 1})
+    np.savez(path / "arrays.npz", psi=np.full(3, np.nan))
+    (path / "done.json").write_text(json.dumps({"files": checksums(path)}))
+    with pytest.raises(DiffsensError, match=r"stage psi: every value of psi \(3 values\) is NaN or infinite; an "
+                                            r"older diffsens kept it: recompute it with stages.force=\[psi\]"):
+        StageCache(tmp_path).arrays("psi", {"a": 1}, lambda: ONES)
+
+
+def test_a_saved_array_that_is_all_nan_is_a_warning_of_the_run(tmp_path, capsys):
+    """Arrays a run saves may hold some NaN (an undefined correlation); none finite is told."""
+    run = RunDir(tmp_path / "run", StageCache(tmp_path / "stages"))
+    run.save_arrays("arrays", {"corr": np.array([0.5, np.nan]), "psi": np.full(2, np.nan)})
+    line = "arrays.npz: every one of the 2 values of psi is NaN or infinite"
+    assert capsys.readouterr().err == f"diffsens: warning: {line}\n" and run.warnings == [line]
 
 
 def test_concurrent_users_of_one_stage_take_turns(tmp_path):

@@ -68,10 +68,13 @@ def test_dotted_paths_quote_keys_with_dots():
      "use solver.dtype=float64 or a perturbation nearer the data\n"),
     ({"evaluated": 160, "nonfinite": 10, "underflow": 150},
      "diffsens: warning: psi is identically zero: 150 of 160 weights nu/rho underflowed in float32 and 10 were "
-     "non-finite; use solver.dtype=float64 or a perturbation nearer the data\n"),
+     "NaN or infinite; use solver.dtype=float64 or a perturbation nearer the data\n"),
     ({"evaluated": 160, "nonfinite": 0, "underflow": 0},
      "diffsens: warning: psi is identically zero: no weight nu/rho underflowed: nu's score equals rho's where "
      "nu/rho > 0 (160 weights)\n"),
+    ({"evaluated": 160, "nonfinite": 160, "underflow": 0},
+     "diffsens: warning: psi is identically zero: all 160 log weights log(nu/rho) were NaN or infinite in float32 "
+     "(a log-density overflowed); use solver.dtype=float64 or a perturbation nearer the data\n"),
 ])
 def test_zero_psi_warns_in_one_line_with_the_cause(tmp_path, capsys, weights, line):
     run = RunDir(tmp_path / "run", StageCache(tmp_path / "stages"))
@@ -81,6 +84,16 @@ def test_zero_psi_warns_in_one_line_with_the_cause(tmp_path, capsys, weights, li
     assert capsys.readouterr().err == line
     summary = strict_loads(run.write_summary({}).read_text())
     assert summary["warnings"] == [line.removeprefix("diffsens: warning: ").rstrip("\n")]
+
+
+def test_zero_psi_in_float64_does_not_advise_float64(tmp_path, capsys):
+    """A run already in float64 whose weights all underflow is told the true cause, not to
+    switch to the dtype it uses."""
+    run = RunDir(tmp_path / "run", StageCache(tmp_path / "stages"))
+    run.warn_if_zero_psi(np.zeros((4, 2)), {"evaluated": 160, "nonfinite": 0, "underflow": 160})
+    assert capsys.readouterr().err == (
+        "diffsens: warning: psi is identically zero: all 160 weights nu/rho underflowed in float64; nu is beyond "
+        "float64's range from the samples: check the perturbation's scale\n")
 
 
 def test_roundoff_stall_is_where_the_remainder_is_flat_at_epsilon():

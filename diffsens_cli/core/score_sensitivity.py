@@ -3,8 +3,9 @@
 The weight ``nu_t / rho_t`` under- or overflows in image dimensions, so it is formed as
 ``exp(log nu - log rho)`` with an optional clamp; clamped and non-finite weights are
 counted (never silently passed on) and reported in the run's summary, and so are the
-weights whose finite log does not fit the working dtype: ``underflow`` (exp gives 0,
-e.g. a log weight of -200 in float32, whose smallest subnormal is about e^-103.3) and
+weights that do not fit the working dtype: ``underflow`` (exp gives 0, e.g. a log
+weight of -200 in float32, whose smallest subnormal is about e^-103.3, or a log of nu_t
+that overflowed to -inf) and
 ``overflow`` (exp gives inf).
 """
 
@@ -40,9 +41,10 @@ class WeightStats:
 
 
 def log_weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, float] | None,
-               stats: WeightStats | None = None) -> torch.Tensor:
-    """``log(nu_t / rho_t)``, clamped to ``log clamp`` if given; non-finite values become
-    ``-inf`` (zero forcing) and are counted."""
+               stats: WeightStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log(nu_t / rho_t)``, clamped to ``log clamp`` if given, and where it was no number:
+    non-finite values (NaN, ``+inf``: rho_t's density underflowed) become ``-inf`` (zero
+    forcing) and are counted."""
     lw = log_nu - log_rho
     bad = torch.isnan(lw) | (lw == math.inf)
     if stats is not None:
@@ -55,22 +57,25 @@ def log_weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, 
             stats.add("clamped_low", (lw < lo) & ~bad)
             stats.add("clamped_high", lw > hi)
         lw = torch.where(bad, lw, lw.clamp(lo, hi))
-    return lw
+    return lw, bad
 
 
 def score_sensitivity(log_nu: torch.Tensor, s_nu: torch.Tensor, log_rho: torch.Tensor, s_rho: torch.Tensor,
                       clamp: tuple[float, float] | None = None, stats: WeightStats | None = None) -> torch.Tensor:
-    """Paper Eq. 1 for a batch: log-densities [B], scores [B, *event]."""
-    w = weight(log_nu, log_rho, clamp, stats)
-    return w.view(-1, *([1] * (s_rho.ndim - 1))) * (s_nu - s_rho)
+    """Paper Eq. 1 for a batch: log-densities [B], scores [B, *event]. Zero where the
+    weight is zero, even if nu's score is not finite there (0 * inf would be NaN)."""
+    w = weight(log_nu, log_rho, clamp, stats).view(-1, *([1] * (s_rho.ndim - 1)))
+    return torch.where(w > 0, w * (s_nu - s_rho), 0.0)
 
 
 def weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, float] | None,
            stats: WeightStats | None = None) -> torch.Tensor:
-    """``nu_t / rho_t`` from its logs (``log_weight``), with under- and overflow counted."""
-    lw = log_weight(log_nu, log_rho, clamp, stats)
+    """``nu_t / rho_t`` from its logs (``log_weight``), with under- and overflow counted.
+    A log weight of ``-inf`` is an underflow too: nu_t is a Gaussian smoothing, positive
+    everywhere, so ``log nu_t = -inf`` is a log-density that overflowed the dtype."""
+    lw, bad = log_weight(log_nu, log_rho, clamp, stats)
     w = lw.exp()
     if stats is not None:
-        stats.add("underflow", (w == 0) & (lw > -math.inf))
+        stats.add("underflow", (w == 0) & ~bad)
         stats.add("overflow", w == math.inf)
     return w

@@ -145,7 +145,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     if stalled:
         run.warn(f"|R(eta)|/eta stalls at {reference['samples'].dtype} round-off (median |R| <= {ROUNDOFF:g} eps "
                  f"median |Phi^0|) for eta <= {max(stalled):g} in {len(stalled)} of {len(curves)} curves, where it "
-                 "cannot show o(eta); use solver.dtype=float64 or larger first_order.etas")
+                 "cannot show o(eta); use " + ("solver.dtype=float64 or " if reference["samples"].dtype != np.float64
+                                                else "") + "larger first_order.etas")
     run.write_summary(metrics, reasons, weights=weights, device=str(comp.device), dtype=str(comp.dtype),
                       num_samples=n, figures=figures)
 
