@@ -17,7 +17,7 @@ from diffsens_cli.core.integrate import SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import SCHEDULES, SPACINGS, Schedule
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.core.steppers import ODE_ONLY, STEPPERS
+from diffsens_cli.core.steppers import STEP_RULES
 from diffsens_cli.data.synthetic import build_dataset, build_perturbation
 from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain, require, whole
 from diffsens_cli.models import VECTOR_KINDS
@@ -48,10 +48,11 @@ def build_model(cfg: DictConfig, target: GaussianMixture, schedule: Schedule) ->
 
 def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverSettings:
     """Checked ``SolverSettings`` from the ``solver`` group."""
-    method = one_of(cfg.method, ["ode", "sde"], "solver.method")
-    integrator = one_of(cfg.integrator, list(STEPPERS), "solver.integrator")
-    require(not (method == "sde" and integrator in ODE_ONLY), "solver.integrator",
-            "the SDE is integrated with Euler-Maruyama: use integrator=euler with method=sde")
+    method = one_of(cfg.method, sorted({m for m, _ in STEP_RULES}), "solver.method")
+    integrator = one_of(cfg.integrator, sorted({i for _, i in STEP_RULES}), "solver.integrator")
+    usable = sorted(i for m, i in STEP_RULES if m == method)
+    require((method, integrator) in STEP_RULES, "solver.integrator",
+            f"{integrator!r} has no step rule for method={method}: use one of {', '.join(usable)}")
     step_size = number(cfg.step_size, "solver.step_size", null=True)
     num_steps = whole(cfg.num_steps, "solver.num_steps", null=True)
     if num_steps is None:

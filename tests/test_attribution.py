@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import diffsens
 from omegaconf import OmegaConf
-from test_cli import diffsens
 
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core import attribution
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.influence import EmpiricalForcing
+from diffsens_cli.core.forcing import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import diffsens
+from helpers import diffsens
 
 from diffsens_cli.core.attribution import denoising_loss
 from diffsens_cli.core.closed_form import MixtureScore
@@ -23,7 +23,7 @@ from diffsens_cli.core.counterfactual import (
     top_k_mask,
     variance_above_floor,
 )
-from diffsens_cli.core.influence import EmpiricalForcing
+from diffsens_cli.core.forcing import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.forcing import Perturbation
+from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.forcing import Perturbation
+from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.models.network import FourierMLP, NetworkScore
@@ -128,7 +129,8 @@ def test_influence_on_cuda_matches_cpu():
 def test_influence_adjoint_through_a_unet_on_cuda_float32():
     """The reverse pass through a UNet on the device in float32 (how image runs go): the
     adjoint projections of psi^n against forward tangents, to float32 accuracy."""
-    from diffsens_cli.core.influence import EmpiricalForcing, project
+    from diffsens_cli.core.forcing import EmpiricalForcing
+    from diffsens_cli.core.influence import project
     from diffsens_cli.core.schedule import VPDiscrete
     from diffsens_cli.models.unet import build_network_model
 

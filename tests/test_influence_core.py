@@ -12,8 +12,8 @@ import torch
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import spearman
+from diffsens_cli.core.forcing import EmpiricalForcing, Perturbation
 from diffsens_cli.core.influence import (
-    EmpiricalForcing,
     InfluenceSettings,
     influence,
     orthogonal_directions,
@@ -21,9 +21,10 @@ from diffsens_cli.core.influence import (
     randomized_svd,
     refine,
 )
-from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete, VPLinear
+from diffsens_cli.core.steppers import STEP_RULES
 from diffsens_cli.models.unet import build_network_model
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -82,10 +83,10 @@ def _forward_and_adjoint(model, points, z0, settings, clamps):
     return forward, omega, projected
 
 
-@pytest.mark.parametrize("integrator,method", [("euler", "ode"), ("heun", "ode"), ("euler", "sde")])
-def test_adjoint_projections_equal_forward_ones_closed_form(integrator, method):
+@pytest.mark.parametrize("method,integrator", list(STEP_RULES))
+def test_adjoint_projections_equal_forward_ones_closed_form(method, integrator):
     """One reverse pass gives ``omega^T psi^n`` for every n to round-off (float64), with
-    and without the clamp, for every integrator (the SDE's path taken as recorded)."""
+    and without the clamp, for every registered step rule (the SDE's path taken as recorded)."""
     points, model, z0 = _empirical_problem(n_points=15)
     density = "closed_form" if method == "sde" else "ccov"
     s = SolverSettings(method=method, integrator=integrator, num_steps=40, density=density, progress=False,
@@ -112,13 +113,15 @@ def test_adjoint_projections_equal_forward_ones_unet(integrator):
     assert expected.abs().max() > 0
 
 
-def test_psi_n_is_the_derivative_of_the_flow_when_x_n_is_upweighted():
-    """The closed-form empirical model: psi^n against a second-order one-sided finite
-    difference (a mixture weight cannot go below zero) of the flow of
-    ``(1 - eta) rho + eta delta_{x_n}`` from the same z0 (exact densities, the same grid),
-    for three of the points, with both methods."""
+@pytest.mark.parametrize("method,integrator", list(STEP_RULES))
+def test_psi_n_is_the_derivative_of_the_flow_when_x_n_is_upweighted(method, integrator):
+    """Every registered step rule (a new sampler joins by its entry in ``STEP_RULES``), on
+    the closed-form empirical model: psi^n by the forward tangent and by the rule's adjoint,
+    against a second-order one-sided finite difference (a mixture weight cannot go below
+    zero) of the flow of ``(1 - eta) rho + eta delta_{x_n}`` from the same z0 (exact
+    densities, the same grid, for the SDE the same Wiener increments), for three points."""
     points, model, z0 = _empirical_problem(n_points=10, d=3, n_samples=4)
-    s = SolverSettings(num_steps=200, density="closed_form", progress=False)
+    s = SolverSettings(method=method, integrator=integrator, num_steps=200, density="closed_form", progress=False)
     psi = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi
     primal = Integrator(model, s, tape=True).run(z0)
     basis = torch.eye(3)[:, None].expand(3, *z0.shape)  # omega = each coordinate: the adjoint gives psi^n whole

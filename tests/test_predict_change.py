@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from diffsens_cli.core.compare import correlation
-from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.forcing import Perturbation
+from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete
 from diffsens_cli.models.unet import build_network_model

@@ -13,7 +13,8 @@ import torch
 
 from diffsens_cli.core import keyed_random
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.forcing import Perturbation
+from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete, VPLinear, grid_times
 from diffsens_cli.models.unet import build_network_model

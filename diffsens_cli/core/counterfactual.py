@@ -6,7 +6,7 @@ Removing a set R of k of N training images changes the empirical measure by
 share grows by as much as R's falls; the sensitivities of all N images sum to zero for
 the exact score), so the first-order change of a model sample is ``sum_n w_n psi^n =
 -(k / (N - k)) mean_{n in R} psi^n``: one forward tangent with the mixture weights of
-``removal_mix`` (``core.influence.EmpiricalForcing`` with ``mix``).
+``removal_mix`` (``core.forcing.EmpiricalForcing`` with ``mix``).
 
 The baseline knows only distances: the shift of the Gaussian-kernel mean of the
 training images around the sample when the removed ones leave it

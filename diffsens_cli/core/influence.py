@@ -12,8 +12,8 @@ network passes that does not grow with N:
   (``project``): ``lambda_k = A_k^T lambda_{k+1}`` with one VJP per field evaluation,
   and an ``N x d`` product with the training points per step, no network call.
 
-The adjoint is the exact transpose of the discrete scheme (Euler, and Heun's two
-stages), so both agree to round-off.  Scores from random orthogonal projections
+The adjoint is the exact transpose of the discrete scheme (each step rule's own
+``adjoint``, in ``core.steppers``), so both agree to round-off.  Scores from random orthogonal projections
 (exact when their number reaches d), ``randomized_svd`` (Halko-Martinsson-Tropp with
 power iterations) and ``refine`` (scores exact in the span of the singular vectors
 found, estimated in the rest) are built from the two.
@@ -31,88 +31,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from diffsens_cli import interrupt, progress
+from diffsens_cli.core.forcing import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator, SolverSettings, Tape
-from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Coefficients
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.core.score_sensitivity import WeightStats, weight
-
-
-class EmpiricalForcing:
-    """The forcing of the sensitivities to training points ``points`` [N, *event].
-
-    Tangent ``k`` is either the point mass of point ``index[k]`` (``mix`` None: one
-    tangent per point, the ``exact`` method) or the combination ``sum_n mix[k, b, n]
-    delta_{x_n}`` for sample ``b`` (``mix`` [K, B, N]).  The weights of all points are
-    counted together, in the first entry of the list the integrator passes (so the
-    integration's ``weights`` hold the counts at the first tangent of each tangent chunk:
-    sum them)."""
-
-    def __init__(self, points: torch.Tensor, index: torch.Tensor | None = None, mix: torch.Tensor | None = None):
-        if index is not None and mix is not None:
-            raise ValueError("give the tangents' points (index) or their mixture weights (mix), not both")
-        self.measure = GaussianMixture.empirical(points)  # one component per point: their log-densities
-        self.mix = mix
-        self.index = None if mix is not None else (torch.arange(len(points)) if index is None else index)
-
-    def __len__(self) -> int:
-        return len(self.index) if self.mix is None else self.mix.shape[0]
-
-    def select(self, ks: slice) -> EmpiricalForcing:
-        return self._with(index=self.index[ks] if self.mix is None else None,
-                          mix=self.mix[ks] if self.mix is not None else None)
-
-    def rows(self, sl: slice) -> EmpiricalForcing:
-        return self if self.mix is None else self._with(index=None, mix=self.mix[:, sl])
-
-    @property
-    def points(self) -> torch.Tensor:
-        """The training points, flattened: [N, d]."""
-        return self.measure.means
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> EmpiricalForcing:
-        return EmpiricalForcing(self.points.to(device, dtype), None if self.index is None else self.index.to(device),
-                                None if self.mix is None else self.mix.to(device, dtype))
-
-    def _with(self, index: torch.Tensor | None, mix: torch.Tensor | None) -> EmpiricalForcing:
-        out = EmpiricalForcing.__new__(EmpiricalForcing)
-        out.measure, out.index, out.mix = self.measure, index, mix
-        return out
-
-    def memory_per_sample(self, itemsize: int) -> int:
-        n, d = self.points.shape
-        return itemsize * (n * (2 + (self.mix.shape[0] if self.mix is not None else 0)) + 2 * d)
-
-    def point_weights(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
-                      clamp: tuple[float, float] | None, stats: WeightStats | None,
-                      index: torch.Tensor | None = None) -> torch.Tensor:
-        """``nu^n_t / rho_t`` [B, N'] at ``z`` [B, d] for the points ``index`` (default all),
-        each clamped on its own."""
-        log_nu, _ = self.measure.component_log_densities(z, co.alpha, co.sigma, slice(None) if index is None else index)
-        return weight(log_nu, log_rho[:, None], clamp, stats)
-
-    def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
-                clamp: tuple[float, float] | None, weights: list[WeightStats]) -> torch.Tensor:
-        """``g^k_t(z)`` [K, B, *event] of every tangent (paper Eq. 1, per point)."""
-        zf, sf = z.flatten(1), s_rho.flatten(1)
-        var = co.sigma**2
-        shift = zf / var + sf  # s^n - s_rho = alpha x_n / sigma^2 - shift
-        if self.mix is None:
-            w = self.point_weights(zf, co, log_rho, clamp, weights[0], self.index).T  # [K, B]
-            g = w[..., None] * (co.alpha / var * self.points[self.index][:, None] - shift)
-        else:
-            c = self.mix * self.point_weights(zf, co, log_rho, clamp, weights[0])  # [K, B, N]
-            g = co.alpha / var * (c @ self.points) - c.sum(-1, keepdim=True) * shift
-        return g.view(len(g), *z.shape)
-
-    def inner(self, lam: torch.Tensor, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
-              s_rho: torch.Tensor, clamp: tuple[float, float] | None, stats: WeightStats | None) -> torch.Tensor:
-        """``<g^n_t(z_b), lam[j, b]>`` [m, B, N] for every point n: an ``N x d`` product."""
-        zf, sf, lf = z.flatten(1), s_rho.flatten(1), lam.flatten(2)
-        var = co.sigma**2
-        w = self.point_weights(zf, co, log_rho, clamp, stats)  # [B, N]
-        shift = (lf * (zf / var + sf)).sum(-1, keepdim=True)  # [m, B, 1]
-        return w * (co.alpha / var * (lf @ self.points.T) - shift)
+from diffsens_cli.core.score_sensitivity import WeightStats
 
 
 def project(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omega: torch.Tensor,
@@ -149,9 +72,9 @@ def _reverse_pass(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omeg
     times = tape.times.to(omega.device, omega.dtype)
     co_all = model.schedule.coefficients(times)
     gain = tape.psi_gain
-    n = len(times) - 1
-    if len(tape.index) != n * {"euler": 1, "heun": 2}.get(tape.integrator, 0):
-        raise ValueError(f"a tape of {len(tape.index)} evaluations does not fit {n} {tape.integrator} steps")
+    n, m = len(times) - 1, tape.rule.evaluations
+    if len(tape.index) != n * m:
+        raise ValueError(f"a tape of {len(tape.index)} evaluations does not fit {n} {tape.rule.name} steps")
     out = omega.new_zeros(len(clamps), omega.shape[0], omega.shape[1], len(forcing.points))
 
     def pull(i: int, lam: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -167,15 +90,7 @@ def _reverse_pass(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omeg
     lam = omega
     for k in progress.bar(reversed(range(n)), desc=desc, enabled=show_progress, leave=False, total=n):
         interrupt.check()
-        h = times[k + 1] - times[k]
-        if tape.integrator == "euler":
-            lam = lam + h * pull(k, lam, h)
-        elif tape.integrator == "heun":  # psi' = psi + h/2 (d1 + d2), d2 at the predictor
-            mu = pull(2 * k + 1, lam, h / 2)
-            lam_pred = lam + h * mu
-            lam = lam + h / 2 * (mu + pull(2 * k, lam_pred, h / 2))
-        else:
-            raise ValueError(f"no adjoint for integrator {tape.integrator!r}")
+        lam = tape.rule.adjoint(lambda j, lam, scale, k=k: pull(m * k + j, lam, scale), times[k + 1] - times[k], lam)
     return out
 
 

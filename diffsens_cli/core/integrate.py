@@ -6,7 +6,8 @@ and the sensitivities ``psi`` [K, B, *event] to K perturbation measures at once 
 from given initial tangents, the flow map's Jacobian along the path).  Each step makes
 one model call for the score, its JVPs with all K sensitivities and the Hutchinson
 terms (for a network: one vmapped JVP covering every tangent and probe, sharing the
-primal).  The step rules live in ``steppers``; this module owns the bookkeeping:
+primal).  The step rules live in ``steppers``, the forcing terms in ``forcing``; this
+module is the loop and owns its bookkeeping:
 batches larger than memory are split into chunks over samples and, when one sample's
 K tangents do not fit, over tangents; each chunk is integrated by the same loop and
 sent to the host as it finishes.  Every random number is keyed by (seed, sample
@@ -22,17 +23,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
 from diffsens_cli import interrupt, progress
 from diffsens_cli.core import dynamics, keyed_random
-from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.forcing import Forcing
 from diffsens_cli.core.schedule import Coefficients, grid_times, time_grid
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
-from diffsens_cli.core.steppers import STEPPERS, Grid, State, euler_maruyama
+from diffsens_cli.core.score_sensitivity import WeightStats
+from diffsens_cli.core.steppers import Grid, State, StepRule, step_rule
 
 
 @dataclass
@@ -65,67 +66,6 @@ class SolverSettings:
         return time_grid(self.t_min, self.num_steps, self.step_size)
 
 
-class Forcing(Protocol):
-    """What the integrator needs from a perturbation: K tangents and their forcings."""
-
-    def __len__(self) -> int: ...
-
-    def select(self, ks: slice) -> Forcing: ...
-
-    def rows(self, sl: slice) -> Forcing: ...
-
-    def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
-                clamp: tuple[float, float] | None, weights: list[WeightStats]) -> torch.Tensor: ...
-
-    def memory_per_sample(self, itemsize: int) -> int: ...
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Forcing: ...
-
-
-@dataclass
-class Perturbation:
-    """K closed-form perturbation measures ``nu_k``, integrated together along one path;
-    ``signs[k] = -1`` removes ``nu_k`` instead of adding it."""
-
-    measures: list[GaussianMixture]
-    signs: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.measures:
-            raise ValueError("a perturbation needs at least one measure")
-        self.signs = [1.0] * len(self.measures) if self.signs is None else [float(s) for s in self.signs]
-        if len(self.signs) != len(self.measures):
-            raise ValueError(f"{len(self.measures)} measures but {len(self.signs)} signs")
-
-    def __len__(self) -> int:
-        return len(self.measures)
-
-    def select(self, ks: slice) -> Perturbation:
-        """The measures ``ks`` (a chunk of tangents)."""
-        return Perturbation(self.measures[ks], self.signs[ks])
-
-    def rows(self, sl: slice) -> Perturbation:
-        """The perturbation of the samples ``sl`` (a chunk of rows): the same measures."""
-        return self
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Perturbation:
-        return Perturbation([m.to(device, dtype) for m in self.measures], self.signs)
-
-    def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
-                clamp: tuple[float, float] | None, weights: list[WeightStats]) -> torch.Tensor:
-        """``sign_k g^k_t(z)`` (paper Eq. 1) for every measure: [K, B, *event]; each
-        measure's weights are counted in its own ``weights[k]``."""
-        out = []
-        for measure, sign, stats in zip(self.measures, self.signs, weights, strict=True):
-            nu = measure.diffused(z.flatten(1), co.alpha, co.sigma)
-            out.append(sign * score_sensitivity(nu.log_density, nu.score.view_as(z), log_rho, s_rho, clamp, stats))
-        return torch.stack(out)
-
-    def memory_per_sample(self, itemsize: int) -> int:
-        """Bytes of the intermediates one point needs while the forcing is formed."""
-        return max(m.memory_per_sample(0, itemsize) for m in self.measures)
-
-
 @dataclass
 class IntegrationResult:
     """Everything a run keeps from one integration (tensors on the CPU, but the tape's,
@@ -147,11 +87,11 @@ class IntegrationResult:
 class Tape(NamedTuple):
     """The field evaluations of one integration, in order: for evaluation ``i`` the grid
     index ``index[i]``, the point ``z[i]`` [B, *event] and the log-density ``log_rho[i]``
-    [B] the forcing was (or would have been) weighted with.  Euler makes one evaluation
-    per step, Heun two (at ``z_k`` and at the predictor, grid index ``k + 1``)."""
+    [B] the forcing was (or would have been) weighted with; ``rule.evaluations`` per step
+    (Euler one, Heun two: at ``z_k`` and at the predictor, grid index ``k + 1``)."""
 
     times: torch.Tensor  # the grid [n + 1]
-    integrator: str
+    rule: StepRule
     psi_gain: float  # the sensitivity equation's score gain (dynamics.SCORE_GAIN)
     index: list[int]
     z: list[torch.Tensor]
@@ -180,7 +120,7 @@ class Integrator:
         self.needs_rho = self.weighted and settings.density == "closed_form"
         self.ccov = settings.density == "ccov" and (track_density or self.weighted)
         self.num_probes = settings.hutchinson_samples if self.ccov and settings.divergence == "hutchinson" else 0
-        self.step = STEPPERS[settings.integrator]
+        self.rule = step_rule(settings.method, settings.integrator)
 
     # -- the augmented vector field at one grid point -----------------------------------
     def _field(self, times: torch.Tensor, co_all: Coefficients, probes: torch.Tensor | None,
@@ -248,11 +188,11 @@ class Integrator:
         for k in progress.bar(range(n), desc=desc, enabled=cfg.progress, leave=False):
             interrupt.check()
             field = self._field(times, co_all, self._probes(z, ids, k, replicas), perturbation, weights, tape)
-            if cfg.method == "sde":
+            noise = None
+            if self.rule.stochastic:
                 xi = self._wiener(z, ids, k, replicas)
-                state = euler_maruyama(field, k, grid, state, dynamics.diffusion(_coefficients_at(co_all, k)), xi)
-            else:
-                state = self.step(field, k, grid, state)
+                noise = dynamics.diffusion(_coefficients_at(co_all, k)) * grid.h(k).sqrt() * xi
+            state = self.rule.step(field, k, grid, state, noise)
             record(k + 1)
         return _ChunkResult(
             state, weights,
@@ -343,7 +283,7 @@ class Integrator:
         tape = None
         if self.tape:
             first = outs[0].tape
-            tape = Tape(self._times(), self.cfg.integrator if self.cfg.method == "ode" else "euler", self.psi_gain,
+            tape = Tape(self._times(), self.rule, self.psi_gain,
                         index=[k for k, _, _ in first],
                         z=[torch.cat([o.tape[i][1] for o in outs]) for i in range(len(first))],
                         log_rho=[torch.cat([o.tape[i][2] for o in outs]) for i in range(len(first))])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli.core.integrate import Perturbation
+from diffsens_cli.core.forcing import Perturbation
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.errors import ConfigError, listed, number, one_of, plain, require, whole
 

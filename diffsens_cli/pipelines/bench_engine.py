@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli.builders import Components, build_schedule
-from diffsens_cli.core.integrate import Integrator, Perturbation, SolverSettings
+from diffsens_cli.core.forcing import Perturbation
+from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.errors import listed, plain, require, whole

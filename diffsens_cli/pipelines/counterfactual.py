@@ -50,7 +50,7 @@ from diffsens_cli.core.counterfactual import (
     top_k_mask,
     variance_above_floor,
 )
-from diffsens_cli.core.influence import EmpiricalForcing
+from diffsens_cli.core.forcing import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.stats import bootstrap_interval, lds, paired

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings
-from diffsens_cli.core.integrate import Integrator, Perturbation
+from diffsens_cli.core.forcing import Perturbation
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.transport import transport_rays
 from diffsens_cli.data import ImageSet, check_images, check_perturbation_set, load_images, perturbation_set

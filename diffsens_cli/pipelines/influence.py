@@ -26,7 +26,8 @@ from diffsens_cli import plots, progress
 from diffsens_cli.builders import Components, build_schedule, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import linear_fit
-from diffsens_cli.core.influence import EmpiricalForcing, InfluenceSettings, influence
+from diffsens_cli.core.forcing import EmpiricalForcing
+from diffsens_cli.core.influence import InfluenceSettings, influence
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.score_model import ScoreModel
