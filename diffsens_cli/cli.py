@@ -13,23 +13,20 @@ import os
 import signal
 import sys
 import warnings
-from importlib.resources import files
 from pathlib import Path
 
 import hydra
 import yaml
 from hydra import compose, initialize_config_module
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffsens_cli import interrupt, threads
+from diffsens_cli import interrupt, sweeps, threads
 from diffsens_cli.errors import DiffsensError
+from diffsens_cli.sweeps import CONFIG_MODULE
 
-CONFIG_MODULE = "diffsens_cli.configs"
 USAGE = """\
 usage: diffsens run [experiment=NAME] [GROUP=OPTION] [KEY=VALUE ...] [HYDRA FLAGS]
        diffsens train [dataset=NAME] [model=NAME] [train.mode=base|retrain|finetune] [KEY=VALUE ...]
@@ -119,27 +116,19 @@ def main(argv: list[str] | None = None) -> None:
 def check_jobs(overrides: list[str], multirun: bool) -> None:
     """Check the job ``overrides`` describe, or with ``multirun`` every job of the sweep,
     before any is launched; raises a DiffsensError naming the key (and the job)."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise DiffsensError(str(e).splitlines()[0]) from None
+    parsed = sweeps.parse(overrides)
     if any(o.key_or_group == "hydra/launcher" and o.value() == "slurm" for o in parsed):
         check_site_settings(site_file("slurm"))
-    sweeps = [o for o in parsed if o.is_sweep_override()]
+    swept_overrides = [o for o in parsed if o.is_sweep_override()]
     if not multirun:
-        if sweeps:
-            key = sweeps[0].key_or_group
-            raise DiffsensError(f"{sweeps[0].input_line}: several values sweep {key}, which needs -m "
+        if swept_overrides:
+            key = swept_overrides[0].key_or_group
+            raise DiffsensError(f"{swept_overrides[0].input_line}: several values sweep {key}, which needs -m "
                                 f"(diffsens run -m ...); a list value is written {key}=[a,b]")
         precheck(overrides)
         return
-    for override in sweeps:  # glob(...) sweeps over a group's options ask a config loader for them
-        override.config_loader = GroupOptions()
-    try:
-        jobs = BasicSweeper.split_arguments(parsed, None)[0]
-    except HydraException as e:
-        raise DiffsensError(str(e).splitlines()[0]) from None
-    swept = {o.get_key_element() for o in sweeps}
+    jobs = sweeps.split_jobs(parsed)
+    swept = {o.get_key_element() for o in swept_overrides}
     for number, job in enumerate(jobs):
         try:
             precheck(job, run_dir=False)  # a sweep's jobs write into fresh folders
@@ -181,27 +170,13 @@ def check_site_settings(path: Path) -> None:
         raise DiffsensError(f"{path}: unknown key {unknown[0]!r}; the Slurm launcher takes: {', '.join(known)}")
 
 
-class GroupOptions:
-    """As much of Hydra's ConfigLoader as a ``glob()`` sweep needs: a config group's options."""
-
-    def get_group_options(self, group: str, results_filter: object = None) -> list[str]:
-        folder = files(CONFIG_MODULE) / group.lstrip("/")
-        if not folder.is_dir():
-            raise DiffsensError(f"{group}=glob(...): {group} is not a config group")
-        return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
 def precheck(overrides: list[str], run_dir: bool = True) -> None:
     """Compose ``overrides`` (one job) and build every component, and with ``run_dir``
     check what its run directory already holds; raises a DiffsensError."""
     from diffsens_cli.pipelines import check_task
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise DiffsensError(str(e).splitlines()[0]) from None
-    root = files(CONFIG_MODULE)
-    groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    parsed = sweeps.parse(overrides)
+    groups = sweeps.config_groups()
     is_choice = [o.key_or_group.lstrip("/").split("/")[0] in groups for o in parsed]
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from diffsens_cli import sweeps
 from diffsens_cli.errors import DiffsensError, require, whole
 from diffsens_cli.rundir import RunDir
 
@@ -113,27 +114,16 @@ class AssembleShards(Callback):
             sys.exit(2)
 
     def _assemble(self, config: DictConfig) -> None:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.errors import HydraException
-
-        from diffsens_cli.cli import GroupOptions
-
-        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        parsed = sweeps.parse(list(config.hydra.overrides.task))
         if not any(o.key_or_group == "shard.index" for o in parsed):
             return
-        for o in parsed:
-            if o.is_sweep_override():
-                o.config_loader = GroupOptions()
-        try:  # each shard key's values, typed as Hydra gives them to the jobs, and the jobs of the other swept values
-            values = {o.key_or_group: list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
-                      for o in parsed if o.key_or_group in SHARD_KEYS}
-            # stages.force was done by the shards: forcing again would recompute every one of them
-            rest = [o for o in parsed if o.key_or_group not in (*SHARD_KEYS, "stages.force")
-                    and not o.key_or_group.startswith("hydra")]
-            jobs = BasicSweeper.split_arguments(rest, None)[0]
-        except HydraException as e:
-            raise DiffsensError(" ".join(str(e).split())) from None
+        # each shard key's values, typed as Hydra gives them to the jobs, and the jobs of the other swept values
+        values = {o.key_or_group: list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+                  for o in parsed if o.key_or_group in SHARD_KEYS}
+        # stages.force was done by the shards: forcing again would recompute every one of them
+        rest = [o for o in parsed if o.key_or_group not in (*SHARD_KEYS, "stages.force")
+                and not o.key_or_group.startswith("hydra")]
+        jobs = sweeps.split_jobs(rest)
         # the swept values as the jobs' checks read them (2.0 is 2)
         counts = {whole(v, "shard.count") for v in values.get("shard.count", [])} or \
             {whole(config.shard.count, "shard.count")}
