@@ -38,7 +38,7 @@ def cli_error(tmp_path):
     interpreter start-up: bad-input checks cost milliseconds), check exit status 2, one
     stderr line and (unless ``after_run_dir``: a check that needs the loaded data) no
     outputs/, and return that line without ``diffsens: error: ``."""
-    from test_cli import diffsens
+    from helpers import diffsens
 
     def run(args: list[str], cwd=None, after_run_dir: bool = False) -> str:
         cwd = cwd or tmp_path

@@ -3,40 +3,22 @@ input fails in one line, and the configs ship inside a non-editable install."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
-from unittest import mock
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from helpers import EXPERIMENTS, REPO, TINY, diffsens, diffsens_process
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.builders import Components
-from diffsens_cli.cli import main
 from diffsens_cli.pipelines import check_task
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
-
-# Smoke-sized runs of the real pipelines: each experiment's tiny settings
-# (configs/experiment_size/), and the fake data of the fixture ("{data}") for those that read files.
-DATA_ROOTS = {
-    "mnist_tmnist": ["dataset.root={data}/mnist", "perturbation.source.root={data}/tmnist"],
-    "celeba_oldman": ["dataset.root={data}/celeba"],
-    "celeba_attributes_paper": ["dataset.root={data}/celeba"],
-    "celeba_influence": ["dataset.root={data}/celeba"],
-    "mnist_counterfactual": ["dataset.root={data}/mnist"],
-    "cifar10_crossclass": ["dataset.root={data}/cifar10", "model.path={data}/cifar10_model"],
-}
-TINY = {e: ["size=tiny", *DATA_ROOTS.get(e, [])] for e in EXPERIMENTS}
 # What each pipeline must leave in arrays.npz, finite.
 ARRAYS = {"bench_engine": tuple(f"{m}/times_sensitivity" for m in ("mlp", "unet_digits", "unet_mnist")),
           "train": ("train_loss", "z0", "samples"),
@@ -63,28 +45,6 @@ for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman"):
 for _e in ("celeba_attributes", "celeba_attributes_paper"):
     ARRAYS[_e] = ("z0", "samples", "logp", *(f"psi/{k}" for k in ("Bright", "Dark", "High_Contrast", "Lit_From_Left")
                                             if _e == "celeba_attributes"))
-
-
-def diffsens(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``diffsens <args>`` run in this process from ``cwd``: what a subprocess would give
-    (exit status, stdout, stderr) without an interpreter start-up, which costs about 4 s
-    with torch and diffusers. Real processes are kept for what needs one (signals, a shell's view)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    status = 0
-    try:
-        with contextlib.chdir(cwd), mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "0"}), \
-                mock.patch.object(sys, "argv", sys.argv), contextlib.redirect_stdout(stdout), \
-                contextlib.redirect_stderr(stderr):
-            main(list(args))
-    except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
-    return subprocess.CompletedProcess(["diffsens", *args], status, stdout.getvalue(), stderr.getvalue())
-
-
-def diffsens_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``diffsens <args>`` in a process of its own, as a shell runs it."""
-    return subprocess.run([sys.executable, "-m", "diffsens_cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=600)
 
 
 def test_every_experiment_has_tiny_settings():

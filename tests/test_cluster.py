@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import diffsens
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from test_cli import diffsens
 
 from diffsens_cli.errors import DiffsensError
 from diffsens_cli.sharding import AssembleShards, Shard, hydra_quoted

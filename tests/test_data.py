@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from hydra import compose, initialize_config_module
 from PIL import Image
 from skimage.data import lfw_subset
@@ -22,7 +23,6 @@ from diffsens_cli.data import IMAGE_DATASETS, ImageSet, load_images, perturbatio
 from diffsens_cli.data.embedded import digit_fonts
 from diffsens_cli.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 DIGIT_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # scikit-learn's digits per class
 
 

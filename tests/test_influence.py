@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import diffsens
+from helpers import diffsens
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import spearman

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from helpers import diffsens
 from omegaconf import OmegaConf
-from test_cli import diffsens
 
 from diffsens_cli.pipelines.psi_convergence import cost, relative_difference
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import yaml
-from test_cli import diffsens
+from helpers import diffsens
 
 from diffsens_cli.report import write_report, write_run_index
 from diffsens_cli.rundir import RunDir

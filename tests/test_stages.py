@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY, diffsens
 from hydra import compose, initialize_config_module
-from test_cli import TINY, diffsens
 
 from diffsens_cli.errors import DiffsensError
 from diffsens_cli.pipelines.image_stages import ImageStages
