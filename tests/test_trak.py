@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from diffsens_cli.core.schedule import schedule_from_scheduler_config
 from diffsens_cli.core.trak import (
     DTrakSettings,
     dtrak_output,
@@ -24,6 +23,7 @@ from diffsens_cli.core.trak import (
     trak_scores,
 )
 from diffsens_cli.models.network import NetworkScore
+from diffsens_cli.models.pretrained import schedule_from_scheduler_config
 from diffsens_cli.models.unet import build_network_model
 
 UNET = Path(__file__).resolve().parents[1] / "configs/model/unet.yaml"

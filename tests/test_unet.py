@@ -17,7 +17,7 @@ from torch.func import jvp
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.measures import GaussianMixture
-from diffsens_cli.core.schedule import BETA_SCHEDULES, VE, VPDiscrete, VPLinear, schedule_from_scheduler_config
+from diffsens_cli.core.schedule import VE, VPDiscrete, VPLinear
 from diffsens_cli.errors import ConfigError, DiffsensError
 from diffsens_cli.models.network import (
     ContiguousGroupNorm,
@@ -29,7 +29,13 @@ from diffsens_cli.models.network import (
     disable_forward_ad,
     enable_forward_ad,
 )
-from diffsens_cli.models.pretrained import LAYOUT, load_pretrained, save_pretrained
+from diffsens_cli.models.pretrained import (
+    BETA_SCHEDULES,
+    LAYOUT,
+    load_pretrained,
+    save_pretrained,
+    schedule_from_scheduler_config,
+)
 from diffsens_cli.models.unet import build_network_model, build_unet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs/model"  # from any working directory

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch.func import jvp
 
-from diffsens_cli.errors import ConfigError, one_of, require
-
 
 @dataclass(frozen=True)
 class Coefficients:
@@ -84,7 +82,7 @@ class VPDiscrete(Schedule):
 
     ``scheduler_config`` is the diffusers config that reproduces the betas (what a saved
     model writes).  The constructor's linear betas are float64; diffusers' (and so
-    ``schedule_from_scheduler_config``'s) are float32, which moves ``alphabar`` by less
+    ``models.pretrained.schedule_from_scheduler_config``'s) are float32, which moves ``alphabar`` by less
     than 1e-6 relative (2.3e-7 for the default).
 
     ``tau = (n + 1) / N``; ``log alphabar`` is interpolated linearly in ``n`` (with
@@ -164,25 +162,6 @@ SCHEDULES: dict[str, type[Schedule]] = {
     "ve": VE,
     "edm": EDM,
 }
-
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
-
-def schedule_from_scheduler_config(config: Mapping) -> VPDiscrete:
-    """The discrete VP schedule of a diffusers ``DDPMScheduler`` config (``beta_start``,
-    ``beta_end``, ``num_train_timesteps``, ``beta_schedule``, ...), with the betas
-    diffusers itself computes from it (so they match its own exactly)."""
-    one_of(config.get("beta_schedule", "linear"), BETA_SCHEDULES, "scheduler.beta_schedule")
-    require(not config.get("rescale_betas_zero_snr", False), "scheduler.rescale_betas_zero_snr",
-            "zero terminal SNR (alpha = 0 at the noise end) is not supported")
-    from diffusers import DDPMScheduler  # here: the numerical core does not need diffusers otherwise
-
-    try:
-        betas = DDPMScheduler.from_config(dict(config)).betas
-    except (TypeError, ValueError, NotImplementedError) as e:
-        raise ConfigError("scheduler", f"DDPMScheduler cannot use this config: {str(e).splitlines()[0]}") from None
-    return VPDiscrete.from_betas(betas, config)
 
 
 SPACINGS = ("uniform", "log_snr")

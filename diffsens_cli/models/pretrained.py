@@ -15,19 +15,38 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from diffsens_cli.core.schedule import VPDiscrete, schedule_from_scheduler_config
-from diffsens_cli.errors import ConfigError, DiffsensError, require
+from diffsens_cli.core.schedule import VPDiscrete
+from diffsens_cli.errors import ConfigError, DiffsensError, one_of, require
 from diffsens_cli.models.network import FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
 
 LAYOUT = "expected a diffusers save_pretrained directory with unet/ and scheduler/"
 NETWORKS = {"UNet2DModel": UNet2DModel, "FourierMLP": FourierMLP}
 WEIGHTS = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def schedule_from_scheduler_config(config: Mapping[str, Any]) -> VPDiscrete:
+    """The discrete VP schedule of a diffusers ``DDPMScheduler`` config (``beta_start``,
+    ``beta_end``, ``num_train_timesteps``, ``beta_schedule``, ...), with the betas
+    diffusers itself computes from it (so they match its own exactly)."""
+    one_of(config.get("beta_schedule", "linear"), BETA_SCHEDULES, "scheduler.beta_schedule")
+    require(not config.get("rescale_betas_zero_snr", False), "scheduler.rescale_betas_zero_snr",
+            "zero terminal SNR (alpha = 0 at the noise end) is not supported")
+    try:
+        betas = DDPMScheduler.from_config(dict(config)).betas
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError("scheduler", f"DDPMScheduler cannot use this config: {str(e).splitlines()[0]}") from None
+    return VPDiscrete.from_betas(betas, config)
+
+
 DIFFUSERS_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
