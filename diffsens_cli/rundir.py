@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ class RunDir:
         self.cache = cache or StageCache(self.path / "stages")
         self.cache.warn = self.warn  # a stage's non-finite values are the run's warnings too
         self.started = time.perf_counter()
-        self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
 
     def save_config(self, cfg: DictConfig) -> None:
@@ -57,14 +55,6 @@ class RunDir:
         path = self.path / f"{name}.npz"
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return path
-
-    def stage(self, name: str, compute: Callable[[], ArrayDict], depends: Any = None) -> ArrayDict:
-        """The arrays of stage ``name`` for ``depends``: from the stage cache if an earlier
-        run finished it, else ``compute()``, saved there."""
-        start = time.perf_counter()
-        arrays = self.cache.arrays(name, depends, compute)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-        return arrays
 
     def save_figure(self, fig, name: str) -> list[str]:
         """``name.png`` and ``name.pdf``; the figure is closed afterwards (pyplot keeps every
@@ -121,7 +111,7 @@ class RunDir:
             **extra,
             "warnings": self.warnings,
             "wall_time_s": round(time.perf_counter() - self.started, 3),
-            "stage_times_s": {k: round(v, 3) for k, v in self.timings.items()},
+            "stage_times_s": {k: round(v, 3) for k, v in self.cache.timings.items()},
             "stages": self.cache.log,
             "versions": {
                 "diffsens": diffsens_cli.__version__,

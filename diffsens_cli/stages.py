@@ -219,6 +219,9 @@ class StageCache:
         self.warn = warn  # how non-finite values in a stage are told (a run keeps them in its summary)
         self.forced: set[Path] = set()
         self.log: list[dict[str, Any]] = []  # what this process did, stage by stage
+        # Seconds spent getting each stage (computing or reusing it), less the stages it needed inside.
+        self.timings: dict[str, float] = {}
+        self._inner: list[float] = []
         self._scope_checked = False
 
     def path(self, name: str, depends: Any) -> Path:
@@ -232,6 +235,23 @@ class StageCache:
         """The directory of stage ``name`` for ``depends``: reused if finished and intact,
         else ``work(directory)`` fills it (picking up what an interrupted attempt left) and
         ``done.json`` marks it finished."""
+        with self._timed(name):
+            return self._run(name, depends, work)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        """Adds the seconds inside to ``timings[name]``, less those of stages run inside it."""
+        start = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed, inner = time.perf_counter() - start, self._inner.pop()
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
+
+    def _run(self, name: str, depends: Any, work: Callable[[Path], None]) -> Path:
         path = self.path(name, depends)
         forcing = (name in self.force or "all" in self.force) and path not in self.forced
         problem = None if forcing else self._problem(path)

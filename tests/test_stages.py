@@ -74,6 +74,26 @@ def test_forced_stages_are_recomputed_once_per_process(tmp_path):
     assert len(calls) == 3
 
 
+def test_stage_times_count_each_stage_once_without_the_stages_it_needed(tmp_path):
+    """The summary's ``stage_times_s`` comes from the cache, so every stage of every pipeline
+    is timed; a stage computed inside another (a training inside a sampling) is not counted twice."""
+    cache = StageCache(tmp_path)
+
+    def inner() -> dict:
+        time.sleep(0.3)
+        return ONES
+
+    def outer() -> dict:
+        time.sleep(0.1)
+        return cache.arrays("inner", {"a": 1}, inner)
+
+    cache.arrays("outer", {"a": 1}, outer)
+    assert 0.3 <= cache.timings["inner"] < 0.6 and 0.1 <= cache.timings["outer"] < 0.25
+    run = RunDir(tmp_path / "run", cache)
+    summary = json.loads(run.write_summary({}).read_text())
+    assert summary["stage_times_s"] == {k: round(v, 3) for k, v in cache.timings.items()}
+
+
 def test_a_stage_whose_result_is_all_nan_is_refused_and_not_kept(tmp_path):
     """psi all NaN (a perturbation beyond the dtype's range) must not become a finished stage
     that every later run reuses: one line naming the stage and the array, no done.json."""
@@ -91,7 +111,7 @@ def test_some_nan_in_a_stage_is_kept_and_told_with_its_share_each_time_it_is_use
     some = {"psi": np.array([1.0, np.nan, 2.0, 3.0]), "label": np.array(["a", "b"]), "empty": np.zeros(0)}
     line = "stage psi: 25.0% of the 4 values of psi are NaN or infinite"
     for _ in range(2):  # computed, then reused
-        arrays = run.stage("psi", lambda: some, depends={"a": 1})
+        arrays = run.cache.arrays("psi", {"a": 1}, lambda: some)
         assert np.isnan(arrays["psi"][1]) and capsys.readouterr().err == f"diffsens: warning: {line}\n"
     assert run.warnings == [line, line]
 

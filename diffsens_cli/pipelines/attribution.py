@@ -167,7 +167,7 @@ def training_features(cfg: DictConfig, run, source, method: str) -> ArrayDict:
             out = {"features": feats.cpu().numpy()}
         return out | {"wall_time_s": np.array(time.perf_counter() - start)}
 
-    return run.stage("attribution_features", compute, depends)
+    return run.cache.arrays("attribution_features", depends, compute)
 
 
 def _embed(train: ArrayDict, images: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
@@ -217,7 +217,7 @@ def method_stage(cfg: DictConfig, run, source, method: str, i: int, sample: np.n
         return out | {"wall_time_s": np.array(time.perf_counter() - start),
                       "network_evaluations": np.array(evaluations)}
 
-    return run.stage("attribution", compute, depends)
+    return run.cache.arrays("attribution", depends, compute)
 
 
 # -- score sets, rankings and what they say --------------------------------------------------

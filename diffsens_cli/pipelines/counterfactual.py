@@ -215,8 +215,8 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
         key, path = trained(removed, train_seed)
         depends = {"model": key, "queries": content_key(queries), "loss_pairs": plain(cfg.influence.loss_pairs),
                    "seed": int(cfg.seed)}
-        return run.stage("loss_counterfactual", lambda: {"loss": query_loss(
-            cfg, stages.score_model(path), queries, stages.device, stages.dtype)}, depends)["loss"]
+        return run.cache.arrays("loss_counterfactual", depends, lambda: {"loss": query_loss(
+            cfg, stages.score_model(path), queries, stages.device, stages.dtype)})["loss"]
 
     pool = int(cfg.influence.pool)
     nothing = torch.zeros(len(rho), dtype=torch.bool)
@@ -264,7 +264,7 @@ def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int,
         psi = out.run(source.z0[i:i + 1], first_index=i).psi[:, 0]
         return {"psi": psi.view(len(PREDICTIONS), len(removed), *psi.shape[1:]).numpy()}
 
-    return run.stage("predictions_counterfactual", compute, depends)["psi"]
+    return run.cache.arrays("predictions_counterfactual", depends, compute)["psi"]
 
 
 @dataclass
@@ -300,8 +300,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     models = exact_models(cfg, rows) if influence.closed_form(cfg) else image_models(cfg, run, rows)
     source, shard = models.source, Shard.of(cfg)
     # every job of a sharded run needs every sample's scores: each computes its own first
-    found = {j: run.stage("influence", lambda i=rows[j]: influence.sample_stage(cfg, source, i),
-                          influence.stage_depends(cfg, source, rows[j]))
+    found = {j: run.cache.arrays("influence", influence.stage_depends(cfg, source, rows[j]),
+                                 lambda i=rows[j]: influence.sample_stage(cfg, source, i))
              for j in progress.bar(shard.mine_first(range(len(rows))), desc="influence: model samples",
                                    enabled=bool(cfg.solver.progress))}
     per_sample = [found[j] for j in range(len(rows))]

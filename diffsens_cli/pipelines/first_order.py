@@ -112,8 +112,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     panels = progress.bar(variants(fo, comp.solver), desc="first_order", enabled=comp.solver.progress)
     for panel, label, settings in panels:
         # Keyed by what the curve depends on, so equal settings in two panels run once.
-        arrays = run.stage("curve", lambda: remainder_curve(comp, settings, z0, etas),
-                           depends={**depends, "settings": repr(replace(settings, progress=True))})
+        arrays = run.cache.arrays("curve", {**depends, "settings": repr(replace(settings, progress=True))},
+                                  lambda: remainder_curve(comp, settings, z0, etas))
         curves.append((panel, label, arrays))
         if reference is None and panel == "ode" and settings.step_size == float(fo.hutchinson_step_size):
             reference = arrays

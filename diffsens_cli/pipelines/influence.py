@@ -270,8 +270,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     todo = shard.mine(samples)  # all of them unless sharded
     per_sample = []
     for i in progress.bar(todo, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
-        per_sample.append(run.stage("influence", lambda i=i: sample_stage(cfg, source, i),
-                                    stage_depends(cfg, source, i)))
+        per_sample.append(run.cache.arrays("influence", stage_depends(cfg, source, i),
+                                           lambda i=i: sample_stage(cfg, source, i)))
     sets, cost = attribution.score_sets(cfg, run, source, todo, per_sample,
                                         [stage_depends(cfg, source, i) for i in todo])
     if shard.partial:  # the unsharded run assembles

@@ -83,9 +83,9 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     z0 = exact.sample_base(n, (d,), t0, torch.Generator(comp.device).manual_seed(int(cfg.seed)))
 
     exact_settings = replace(comp.solver, density="closed_form", progress=False)
-    psi_exact = torch.from_numpy(run.stage(
-        "exact_psi", lambda: {"psi": Integrator(exact, exact_settings, comp.perturbation).run(z0).psi[0].numpy()},
-        depends=_problem(cfg))["psi"])
+    psi_exact = torch.from_numpy(run.cache.arrays(
+        "exact_psi", _problem(cfg),
+        lambda: {"psi": Integrator(exact, exact_settings, comp.perturbation).run(z0).psi[0].numpy()})["psi"])
 
     learned_settings = replace(comp.solver, progress=False)
     similarity = SIMILARITIES[se.metric]
