@@ -9,9 +9,14 @@
 # --resume SWEEP_DIR finishes an interrupted sweep: the experiments that wrote their
 # summary.json there are kept, the others run again into it (reusing their cached stages);
 # give it the overrides the sweep was started with, since the kept runs are not checked.
+# Each experiment says which list it is on by a line `# suite: cpu`, `# suite: paper` or
+# `# suite: none` (benchmarks, closed-form checks) in its config: a new one joins by its own file.
 set -euo pipefail
-experiments=toy2d,gmm_first_order,gmm_score_error,digits_typography,celeba_attributes,fisher_ot_check
-experiments+=,digits_psi_convergence,digits_influence,lfw_influence,digits_crossclass,digits_counterfactual
+configs="$(dirname "$0")/../configs/experiment"
+suite() {  # the experiments of suite $1, comma-separated, in name order
+  grep -lx "# suite: $1" "$configs"/*.yaml | xargs -n1 basename | sed 's/\.yaml$//' | paste -sd, -
+}
+experiments=$(suite cpu)
 kind=cpu
 sweep=""
 overrides=()  # everything else goes to `diffsens run` (key=value overrides, Hydra's own flags)
@@ -19,8 +24,7 @@ while (( $# )); do
   case "$1" in
     --paper)
       kind=paper
-      experiments=celeba_oldman,mnist_tmnist,celeba_attributes_paper,gmm_score_error_paper,celeba_influence
-      experiments+=,mnist_counterfactual
+      experiments=$(suite paper)
       ;;
     --resume)
       sweep="${2:-}"

@@ -306,7 +306,7 @@ def loaded_images(page: Path) -> str | None:
 ALL_SH = Path(__file__).resolve().parents[1] / "experiments" / "all.sh"
 
 
-def all_sh(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def all_sh(*args: str, cwd: Path, script: Path = ALL_SH) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run experiments/all.sh with ``diffsens`` on PATH replaced by a script that records
     each call's arguments (one JSON list per line): what the script asks of diffsens."""
     bin_dir, calls = cwd / "bin", cwd / "calls.jsonl"
@@ -315,9 +315,26 @@ def all_sh(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, list[lis
         f'#!/bin/sh\nexec python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@" >> {calls}\n')
     (bin_dir / "diffsens").chmod(0o755)
     calls.unlink(missing_ok=True)
-    r = subprocess.run(["bash", str(ALL_SH), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+    r = subprocess.run(["bash", str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     return r, [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def test_every_experiment_says_its_suite_and_make_figures_takes_them_from_there(tmp_path):
+    """One ``# suite: cpu|paper|none`` line per experiment config; a new experiment joins
+    ``make figures`` by its own file (here: a copy of toy2d marked cpu, in a copied tree)."""
+    configs = ALL_SH.parents[1] / "configs" / "experiment"
+    suites = {p.stem: [line for line in p.read_text().splitlines() if line.startswith("# suite:")]
+              for p in configs.glob("*.yaml")}
+    assert all(len(v) == 1 and v[0] in ("# suite: cpu", "# suite: paper", "# suite: none") for v in suites.values())
+    tree = tmp_path / "tree"
+    (tree / "experiments").mkdir(parents=True)
+    (tree / "experiments" / "all.sh").write_text(ALL_SH.read_text())
+    shutil.copytree(configs, tree / "configs" / "experiment")
+    (tree / "configs" / "experiment" / "zz_new.yaml").write_text("# @package _global_\n# suite: cpu\n")
+    r, calls = all_sh("--cfg", "job", cwd=tmp_path, script=tree / "experiments" / "all.sh")
+    listed = calls[0][2].removeprefix("experiment=").split(",")
+    assert r.returncode == 0 and listed == sorted(k for k, v in suites.items() if v == ["# suite: cpu"]) + ["zz_new"]
 
 
 def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_one(tmp_path):
@@ -337,7 +354,7 @@ def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_
             (tmp_path / "sweep" / name / "summary.json").write_text("{}")
     r, calls = all_sh("--resume", "sweep", "size=tiny", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert calls == [["run", "-m", "experiment=gmm_first_order,digits_counterfactual", "hydra.sweep.dir='sweep'",
+    assert calls == [["run", "-m", "experiment=digits_counterfactual,gmm_first_order", "hydra.sweep.dir='sweep'",
                       "hydra.sweep.subdir=${name}", "size=tiny"], ["report", "sweep", "--out", "report"]]
     for name in ("gmm_first_order", "digits_counterfactual"):
         (tmp_path / "sweep" / name / "summary.json").write_text("{}")
@@ -347,7 +364,9 @@ def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_
 
     # the paper's list (none of it ran there), options in any order, Hydra's own flags passed on
     r, calls = all_sh("size=tiny", "--resume", "sweep", "--cfg", "job", "--paper", cwd=tmp_path)
-    assert r.returncode == 0 and calls[0][2].startswith("experiment=celeba_oldman,")
+    paper = calls[0][2].removeprefix("experiment=").split(",")
+    assert r.returncode == 0 and paper == ["celeba_attributes_paper", "celeba_influence", "celeba_oldman",
+                                           "gmm_score_error_paper", "mnist_counterfactual", "mnist_tmnist"]
     assert calls[0][3:] == ["hydra.sweep.dir='sweep'", "hydra.sweep.subdir=${name}", "size=tiny", "--cfg", "job"]
     odd = tmp_path / "it's a,b"  # a folder Hydra would split at the comma, unless quoted
     odd.mkdir()
