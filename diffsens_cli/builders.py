@@ -71,8 +71,7 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
         require(density != "closed_form" or model.has_log_density, "solver.density",
                 f"closed_form needs a model with a closed-form density; {type(model).__name__} has none (use ccov)")
     divergence = one_of(cfg.divergence, ["exact", "hutchinson"], "solver.divergence")
-    hutchinson_samples = whole(cfg.hutchinson_samples, "solver.hutchinson_samples")
-    require(hutchinson_samples >= 1, "solver.hutchinson_samples", f"must be >= 1, got {hutchinson_samples}")
+    hutchinson_samples = whole(cfg.hutchinson_samples, "solver.hutchinson_samples", at_least=1)
     clamp = plain(cfg.weight_clamp)
     if clamp is not None:
         need = f"must be null or [low, high] with 0 < low < high, got {clamp}"

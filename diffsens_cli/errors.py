@@ -62,13 +62,21 @@ def number(value: Any, key: str, null: bool = False) -> float | None:
     return float(value)
 
 
-def whole(value: Any, key: str, null: bool = False) -> int | None:
-    """``value`` as an int (an int, or a float with no fraction such as 1e3); None passes when ``null``."""
+def whole(value: Any, key: str, null: bool = False, at_least: int | None = None) -> int | None:
+    """``value`` as an int (an int, or a float with no fraction such as 1e3), at least
+    ``at_least`` if given; None passes when ``null``. One wording for every count."""
     if value is None and null:
         return None
     ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-    require(ok, key, f"must be {'null or ' if null else ''}a whole number, got {value!r}")
+    ok = ok and (at_least is None or int(value) >= at_least)
+    bound = "" if at_least is None else f" >= {at_least}"
+    require(ok, key, f"must be {'null or ' if null else ''}a whole number{bound}, got {value!r}")
     return int(value)
+
+
+def positive_whole(value: Any, key: str) -> int:
+    """``whole(value, key, at_least=1)``: a count, as ``listed`` reads its items."""
+    return whole(value, key, at_least=1)
 
 
 def flag(value: Any, key: str) -> bool:

@@ -48,12 +48,10 @@ class Shard:
     def of(cls, cfg: DictConfig) -> Shard:
         """The checked ``shard`` group of ``cfg``."""
         sc = cfg.shard
-        count = whole(sc.count, "shard.count")
-        require(count >= 1, "shard.count", f"must be >= 1, got {sc.count}")
+        count = whole(sc.count, "shard.count", at_least=1)
         index = whole(sc.index, "shard.index")
         require(0 <= index < count, "shard.index", f"must be in 0..{count - 1} (shard.count={count}), got {sc.index}")
-        block = whole(sc.block, "shard.block")
-        require(block >= 1, "shard.block", f"must be >= 1, got {sc.block}")
+        block = whole(sc.block, "shard.block", at_least=1)
         return cls(index, count, block)
 
     @property

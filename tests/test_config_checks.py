@@ -49,14 +49,14 @@ def test_typed_accessors():
     (["experiment=toy2d", "toy2d.grid_size=abc"], "toy2d.grid_size: must be a whole number, got 'abc'"),
     (["experiment=toy2d", "dataset.num_points=2.5"], "dataset.num_points: must be a whole number, got 2.5"),
     (["experiment=toy2d", "schedule.beta_end=abc"], "schedule.beta_end: must be a number, got 'abc'"),
-    (["experiment=gmm_first_order", "dataset.dim=abc"], "dataset.dim: must be a whole number, got 'abc'"),
+    (["experiment=gmm_first_order", "dataset.dim=abc"], "dataset.dim: must be a whole number >= 1, got 'abc'"),
     (["experiment=gmm_first_order", "perturbation.std=abc"], "perturbation.std: must be a number, got 'abc'"),
     (["experiment=gmm_first_order", "first_order.ode_step_sizes=[0]"],
      "first_order.ode_step_sizes[0]: must be in (0, 0.999] (1 - solver.t_min), got 0"),
     (["experiment=gmm_first_order", "first_order.sde_step_sizes=[-0.05]"],
      "first_order.sde_step_sizes[0]: must be in (0, 0.999] (1 - solver.t_min), got -0.05"),
     (["experiment=gmm_first_order", "first_order.hutchinson_samples=[1,0]"],
-     "first_order.hutchinson_samples[1]: must be >= 1, got 0"),
+     "first_order.hutchinson_samples[1]: must be a whole number >= 1, got 0"),
     (["experiment=gmm_first_order", "first_order.hutchinson_probes=[gauss]"],
      "first_order.hutchinson_probes[0]: 'gauss' is not one of gaussian, rademacher"),
     (["experiment=gmm_first_order", "first_order.etas=[0.1,x]"], "first_order.etas[1]: must be a number, got 'x'"),
@@ -68,23 +68,23 @@ def test_typed_accessors():
     (["experiment=gmm_first_order", "dataset.means=[-1e200,1e200]"],
      "dataset: its means' squared norms overflow solver.dtype=float64"),
     (["experiment=gmm_first_order", "first_order.num_samples=1.5"],
-     "first_order.num_samples: must be a whole number, got 1.5"),
+     "first_order.num_samples: must be a whole number >= 1, got 1.5"),
     (["experiment=gmm_score_error", "train.lr=abc"], "train.lr: must be a number, got 'abc'"),
     (["experiment=gmm_score_error", "train.hflip=yes"], "train.hflip: must be true or false, got 'yes'"),
-    (["experiment=gmm_score_error", "model.hidden=abc"], "model.hidden: must be a whole number, got 'abc'"),
+    (["experiment=gmm_score_error", "model.hidden=abc"], "model.hidden: must be a whole number >= 1, got 'abc'"),
     (["experiment=gmm_score_error", "score_error.eval_every=x"],
      "score_error.eval_every: must be a whole number, got 'x'"),
-    (["experiment=bench_engine", "bench.repeats=1.5"], "bench.repeats: must be a whole number, got 1.5"),
+    (["experiment=bench_engine", "bench.repeats=1.5"], "bench.repeats: must be a whole number >= 1, got 1.5"),
     (["experiment=digits_typography", "predict.num_samples=abc"],
      "predict.num_samples: must be a whole number, got 'abc'"),
     (["experiment=digits_typography", "ot.reg=abc"], "ot.reg: must be a number, got 'abc'"),
-    (["experiment=digits_typography", "dataset.limit=0"], "dataset.limit: must be null or an integer >= 1, got 0"),
+    (["experiment=digits_typography", "dataset.limit=0"], "dataset.limit: must be null or a whole number >= 1, got 0"),
     (["experiment=digits_typography", "dataset.image_size=abc"],
-     "dataset.image_size: must be null or an integer >= 1, got 'abc'"),
+     "dataset.image_size: must be null or a whole number >= 1, got 'abc'"),
     (["experiment=digits_typography", "model.layers_per_block=x"],
-     "model.layers_per_block: must be a whole number, got 'x'"),
+     "model.layers_per_block: must be a whole number >= 1, got 'x'"),
     (["experiment=digits_typography", "perturbation.source.num_images=0"],
-     "perturbation.source.num_images: must be an integer >= 1, got 0"),
+     "perturbation.source.num_images: must be a whole number >= 1, got 0"),
     (["experiment=digits_typography", "dataset=mnist", "dataset.root=/nope"], "dataset.root: /nope is not a folder"),
     (["experiment=digits_typography", "model=pretrained", "model.path=/nope"], "model.path: /nope is not a directory"),
     (["experiment=celeba_attributes", "attributes.coefficients=[a]"],
@@ -98,7 +98,7 @@ def test_bad_values_stop_before_the_run_directory(args, expected, tmp_path, cli_
 @pytest.mark.parametrize("args,expected", [
     (["sample.num_steps=abc"], "sample.num_steps: must be a whole number, got 'abc'"),
     (["dataset=mnist", "dataset.root=/nope"], "dataset.root: /nope is not a folder"),
-    (["dataset.limit=-1"], "dataset.limit: must be null or an integer >= 1, got -1"),
+    (["dataset.limit=-1"], "dataset.limit: must be null or a whole number >= 1, got -1"),
     (["train.mode=finetune", "model=pretrained", "model.path=/nope"], "model.path: /nope is not a directory"),
     (["train.mode=retrain", "perturbation.source.glyph_size=2"], "perturbation.source.glyph_size: must be in (0, 1]"),
 ])
@@ -259,3 +259,16 @@ def test_cifar_codecs_encode_admits_latin1_text_only(tmp_path):
     assert str(e.value) == (f"dataset.root: {tmp_path / 'cifar-10-batches-py' / 'test_batch'} is not a CIFAR-10 "
                             "batch: it asks for _codecs.encode of str with 'rot13', which is refused (only latin-1 "
                             "text to bytes)")
+
+
+def test_counts_are_read_by_one_reader_with_one_wording():
+    """A data set's ``limit`` and a solver's count take the same values (1e3 is 1000
+    everywhere) and are refused in the same words."""
+    from diffsens_cli.data.base import Spec
+
+    spec = Spec({"limit": 1e3, "image_size": 0}, "dataset")
+    assert spec.positive_int("limit") == 1000
+    with pytest.raises(ConfigError, match=r"^dataset.image_size: must be null or a whole number >= 1, got 0$"):
+        spec.positive_int("image_size")
+    with pytest.raises(ConfigError, match=r"^solver.num_steps: must be null or a whole number >= 1, got 0$"):
+        whole(0, "solver.num_steps", null=True, at_least=1)

@@ -308,7 +308,7 @@ def test_every_ranking_has_a_colour():
      "counterfactual.rankings[2]: ranking 'feature' needs the score set 'feature'"),
     (["counterfactual.queries=3"], "counterfactual.queries: must be null or in 1 .. 2 (the number of "
                                    "influence.samples), got 3"),
-    (["counterfactual.random_seeds=0"], "counterfactual.random_seeds: must be >= 1, got 0"),
+    (["counterfactual.random_seeds=0"], "counterfactual.random_seeds: must be a whole number >= 1, got 0"),
     (["datamodel.keep=1.0"], "datamodel.keep: must be in (0, 1), got 1.0"),
     (["datamodel.keep=0.99"], "datamodel.keep: must keep some but not all of N = 30 images, got 0.99"),
     (["solver.method=sde"], "solver.method: counterfactual samples are compared along one deterministic path"),

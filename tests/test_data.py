@@ -107,11 +107,11 @@ def test_typography_is_deterministic_balanced_and_digit_shaped():
 def test_common_keys_are_checked():
     assert error(load_images, cfg("imagenet")) == ("dataset.kind: 'imagenet' is not one of digits, typography, "
                                                    "lfw_faces, mnist, tmnist, celeba, cifar10")
-    assert error(load_images, cfg("digits", limit=0)) == "dataset.limit: must be null or an integer >= 1, got 0"
+    assert error(load_images, cfg("digits", limit=0)) == "dataset.limit: must be null or a whole number >= 1, got 0"
     assert error(load_images, cfg("digits", root="/x")) == \
         "dataset.root: must be null: digits is embedded (built from installed packages), got '/x'"
     assert error(load_images, cfg("digits", image_size=2.5), key="perturbation.source") == \
-        "perturbation.source.image_size: must be null or an integer >= 1, got 2.5"
+        "perturbation.source.image_size: must be null or a whole number >= 1, got 2.5"
 
 
 # --- MNIST -------------------------------------------------------------------------------
@@ -487,7 +487,7 @@ def test_source_from_another_data_set(digits):
     same = perturbation_set(image_set(source=cfg("digits"), direction="remove"), digits, cfg("digits"))
     assert torch.equal(same.images, digits.images)
     assert error(perturbation_set, image_set(source={**typo, "limit": -1}), digits, cfg("digits")) == \
-        "perturbation.source.limit: must be null or an integer >= 1, got -1"
+        "perturbation.source.limit: must be null or a whole number >= 1, got -1"
 
 
 # --- Hydra composition -------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_poi
 
 @pytest.mark.parametrize("args,expected", [
     (["influence.samples=[0,5]"], "influence.samples: index 5 is out of range: the pool has 2 samples"),
-    (["influence.projections=0"], "influence.projections: must be >= 1, got 0"),
+    (["influence.projections=0"], "influence.projections: must be a whole number >= 1, got 0"),
     (["influence.rank=31"], "influence.rank: must not exceed the number of training images N = 30, got 31"),
     (["influence.num_train=0"], "influence.num_train: must be null (every training image) or >= 1, got 0"),
     (["influence.method=adjoint"], "influence.method: 'adjoint' is not one of exact, sketch"),
@@ -80,7 +80,7 @@ def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_poi
                                                    "ours_clamped, ours_set, ours_loss, l2, feature, dtrak"),
     (["influence.attributions=[ours_exact,dtrak]"], "influence.attributions: dtrak needs a network's parameters"),
     (["influence.clamp=[10,0.1]"], "influence.clamp: must be [low, high] with 0 < low < high, got [10.0, 0.1]"),
-    (["influence.loss_pairs.timesteps=0"], "influence.loss_pairs.timesteps: must be >= 1, got 0"),
+    (["influence.loss_pairs.timesteps=0"], "influence.loss_pairs.timesteps: must be a whole number >= 1, got 0"),
     (["influence.projections=8"], "influence.rank: rank + oversample (20) must not exceed half of "
                                   "influence.projections (8 // 2)"),
 ])
@@ -90,7 +90,7 @@ def test_bad_influence_input_is_one_clear_line(args, expected, cli_error):
 
 def test_a_projection_dimension_below_one_is_one_clear_line(cli_error):
     assert cli_error(["run", "experiment=digits_influence", "size=tiny", "influence.dtrak.projection_dim=0"]
-                     ).startswith("influence.dtrak.projection_dim: must be >= 1, got 0")
+                     ).startswith("influence.dtrak.projection_dim: must be a whole number >= 1, got 0")
 
 
 def test_a_rerun_reuses_the_finished_model_samples(tmp_path):

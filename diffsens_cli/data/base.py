@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.errors import ConfigError, one_of, require
+from diffsens_cli.errors import ConfigError, one_of, require, whole
 
 
 @dataclass
@@ -56,21 +56,13 @@ class Spec:
 
     def positive_int(self, field: str, default: int | None = None, optional: bool = True) -> int | None:
         """``field`` as an int >= 1; None when unset and ``optional``."""
-        value = self.values.get(field, default)
-        if value is None and optional:
-            return None
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, self.name(field),
-                f"must be {'null or ' if optional else ''}an integer >= 1, got {value!r}")
-        return value
+        return whole(self.values.get(field, default), self.name(field), null=optional, at_least=1)
 
     def choice(self, field: str, allowed: list[str], default: str | None) -> str:
         return one_of(self.values.get(field, default), allowed, self.name(field))
 
     def seed(self) -> int:
-        seed = self.values.get("seed", 0)
-        require(isinstance(seed, int) and not isinstance(seed, bool), self.name("seed"),
-                f"must be an integer, got {seed!r}")
-        return seed
+        return whole(self.values.get("seed", 0), self.name("seed"))
 
     def root(self, layout: str, get: str) -> Path:
         """The ``root`` folder of a published data set; ``layout`` says what it should hold,

@@ -68,8 +68,7 @@ def _curve(cfg: DictConfig) -> GaussianMixture:
 def build_dataset(cfg: DictConfig) -> GaussianMixture:
     """The closed-form target measure rho of a synthetic data set."""
     kind = one_of(cfg.kind, ["gaussian_mixture", "curve"], "dataset.kind")
-    dim = whole(cfg.dim, "dataset.dim")
-    require(dim >= 1, "dataset.dim", f"must be >= 1, got {dim}")
+    dim = whole(cfg.dim, "dataset.dim", at_least=1)
     if kind == "curve":
         require(dim == 2, "dataset.dim", "a curve data set lives in 2 dimensions")
         return _curve(cfg)
@@ -95,8 +94,7 @@ def build_perturbation(cfg: DictConfig, target: GaussianMixture, seed: int = 0) 
 def _empirical_points(cfg: DictConfig, target: GaussianMixture, seed: int) -> torch.Tensor:
     dim = target.dim
     if cfg.get("from_dataset") is not None:
-        k = whole(cfg.from_dataset, "perturbation.from_dataset")
-        require(k >= 1, "perturbation.from_dataset", f"must be >= 1 samples, got {k}")
+        k = whole(cfg.from_dataset, "perturbation.from_dataset", at_least=1)
         return target.sample(k, torch.Generator().manual_seed(seed + 1))
     if cfg.get("path"):
         return torch.from_numpy(read_points(cfg.path, dim))

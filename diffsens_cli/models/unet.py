@@ -16,16 +16,10 @@ from diffusers import UNet2DModel
 from omegaconf import DictConfig
 
 from diffsens_cli.core.schedule import Schedule
-from diffsens_cli.errors import ConfigError, listed, number, one_of, plain, require, whole
+from diffsens_cli.errors import ConfigError, listed, number, one_of, plain, positive_whole, require, whole
 from diffsens_cli.models import NETWORK_KINDS
 from diffsens_cli.models.network import PREDICTION_TYPES, FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
 from diffsens_cli.models.pretrained import LAYOUT, check_pretrained, load_pretrained
-
-
-def _positive(value: object, key: str) -> int:
-    n = whole(value, key)
-    require(n >= 1, key, f"must be >= 1, got {n}")
-    return n
 
 
 def _block_type(value: object, key: str) -> str:
@@ -38,7 +32,7 @@ def _unet_settings(cfg: dict, event_shape: tuple[int, ...]) -> dict:
     require(len(event_shape) == 3, "model.kind",
             f"a UNet needs image data (channels, height, width), the dataset gives samples of shape {event_shape}")
     channels, height, width = event_shape
-    blocks = listed(cfg["block_out_channels"], "model.block_out_channels", _positive)
+    blocks = listed(cfg["block_out_channels"], "model.block_out_channels", positive_whole)
     levels = len(blocks)
     types = {key: listed(cfg[key], f"model.{key}", _block_type) for key in ("down_block_types", "up_block_types")}
     for key, names in types.items():
@@ -47,14 +41,15 @@ def _unet_settings(cfg: dict, event_shape: tuple[int, ...]) -> dict:
     factor = 2 ** (levels - 1)
     require(height % factor == 0 and width % factor == 0, "model.block_out_channels",
             f"{levels} levels need dataset.image_size divisible by 2^{levels - 1} = {factor}; got {height}x{width}")
-    divisors = {key: _positive(cfg[key], f"model.{key}") for key in ("norm_num_groups", "attention_head_dim")}
+    divisors = {key: positive_whole(cfg[key], f"model.{key}") for key in ("norm_num_groups", "attention_head_dim")}
     for key, d in divisors.items():
         require(all(c % d == 0 for c in blocks), f"model.{key}",
                 f"must divide every entry of model.block_out_channels {blocks}, got {d}")
     dropout = number(cfg.get("dropout", 0.0), "model.dropout")
     require(0 <= dropout < 1, "model.dropout", f"must be in [0, 1), got {dropout}")
+    layers = positive_whole(cfg["layers_per_block"], "model.layers_per_block")
     return dict(sample_size=height if height == width else (height, width), in_channels=channels,
-                out_channels=channels, layers_per_block=_positive(cfg["layers_per_block"], "model.layers_per_block"),
+                out_channels=channels, layers_per_block=layers,
                 block_out_channels=tuple(blocks), down_block_types=tuple(types["down_block_types"]),
                 up_block_types=tuple(types["up_block_types"]), dropout=dropout, **divisors)
 
@@ -76,8 +71,8 @@ def _mlp_settings(cfg: dict) -> dict:
     """The checked ``FourierMLP`` sizes of a ``model`` config of kind mlp."""
     scale = number(cfg["fourier_scale"], "model.fourier_scale")
     require(scale > 0, "model.fourier_scale", f"must be > 0, got {scale}")
-    return dict(hidden=_positive(cfg["hidden"], "model.hidden"), depth=_positive(cfg["depth"], "model.depth"),
-                num_frequencies=_positive(cfg["num_frequencies"], "model.num_frequencies"), fourier_scale=scale)
+    return dict(hidden=positive_whole(cfg["hidden"], "model.hidden"), depth=positive_whole(cfg["depth"], "model.depth"),
+                num_frequencies=positive_whole(cfg["num_frequencies"], "model.num_frequencies"), fourier_scale=scale)
 
 
 def check_network(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...]) -> None:

@@ -34,8 +34,7 @@ def check(cfg: DictConfig) -> None:
     check_training(cfg)
     solver_settings(cfg.solver)
     _sets(cfg)
-    require(whole(cfg.attributes.num_samples, "attributes.num_samples") >= 1, "attributes.num_samples",
-            f"must be >= 1, got {cfg.attributes.num_samples}")
+    whole(cfg.attributes.num_samples, "attributes.num_samples", at_least=1)
     listed(cfg.attributes.coefficients, "attributes.coefficients", number)
 
 

@@ -93,23 +93,19 @@ def check(cfg: DictConfig, closed_form: bool, labelled: bool) -> None:
     names = methods(cfg)
     pairs = cfg.influence.loss_pairs
     for key in ("timesteps", "noises"):
-        require(whole(pairs[key], f"influence.loss_pairs.{key}") >= 1, f"influence.loss_pairs.{key}",
-                f"must be >= 1, got {pairs[key]}")
+        whole(pairs[key], f"influence.loss_pairs.{key}", at_least=1)
     if "feature" in names:
         require(not closed_form and labelled, "influence.attributions",
                 "feature needs a labelled image data set (its classifier's features)")
-        require(whole(cfg.influence.feature.epochs, "influence.feature.epochs") >= 1, "influence.feature.epochs",
-                f"must be >= 1, got {cfg.influence.feature.epochs}")
+        whole(cfg.influence.feature.epochs, "influence.feature.epochs", at_least=1)
     if "dtrak" in names:
         require(not closed_form, "influence.attributions",
                 "dtrak needs a network's parameters; the closed-form model has none")
         dt = cfg.influence.dtrak
-        require(whole(dt.projection_dim, "influence.dtrak.projection_dim") >= 1, "influence.dtrak.projection_dim",
-                f"must be >= 1, got {dt.projection_dim}")
+        whole(dt.projection_dim, "influence.dtrak.projection_dim", at_least=1)
         require(number(dt.damping, "influence.dtrak.damping") >= 0, "influence.dtrak.damping",
                 f"must be >= 0, got {dt.damping}")
-        require(whole(dt.batch_size, "influence.dtrak.batch_size") >= 1, "influence.dtrak.batch_size",
-                f"must be >= 1, got {dt.batch_size}")
+        whole(dt.batch_size, "influence.dtrak.batch_size", at_least=1)
 
 
 def check_rankings(cfg: DictConfig, names: list[str], key: str) -> None:

@@ -28,7 +28,7 @@ from diffsens_cli.core.forcing import Perturbation
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.errors import listed, plain, require, whole
+from diffsens_cli.errors import listed, plain, positive_whole, require, whole
 from diffsens_cli.rundir import RunDir
 
 
@@ -45,12 +45,6 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return timed
 
 
-def _positive(value: object, key: str) -> int:
-    n = whole(value, key)
-    require(n >= 1, key, f"must be >= 1, got {value}")
-    return n
-
-
 def _unets(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """``bench.unets``: name -> model config, event shape and batch size (checked)."""
     from diffsens_cli.models.unet import check_network
@@ -64,14 +58,14 @@ def _unets(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         require(len(shape) == 3 and min(shape) >= 1, f"{key}.shape", f"must be [C, H, W], got {list(shape)}")
         check_network(spec["model"], shape)
         out[name] = {"model": spec["model"], "shape": shape,
-                     "batch_size": _positive(spec["batch_size"], f"{key}.batch_size")}
+                     "batch_size": positive_whole(spec["batch_size"], f"{key}.batch_size")}
     return out
 
 
 def check(cfg: DictConfig) -> None:
     Components(cfg)
     for field in ("batch_size", "repeats"):
-        _positive(cfg.bench[field], f"bench.{field}")
+        positive_whole(cfg.bench[field], f"bench.{field}")
     tangents = listed(cfg.bench.tangents, "bench.tangents", whole)
     require(tangents and min(tangents) >= 1, "bench.tangents", f"must list counts >= 1, got {tangents}")
     _unets(cfg)

@@ -36,8 +36,7 @@ def variants(fo: DictConfig, solver: SolverSettings) -> list[tuple[str, str, Sol
         return h
 
     def count(value: object, key: str) -> int:
-        k = whole(value, key)
-        require(k >= 1, key, f"must be >= 1, got {k}")
+        k = whole(value, key, at_least=1)
         return k
 
     exact = dict(density="closed_form", num_steps=None)
@@ -65,8 +64,7 @@ def checked(cfg: DictConfig, comp: Components) -> tuple[list[float], int]:
     fo = cfg.first_order
     etas = sorted(listed(fo.etas, "first_order.etas", number, min_len=2))
     require(etas[0] > 0 and etas[-1] <= 1, "first_order.etas", f"needs >= 2 values in (0, 1], got {etas}")
-    n = whole(fo.num_samples, "first_order.num_samples")
-    require(n >= 1, "first_order.num_samples", f"must be >= 1, got {n}")
+    n = whole(fo.num_samples, "first_order.num_samples", at_least=1)
     variants(fo, comp.solver)
     return etas, n
 

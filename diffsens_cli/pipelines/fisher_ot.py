@@ -110,8 +110,7 @@ def checked(cfg: DictConfig) -> Setup:
     settings = solver_settings(cfg.solver)
     device, dtype = device_and_dtype(cfg.solver)
     fc = cfg.fisher_ot
-    num_paths = whole(fc.num_paths, "fisher_ot.num_paths")
-    require(num_paths >= 1, "fisher_ot.num_paths", f"must be >= 1, got {num_paths}")
+    num_paths = whole(fc.num_paths, "fisher_ot.num_paths", at_least=1)
     tol = number(fc.tol, "fisher_ot.tol")
     require(0 < tol < 1, "fisher_ot.tol", f"must be in (0, 1), got {tol}")
     datasets = {str(name): _dataset(node, f"fisher_ot.datasets.{name}")

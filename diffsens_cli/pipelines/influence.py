@@ -49,16 +49,12 @@ def influence_settings(cfg: DictConfig) -> InfluenceSettings:
     ic = cfg.influence
     out = InfluenceSettings(
         method=one_of(ic.method, METHODS, "influence.method"),
-        projections=whole(ic.projections, "influence.projections"),
-        rank=whole(ic.rank, "influence.rank"),
-        oversample=whole(ic.oversample, "influence.oversample"),
-        power_iterations=whole(ic.power_iterations, "influence.power_iterations"),
+        projections=whole(ic.projections, "influence.projections", at_least=1),
+        rank=whole(ic.rank, "influence.rank", at_least=1),
+        oversample=whole(ic.oversample, "influence.oversample", at_least=0),
+        power_iterations=whole(ic.power_iterations, "influence.power_iterations", at_least=0),
         seed=whole(cfg.seed, "seed"),
     )
-    require(out.projections >= 1, "influence.projections", f"must be >= 1, got {out.projections}")
-    require(out.rank >= 1, "influence.rank", f"must be >= 1, got {out.rank}")
-    require(out.oversample >= 0, "influence.oversample", f"must be >= 0, got {out.oversample}")
-    require(out.power_iterations >= 0, "influence.power_iterations", f"must be >= 0, got {out.power_iterations}")
     return out
 
 
@@ -71,8 +67,7 @@ def check(cfg: DictConfig) -> None:
     """Every setting, and the data and model, before any work."""
     settings = influence_settings(cfg)
     ic = cfg.influence
-    pool = whole(ic.pool, "influence.pool")
-    require(pool >= 1, "influence.pool", f"must be >= 1, got {pool}")
+    pool = whole(ic.pool, "influence.pool", at_least=1)
     samples = sample_indices(cfg)
     for i in samples:
         require(0 <= i < pool, "influence.samples",
@@ -81,8 +76,7 @@ def check(cfg: DictConfig) -> None:
     num_train = whole(ic.num_train, "influence.num_train", null=True)
     require(num_train is None or num_train >= 1, "influence.num_train",
             f"must be null (every training image) or >= 1, got {num_train}")
-    shown = whole(ic.shown, "influence.shown")
-    require(shown >= 1, "influence.shown", f"must be >= 1, got {shown}")
+    whole(ic.shown, "influence.shown", at_least=1)
     listed(ic.ray_amplitudes, "influence.ray_amplitudes", number)
     attribution.check(cfg, closed_form(cfg), labelled=not closed_form(cfg))
     solver_settings(cfg.solver)
@@ -114,8 +108,7 @@ def check(cfg: DictConfig) -> None:
         require(0 < held_out < 1, "crossclass.held_out", f"must be in (0, 1), got {held_out}")
         require(not closed_form(cfg), "crossclass", "needs a labelled image data set")
         one_of(cfg.crossclass.classifier, list(crossclass.CLASSIFIERS), "crossclass.classifier")
-        require(whole(cfg.crossclass.epochs, "crossclass.epochs") >= 1, "crossclass.epochs",
-                f"must be >= 1, got {cfg.crossclass.epochs}")
+        whole(cfg.crossclass.epochs, "crossclass.epochs", at_least=1)
         require(isinstance(cfg.crossclass.flip, bool), "crossclass.flip",
                 f"must be true or false, got {cfg.crossclass.flip}")
 

@@ -65,8 +65,7 @@ def check(cfg: DictConfig) -> None:
     require(cfg.convergence.paper_variant in solvers, "convergence.paper_variant",
             f"must name one of the variants, got {cfg.convergence.paper_variant!r}")
     _seeds(cfg)
-    n = whole(cfg.convergence.num_samples, "convergence.num_samples")
-    require(n >= 1, "convergence.num_samples", f"must be >= 1, got {n}")
+    whole(cfg.convergence.num_samples, "convergence.num_samples", at_least=1)
 
 
 def cost(solver: DictConfig, num_tangents: int, dim: int) -> dict[str, int]:

@@ -49,12 +49,9 @@ def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
     training items one epoch passes over (None for an endless source such as a
     closed-form target, which needs ``train.steps``)."""
     one_of(cfg.mode, TRAIN_MODES, "train.mode")
-    batch_size = whole(cfg.batch_size, "train.batch_size")
-    require(batch_size >= 1, "train.batch_size", f"must be >= 1, got {batch_size}")
-    steps = whole(cfg.steps, "train.steps", null=True)
-    if steps is not None:
-        require(steps >= 1, "train.steps", f"must be >= 1, got {steps}")
-    else:
+    batch_size = whole(cfg.batch_size, "train.batch_size", at_least=1)
+    steps = whole(cfg.steps, "train.steps", null=True, at_least=1)
+    if steps is None:
         require(epoch_size is not None, "train.steps", "an endless data source (a closed-form target) needs steps")
         epochs = number(cfg.epochs, "train.epochs", null=True)
         require(epochs is not None and epochs > 0, "train.epochs", f"must be > 0, got {cfg.epochs}")
@@ -63,8 +60,7 @@ def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
     require(lr > 0, "train.lr", f"must be > 0, got {lr}")
     lr_schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
     lr_scheduler = one_of(cfg.lr_scheduler, lr_schedulers, "train.lr_scheduler")
-    lr_warmup_steps = whole(cfg.lr_warmup_steps, "train.lr_warmup_steps")
-    require(lr_warmup_steps >= 0, "train.lr_warmup_steps", f"must be >= 0, got {lr_warmup_steps}")
+    lr_warmup_steps = whole(cfg.lr_warmup_steps, "train.lr_warmup_steps", at_least=0)
     weight_decay = number(cfg.weight_decay, "train.weight_decay")
     require(weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {weight_decay}")
     ema_decay = number(cfg.ema_decay, "train.ema_decay", null=True)
@@ -75,10 +71,8 @@ def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
     require(0 < t_min < 1, "train.t_min", f"must be in (0, 1), got {t_min}")
     grad_clip = number(cfg.grad_clip, "train.grad_clip", null=True)
     require(grad_clip is None or grad_clip > 0, "train.grad_clip", f"must be null or > 0, got {grad_clip}")
-    checkpoint_every = whole(cfg.checkpoint_every, "train.checkpoint_every")
-    require(checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {checkpoint_every}")
-    keep_checkpoints = whole(cfg.keep_checkpoints, "train.keep_checkpoints")
-    require(keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {keep_checkpoints}")
+    checkpoint_every = whole(cfg.checkpoint_every, "train.checkpoint_every", at_least=1)
+    keep_checkpoints = whole(cfg.keep_checkpoints, "train.keep_checkpoints", at_least=1)
     return TrainSettings(
         steps=steps, batch_size=batch_size, lr=lr, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
         weight_decay=weight_decay, ema_decay=ema_decay, hflip=flag(cfg.hflip, "train.hflip"), t_min=t_min,
