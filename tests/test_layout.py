@@ -77,3 +77,11 @@ def test_only_the_sweeps_module_uses_hydras_internals():
     users = sorted(_module_name(p) for p in PACKAGE.rglob("*.py")
                    if any(m.startswith("hydra._internal") for m in _imports(p)))
     assert users == ["diffsens_cli.sweeps"]
+
+
+def test_the_readme_lists_every_experiment_in_both_tables():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    experiments = sorted(p.stem for p in (PACKAGE.parent / "configs" / "experiment").glob("*.yaml"))
+    group_row = next(line for line in readme.splitlines() if line.startswith("| `experiment` |"))
+    assert [e for e in experiments if f"`{e}`" not in group_row] == []
+    assert [e for e in experiments if f"experiment={e}" not in readme and e != "train"] == []
