@@ -85,3 +85,13 @@ def test_the_readme_lists_every_experiment_in_both_tables():
     group_row = next(line for line in readme.splitlines() if line.startswith("| `experiment` |"))
     assert [e for e in experiments if f"`{e}`" not in group_row] == []
     assert [e for e in experiments if f"experiment={e}" not in readme and e != "train"] == []
+
+
+def test_every_subpackage_ships_in_a_wheel():
+    """pyproject lists its packages by hand: a new subpackage left out of it works in the
+    editable install of the tests and is missing from a user's wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in PACKAGE.rglob("__init__.py")} - {"diffsens_cli.configs"}
+    assert found - listed == set()

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from diffsens_cli import plots
+from diffsens_cli.plots import common, images, influence, synthetic
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +22,19 @@ def test_signed_image_centres_zero_and_scales_by_its_own_max():
     rgb[:, 0, 0] = [3e-4, 3e-4, 0.0]  # channel mean 2e-4 ...
     rgb[:, 1, 1] = [-9e-4, 0.0, 0.0]  # ... and -3e-4: the largest |mean|
     _, ax = plt.subplots()
-    im = plots._show_signed(ax, rgb)
+    im = common.show_signed(ax, rgb)
     np.testing.assert_allclose(im.get_array(), rgb.mean(axis=0))
     assert im.norm(0.0) == 0.5 and im.norm(3e-4) == pytest.approx(1) and im.norm(-3e-4) == pytest.approx(0)
     np.testing.assert_allclose(im.to_rgba(np.zeros((1, 1)))[0, 0], im.cmap(0.5))  # 0 -> the centre colour
     np.testing.assert_allclose(im.to_rgba(np.full((1, 1), -3e-4))[0, 0], im.cmap(0.0))
-    assert plots._show_signed(ax, np.zeros((1, 4, 4))).norm.vmax == 1.0  # all zero: no 0/0
+    assert common.show_signed(ax, np.zeros((1, 4, 4))).norm.vmax == 1.0  # all zero: no 0/0
 
 
 def test_line_segment_at_zero_is_the_sample_and_others_are_clipped():
     rng = np.random.default_rng(0)
     samples = rng.uniform(-1, 1, (2, 1, 8, 8))
     psi = 1e3 * rng.standard_normal((2, 1, 8, 8))  # huge against pixels: any a != 0 saturates
-    fig = plots.line_segments(samples, psi, [-1.0, 0.0, 1.0])
+    fig = images.line_segments(samples, psi, [-1.0, 0.0, 1.0])
     cells = np.array(fig.axes).reshape(2, 3)
     assert [ax.get_title() for ax in cells[0]] == ["a = -1", "a = 0", "a = 1"]
     for i in range(2):
@@ -44,7 +44,7 @@ def test_line_segment_at_zero_is_the_sample_and_others_are_clipped():
 
 def test_median_lines_sit_at_the_medians_ignoring_nans():
     ours, ot = np.array([0.1, 0.5, 0.9, np.nan]), np.array([-0.4, 0.0, 0.2, 0.3])
-    fig = plots.correlation_histograms([("CelebA", ours, ot)])
+    fig = images.correlation_histograms([("CelebA", ours, ot)])
     ax = fig.axes[0]
     assert [line.get_xdata()[0] for line in ax.get_lines()] == [pytest.approx(0.5), pytest.approx(0.1)]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sensitivity (ours), median 0.50",
@@ -55,7 +55,7 @@ def test_change_grid_scales_psi_and_change_separately():
     rng = np.random.default_rng(1)
     base = rng.uniform(-1, 1, (3, 1, 8, 8))
     psi, change = 1e-4 * rng.standard_normal(base.shape), 1e-1 * rng.standard_normal(base.shape)
-    axes = np.array(plots.change_grid(base, base + change, psi, change, ncol=2).axes).reshape(4, 2)
+    axes = np.array(images.change_grid(base, base + change, psi, change, ncol=2).axes).reshape(4, 2)
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["base", "perturbed", "sensitivity ψ", "actual change"]
     for j in range(2):
         assert axes[2, j].images[0].norm.vmax == pytest.approx(np.abs(psi[j]).max())
@@ -69,18 +69,18 @@ def test_figures_write_png(tmp_path, shape):
     x = rng.uniform(-1, 1, (4, *shape))
     psi = 1e-3 * rng.standard_normal(x.shape)
     figures = {
-        "hist": plots.correlation_histograms([("a", rng.uniform(-1, 1, 50), rng.uniform(-1, 1, 50)),
+        "hist": images.correlation_histograms([("a", rng.uniform(-1, 1, 50), rng.uniform(-1, 1, 50)),
                                               ("b", np.full(5, np.nan), rng.uniform(-1, 1, 50))]),
-        "change": plots.change_grid(x, x + 10 * psi, psi, 10 * psi, title="change"),
-        "rows": plots.sensitivity_rows(x, [("Bright", psi), ("Dark", -psi)]),
-        "lines": plots.line_segments(x[:2], 100 * psi[:2], np.linspace(-2, 2, 5), title="lines"),
-        "extremes": plots.influence_extremes(x[:2], x, _extremes_rows(rng, 2, 4, 2, shape), title="extremes"),
-        "regression": plots.influence_regression(rng.uniform(1, 2, (2, 9)), rng.uniform(0, 1, (2, 9)),
+        "change": images.change_grid(x, x + 10 * psi, psi, 10 * psi, title="change"),
+        "rows": images.sensitivity_rows(x, [("Bright", psi), ("Dark", -psi)]),
+        "lines": images.line_segments(x[:2], 100 * psi[:2], np.linspace(-2, 2, 5), title="lines"),
+        "extremes": influence.influence_extremes(x[:2], x, _extremes_rows(rng, 2, 4, 2, shape), title="extremes"),
+        "regression": influence.influence_regression(rng.uniform(1, 2, (2, 9)), rng.uniform(0, 1, (2, 9)),
                                                  [(0.5, 0.1, 0.3), (np.nan, np.nan, np.nan)]),
-        "rays": plots.singular_rays(x, np.ones((4, 3)), np.full(4, 4.0), psi[:, None].repeat(3, axis=1),
+        "rays": influence.singular_rays(x, np.ones((4, 3)), np.full(4, 4.0), psi[:, None].repeat(3, axis=1),
                                     np.linspace(-500, 500, 3)),
-        "vectors": plots.singular_vectors(x, psi[:, None].repeat(3, axis=1), k=2),
-        "heatmap": plots.crossclass_heatmap([[1.0, 0.5], [np.nan, np.nan]], ["Male", "Female"], title="classes"),
+        "vectors": influence.singular_vectors(x, psi[:, None].repeat(3, axis=1), k=2),
+        "heatmap": influence.crossclass_heatmap([[1.0, 0.5], [np.nan, np.nan]], ["Male", "Female"], title="classes"),
     }
     for name, fig in figures.items():
         fig.savefig(tmp_path / f"{name}.png", dpi=40)
@@ -103,7 +103,7 @@ def test_influence_extremes_shows_the_chosen_training_images_and_their_psi():
     samples, train = rng.uniform(-1, 1, (2, 1, 8, 8)), rng.uniform(-1, 1, (10, 1, 8, 8))
     k = 3
     rows = _extremes_rows(rng, 2, 10, k, (1, 8, 8))
-    fig = plots.influence_extremes(samples, train, rows)
+    fig = influence.influence_extremes(samples, train, rows)
     axes = np.array(fig.axes).reshape(2, 1 + 4 * k)  # a sample: the sample, top, bottom, top psi, bottom psi
     for m, row in enumerate(rows):
         sample, top, bottom, top_psi, bottom_psi = np.split(axes[m], [1, 1 + k, 1 + 2 * k, 1 + 3 * k])
@@ -127,7 +127,7 @@ def test_influence_regression_draws_the_fitted_line_and_reports_r2():
     l2 = rng.uniform(5, 15, (5, 30))
     scores = 2 - 0.1 * l2 + rng.normal(0, 0.1, l2.shape)
     fits = [(-0.1 * (m + 1), 2.0 + m, 0.5 + 0.1 * m) for m in range(5)]
-    fig = plots.influence_regression(l2, scores, fits)
+    fig = influence.influence_regression(l2, scores, fits)
     assert len(fig.axes) == 5  # 4 a row: the unused panels of the second row are removed
     for m, (ax, (slope, intercept, r2)) in enumerate(zip(fig.axes, fits)):
         assert ax.get_title() == f"sample {m}: r² = {r2:.2f}"
@@ -137,7 +137,7 @@ def test_influence_regression_draws_the_fitted_line_and_reports_r2():
         np.testing.assert_allclose(ax.collections[0].get_offsets(), np.stack([l2[m], scores[m]], axis=1))
         assert ax.get_legend() is None
     assert [ax.get_ylabel() for ax in fig.axes] == ["influence score |ψⁿ|", "", "", "", "influence score |ψⁿ|"]
-    fig = plots.influence_regression(l2[:2], scores[:2], fits[:2], residual_scores=2 * scores[:2],
+    fig = influence.influence_regression(l2[:2], scores[:2], fits[:2], residual_scores=2 * scores[:2],
                                      labels=("exact", "clamped"))
     for m, ax in enumerate(fig.axes):
         assert len(ax.collections) == 2
@@ -154,7 +154,7 @@ def test_singular_rays_spectrum_and_the_ray_through_the_sample():
     vectors = rng.standard_normal((num_samples, rank, *shape))
     vectors /= np.linalg.norm(vectors.reshape(num_samples, rank, -1), axis=2)[..., None, None, None]
     amplitudes = [-1.0, 0.0, 2.0]
-    fig = plots.singular_rays(samples, sv, frobenius_sq, vectors, amplitudes, num_rays=2)
+    fig = influence.singular_rays(samples, sv, frobenius_sq, vectors, amplitudes, num_rays=2)
     spectrum = next(ax for ax in fig.axes if ax.get_title() == "variance explained by the top singular directions")
     curves, median = spectrum.get_lines()[:num_samples], spectrum.get_lines()[num_samples]
     for m, curve in enumerate(curves):
@@ -172,9 +172,9 @@ def test_singular_rays_spectrum_and_the_ray_through_the_sample():
         np.testing.assert_array_equal(rays[i, 1].images[0].get_array(), (samples[0, 0] + 1) / 2)  # a = 0: x
         expected = (np.clip(samples[0, 0] + 2.0 * vectors[0, i, 0], -1, 1) + 1) / 2
         np.testing.assert_allclose(rays[i, 2].images[0].get_array(), expected)
-    fig = plots.singular_rays(None, sv, frobenius_sq, None, amplitudes)
+    fig = influence.singular_rays(None, sv, frobenius_sq, None, amplitudes)
     assert len(fig.axes) == 1 and len(fig.axes[0].get_lines()) == num_samples + 1
-    fig = plots.singular_rays(None, sv[:, :5], frobenius_sq, None, amplitudes)  # r < 10: no median line
+    fig = influence.singular_rays(None, sv[:, :5], frobenius_sq, None, amplitudes)  # r < 10: no median line
     assert len(fig.axes[0].get_lines()) == num_samples
 
 
@@ -182,7 +182,7 @@ def test_singular_vectors_rows_scale_each_vector_by_its_own_max():
     rng = np.random.default_rng(6)
     samples = rng.uniform(-1, 1, (2, 1, 8, 8))
     vectors = rng.standard_normal((2, 5, 1, 8, 8)) * np.array([1.0, 1e-3, 1e3, 1.0, 1.0])[None, :, None, None, None]
-    axes = np.array(plots.singular_vectors(samples, vectors, k=3).axes).reshape(2, 4)
+    axes = np.array(influence.singular_vectors(samples, vectors, k=3).axes).reshape(2, 4)
     assert [ax.get_title() for ax in axes[0, 1:]] == ["u1", "u2", "u3"]
     for m in range(2):
         np.testing.assert_array_equal(axes[m, 0].images[0].get_array(), (samples[m, 0] + 1) / 2)
@@ -192,7 +192,7 @@ def test_singular_vectors_rows_scale_each_vector_by_its_own_max():
 
 def test_crossclass_heatmap_writes_cell_values_and_masks_nan():
     matrix = np.array([[0.5, 0.1, 0.2], [np.nan, np.nan, np.nan], [0.05, 0.3, 0.012345]])
-    fig = plots.crossclass_heatmap(matrix, ["a", "b", "c"])
+    fig = influence.crossclass_heatmap(matrix, ["a", "b", "c"])
     ax = fig.axes[0]
     shown = ax.images[0].get_array()
     np.testing.assert_array_equal(np.ma.getmaskarray(shown), np.isnan(matrix))
@@ -214,14 +214,14 @@ def test_a_perturbation_mean_far_off_the_data_leaves_the_toy_plots_drawable():
     support = np.stack([np.linspace(-1.5, 1.5, 30), np.sin(np.linspace(-3, 3, 30))], 1)
     path = rng.normal(size=(5, 4, 2))
     far = np.array([1e30, 1e30])
-    fig = plots.sample_paths(path, np.zeros((4, 2)), path[-1], 0.1, support, far)
+    fig = synthetic.sample_paths(path, np.zeros((4, 2)), path[-1], 0.1, support, far)
     fig.canvas.draw()
     assert fig.axes[0].get_ylim()[1] < 2
     grid = np.stack(np.meshgrid(np.linspace(-2, 2, 5), np.linspace(-2, 2, 5)), -1).reshape(-1, 2)
-    fig = plots.score_sensitivity_field(grid, np.zeros((1, 25, 2)), [0.5], support, far)
+    fig = synthetic.score_sensitivity_field(grid, np.zeros((1, 25, 2)), [0.5], support, far)
     fig.canvas.draw()
     assert fig.axes[0].get_xlim()[1] < 3
-    near = plots.sample_paths(path, np.zeros((4, 2)), path[-1], 0.1, support, np.array([0.0, -3.0]))
+    near = synthetic.sample_paths(path, np.zeros((4, 2)), path[-1], 0.1, support, np.array([0.0, -3.0]))
     assert near.axes[0].get_ylim()[0] == pytest.approx(-3.4)  # a mean near the data is drawn and framed
 
 
@@ -232,12 +232,12 @@ def test_remainder_panels_of_zero_remainders_say_so_without_a_log_warning():
               ("sde", "step 0.05", {"remainder_over_eta": np.array([1e-3, 0.0, 1e-5])})]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = plots.remainder_panels([0.1, 0.01, 0.001], curves)
+        fig = synthetic.remainder_panels([0.1, 0.01, 0.001], curves)
         fig.canvas.draw()
     assert fig.axes[0].texts[0].get_text() == "no positive remainder" and not fig.axes[1].texts
     assert fig.axes[1].get_yscale() == "log" and fig.axes[1].get_xscale() == "log"  # y shared by the panels
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = plots.remainder_panels([0.1, 0.01, 0.001], curves[:1])
+        fig = synthetic.remainder_panels([0.1, 0.01, 0.001], curves[:1])
         fig.canvas.draw()
     assert fig.axes[0].get_yscale() == "linear"

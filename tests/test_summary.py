@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from diffsens_cli import plots
 from diffsens_cli.pipelines.first_order import _roundoff_below
+from diffsens_cli.plots import synthetic
 from diffsens_cli.rundir import RunDir, dotted
 from diffsens_cli.stages import StageCache
 
@@ -116,7 +116,7 @@ def test_field_plot_of_an_all_zero_field_divides_nothing_by_zero():
     fields[1, 3] = [1e-30, 0.0]  # one tiny non-zero vector: float32 norms, log of it, unit direction
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = plots.score_sensitivity_field(grid, fields, [0.5, 0.9], grid, np.zeros(2, np.float32))
+        fig = synthetic.score_sensitivity_field(grid, fields, [0.5, 0.9], grid, np.zeros(2, np.float32))
         fig.canvas.draw()
     panels = fig.axes[:2]  # then their colour bars
     quivers = [ax.collections[1] for ax in panels]

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli import plots
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core.compare import spearman
 from diffsens_cli.core.influence import InfluenceResult, influence
 from diffsens_cli.errors import listed, require, whole
 from diffsens_cli.pipelines import influence as task
+from diffsens_cli.plots import influence as plots
 from diffsens_cli.rundir import RunDir
 
 STAGES = ("train_base",)

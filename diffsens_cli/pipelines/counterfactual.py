@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli import plots, progress
+from diffsens_cli import progress
 from diffsens_cli.builders import build_schedule, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import correlation, relative_difference, spearman_rows
@@ -56,6 +56,7 @@ from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.stats import bootstrap_interval, lds, paired
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import attribution, influence
+from diffsens_cli.plots import evaluation as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict

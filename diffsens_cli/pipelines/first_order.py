@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli import plots, progress
+from diffsens_cli import progress
 from diffsens_cli.builders import Components
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.errors import listed, number, one_of, require, whole
+from diffsens_cli.plots import synthetic as plots
 from diffsens_cli.rundir import RunDir, dotted
 
 STAGES = ("curve",)

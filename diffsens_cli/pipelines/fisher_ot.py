@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli import plots, progress
+from diffsens_cli import progress
 from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator, SolverSettings
@@ -34,6 +34,7 @@ from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Schedule
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.errors import ConfigError, listed, number, require, whole
+from diffsens_cli.plots import synthetic as plots
 from diffsens_cli.rundir import RunDir
 
 # Table 3 of the related paper: asymmetry of the fundamental matrix per data set and schedule.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli import plots, progress
+from diffsens_cli import progress
 from diffsens_cli.builders import Components, build_schedule, solver_settings
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import linear_fit
@@ -35,6 +35,7 @@ from diffsens_cli.data import IMAGE_DATASETS
 from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import attribution, crossclass
+from diffsens_cli.plots import influence as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict, checksums

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli import plots
 from diffsens_cli.builders import Components
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import SIMILARITIES
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.models.network import NetworkScore
+from diffsens_cli.plots import synthetic as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.training.settings import train_settings
 

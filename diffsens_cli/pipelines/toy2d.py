@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli import plots
 from diffsens_cli.builders import Components
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.score_sensitivity import WeightStats
 from diffsens_cli.errors import listed, number, require, whole
+from diffsens_cli.plots import synthetic as plots
 from diffsens_cli.rundir import RunDir
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli import plots
 from diffsens_cli.builders import build_schedule, device_and_dtype
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.errors import one_of, require, whole
+from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.training.settings import BOOKKEEPING, TRAIN_MODES, train_settings
 from diffsens_cli.training.source import training_source
