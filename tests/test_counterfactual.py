@@ -285,7 +285,7 @@ def test_removals_for_the_first_queries_only_and_rankings_without_ours(tmp_path)
 
 
 def test_every_ranking_has_a_colour():
-    from diffsens_cli.pipelines.attribution import RANKINGS
+    from diffsens_cli.pipelines.shared.attribution import RANKINGS
     from diffsens_cli.plots.evaluation import RANKING_COLOURS
 
     assert set(RANKING_COLOURS) == set(RANKINGS) and len(set(RANKING_COLOURS.values())) == len(RANKINGS)

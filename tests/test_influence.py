@@ -131,7 +131,7 @@ def test_the_cnn_classifier_of_the_crossclass_experiments_learns_the_digits():
     seeded initial weights leave the caller's global torch RNG as it was."""
     from sklearn.datasets import load_digits
 
-    from diffsens_cli.pipelines import crossclass
+    from diffsens_cli.pipelines.shared import crossclass
 
     digits = load_digits()
     images = (digits.images[:, None] / 8 - 1).astype(np.float32)  # [N, 1, 8, 8] in [-1, 1]
@@ -146,7 +146,7 @@ def test_the_cnn_classifier_of_the_crossclass_experiments_learns_the_digits():
 def test_crossclass_matrix_and_diagonal_dominance_by_hand():
     """Entry (i, j): the mean over class-i samples of the mean score of class-j training
     images; NaN for a class no sample has. Dominance: mean diagonal / mean off-diagonal."""
-    from diffsens_cli.pipelines import crossclass
+    from diffsens_cli.pipelines.shared import crossclass
 
     scores = np.array([[4.0, 2.0, 1.0, 3.0],   # sample of class 0
                        [2.0, 0.0, 5.0, 1.0],   # sample of class 1

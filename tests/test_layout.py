@@ -95,3 +95,10 @@ def test_every_subpackage_ships_in_a_wheel():
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {_module_name(p) for p in PACKAGE.rglob("__init__.py")} - {"diffsens_cli.configs"}
     assert found - listed == set()
+
+
+def test_every_module_directly_in_pipelines_is_a_task():
+    from diffsens_cli.pipelines import TASK_NAMES
+
+    modules = {p.stem for p in (PACKAGE / "pipelines").glob("*.py")} - {"__init__"}
+    assert modules == set(TASK_NAMES)

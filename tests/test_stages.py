@@ -22,7 +22,7 @@ from helpers import TINY, diffsens
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.errors import DiffsensError
-from diffsens_cli.pipelines.image_stages import ImageStages
+from diffsens_cli.pipelines.shared.image_stages import ImageStages
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.stages import StageCache, checksums, verify
 

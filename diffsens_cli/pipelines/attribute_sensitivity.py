@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.errors import listed, number, require, whole
-from diffsens_cli.pipelines.image_stages import ImageStages, check_training
+from diffsens_cli.pipelines.shared.image_stages import ImageStages, check_training
 from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import finish_partial

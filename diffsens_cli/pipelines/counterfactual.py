@@ -55,7 +55,8 @@ from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.stats import bootstrap_interval, lds, paired
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
-from diffsens_cli.pipelines import attribution, influence
+from diffsens_cli.pipelines import influence
+from diffsens_cli.pipelines.shared import attribution
 from diffsens_cli.plots import evaluation as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
@@ -185,7 +186,7 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     """Networks trained from the same initialisation and seeds with shared batch draws,
     each a ``train_counterfactual`` stage, and their samples, ``samples_counterfactual``."""
     from diffsens_cli.models.unet import build_network_model
-    from diffsens_cli.pipelines.image_stages import ImageStages
+    from diffsens_cli.pipelines.shared.image_stages import ImageStages
     from diffsens_cli.training.settings import BOOKKEEPING, train_settings
     from diffsens_cli.training.source import SharedDraws
 
@@ -250,7 +251,7 @@ def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int,
     """Stage: the predicted changes [len(PREDICTIONS), R, *event] of model sample ``i``
     after each removal (bool [R, N]), with each kind of removal weights
     (``core.counterfactual.removal_mix``): one forward tangent each along the sample's path."""
-    from diffsens_cli.pipelines.image_stages import solver_depends
+    from diffsens_cli.pipelines.shared.image_stages import solver_depends
 
     depends = {"source": source.model_key, "solver": solver_depends(cfg.solver), "pool": int(cfg.influence.pool),
                "sample": i, "seed": int(cfg.seed), "removed": [digest(r) for r in removed], "weights": PREDICTIONS}

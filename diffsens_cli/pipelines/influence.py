@@ -34,7 +34,7 @@ from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.data import IMAGE_DATASETS
 from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
-from diffsens_cli.pipelines import attribution, crossclass
+from diffsens_cli.pipelines.shared import attribution, crossclass
 from diffsens_cli.plots import influence as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
@@ -89,7 +89,7 @@ def check(cfg: DictConfig) -> None:
         Components(cfg)
         dim = int(cfg.dataset.dim)
     else:
-        from diffsens_cli.pipelines.image_stages import check_data_and_model
+        from diffsens_cli.pipelines.shared.image_stages import check_data_and_model
 
         require(cfg.solver.density == "ccov", "solver.density",
                 "a network has no closed-form density: influence on images needs density=ccov (and method=ode)")
@@ -151,7 +151,7 @@ def subset_index(n: int, num_train: int | None, seed: int) -> torch.Tensor:
 
 
 def image_source(cfg: DictConfig, run: RunDir) -> Source:
-    from diffsens_cli.pipelines.image_stages import ImageStages
+    from diffsens_cli.pipelines.shared.image_stages import ImageStages
 
     stages = ImageStages(cfg, run.cache)
     rho = stages.rho
@@ -243,7 +243,7 @@ def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
 def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
     """What one model sample's stage depends on: only the influence settings in effect
     (the exact method has no projections; a sketch with m >= d is exact, with m = d)."""
-    from diffsens_cli.pipelines.image_stages import solver_depends
+    from diffsens_cli.pipelines.shared.image_stages import solver_depends
 
     ic = plain(cfg.influence)
     settings = {k: ic[k] for k in ("method", "rank", "shown", "num_train")} | {

@@ -20,7 +20,7 @@ from diffsens_cli.core.compare import correlation
 from diffsens_cli.core.stats import bootstrap_interval, paired
 from diffsens_cli.core.transport import METRICS
 from diffsens_cli.errors import number, one_of, require, whole
-from diffsens_cli.pipelines.image_stages import ImageStages, check_training
+from diffsens_cli.pipelines.shared.image_stages import ImageStages, check_training
 from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir, dotted
 from diffsens_cli.sharding import finish_partial

@@ -23,7 +23,7 @@ from diffsens_cli.builders import solver_settings
 from diffsens_cli.core import compare
 from diffsens_cli.core.steppers import step_rule
 from diffsens_cli.errors import ConfigError, listed, require, whole
-from diffsens_cli.pipelines.image_stages import ImageStages, check_training
+from diffsens_cli.pipelines.shared.image_stages import ImageStages, check_training
 from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir
 

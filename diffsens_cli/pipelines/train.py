@@ -34,7 +34,7 @@ def check(cfg: DictConfig) -> None:
     for field, low in (("num_images", 0), ("num_steps", 1)):
         key = f"sample.{field}"
         require(whole(cfg.sample[field], key) >= low, key, f"must be >= {low}, got {cfg.sample[field]}")
-    from diffsens_cli.pipelines.image_stages import check_data_and_model  # image_stages imports this module
+    from diffsens_cli.pipelines.shared.image_stages import check_data_and_model  # image_stages imports this module
 
     check_data_and_model(cfg, with_s=mode != "base")
 

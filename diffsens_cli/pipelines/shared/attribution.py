@@ -150,7 +150,7 @@ def training_features(cfg: DictConfig, run, source, method: str) -> ArrayDict:
         start = time.perf_counter()
         images = source.points.cpu().numpy()
         if method == "feature":
-            from diffsens_cli.pipelines import crossclass
+            from diffsens_cli.pipelines.shared import crossclass
 
             net, _ = crossclass.fit_cnn(images, source.labels.numpy(), int(cfg.influence.feature.epochs), False,
                                         int(cfg.seed), source.points.device)
@@ -168,7 +168,7 @@ def training_features(cfg: DictConfig, run, source, method: str) -> ArrayDict:
 
 def _embed(train: ArrayDict, images: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
     """``feature``'s embedding of ``images`` by the classifier saved in ``train``."""
-    from diffsens_cli.pipelines import crossclass
+    from diffsens_cli.pipelines.shared import crossclass
 
     net = crossclass.build_cnn(images.shape[1], num_classes, seed)
     net.load_state_dict({k.removeprefix("net/"): torch.from_numpy(v) for k, v in train.items() if k.startswith("net/")})
