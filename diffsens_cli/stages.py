@@ -90,17 +90,22 @@ def nonfinite(arrays: ArrayDict) -> list[tuple[str, float, int]]:
     out = []
     for key, value in arrays.items():
         value = np.asarray(value)
-        if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
-            out.append((key, float(np.mean(~np.isfinite(value))), int(value.size)))
+        if value.dtype.kind in "fc" and value.size:
+            share = 1.0 - float(np.isfinite(value).mean())
+            if share > 0:
+                out.append((key, share, int(value.size)))
     return out
 
 
-def _refuse_dead(name: str, arrays: ArrayDict, then: str) -> None:
-    """One line naming stage ``name``'s arrays none of whose values is finite, if any."""
-    dead = [f"{key} ({size} values)" for key, share, size in nonfinite(arrays) if share == 1]
+def _partly_finite(name: str, arrays: ArrayDict, then: str) -> list[tuple[str, float, int]]:
+    """``nonfinite(arrays)`` of stage ``name``; one line (``then`` says what follows) if an
+    array has no finite value at all."""
+    found = nonfinite(arrays)
+    dead = [f"{key} ({size} values)" for key, share, size in found if share == 1]
     if dead:
         raise DiffsensError(f"stage {name}: every value of {', '.join(dead)} is NaN or infinite; {then} "
                             "(see the run's weights counts and the settings' scales)")
+    return found
 
 
 def stage_key(depends: Any) -> str:
@@ -213,10 +218,11 @@ class StageCache:
     """Finished stages under ``root``; stage names in ``force`` (or ``"all"``) are
     recomputed once in this process, whatever was there."""
 
-    def __init__(self, root: str | os.PathLike, force: Iterable[str] = (), warn: Callable[[str], None] = warn):
+    def __init__(self, root: str | os.PathLike, force: Iterable[str] = ()):
         self.root = Path(root)
         self.force = set(force)
-        self.warn = warn  # how non-finite values in a stage are told (a run keeps them in its summary)
+        # How non-finite values in a stage are told; a RunDir sets its own, which keeps them in the summary.
+        self.warn: Callable[[str], None] = warn
         self.forced: set[Path] = set()
         self.log: list[dict[str, Any]] = []  # what this process did, stage by stage
         # Seconds spent getting each stage (computing or reusing it), less the stages it needed inside.
@@ -296,7 +302,7 @@ class StageCache:
 
         def work(path: Path) -> None:
             arrays = compute()
-            _refuse_dead(name, arrays, "nothing was kept")
+            _partly_finite(name, arrays, "nothing was kept")
             atomic_write(path / "arrays.npz", lambda f: np.savez_compressed(f, **arrays))
 
         path = self.run(name, depends, work)
@@ -306,8 +312,8 @@ class StageCache:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # checked, yet unreadable
             raise DiffsensError(f"stage {name}/{path.name}: {path / 'arrays.npz'} is unreadable ({e}); "
                                 f"recompute it with stages.force=[{name}]") from None
-        _refuse_dead(name, arrays, f"an older diffsens kept it: recompute it with stages.force=[{name}]")
-        for key, share, size in nonfinite(arrays):
+        for key, share, size in _partly_finite(name, arrays, "an older diffsens kept it: recompute it with "
+                                               f"stages.force=[{name}]"):
             self.warn(f"stage {name}: {share:.1%} of the {size} values of {key} are NaN or infinite")
         return arrays
 

@@ -74,24 +74,24 @@ def test_forced_stages_are_recomputed_once_per_process(tmp_path):
     assert len(calls) == 3
 
 
-def test_stage_times_count_each_stage_once_without_the_stages_it_needed(tmp_path):
+def test_stage_times_count_each_stage_once_without_the_stages_it_needed(tmp_path, monkeypatch):
     """The summary's ``stage_times_s`` comes from the cache, so every stage of every pipeline
-    is timed; a stage computed inside another (a training inside a sampling) is not counted twice."""
+    is timed; a stage computed inside another (a training inside a sampling) is not counted
+    twice. The clock moves only when a stage says it worked (3 s inside, 1 s outside it), so
+    the times are exact; a reuse costs nothing on this clock."""
+    clock = [0.0]
+    monkeypatch.setattr("diffsens_cli.stages.time.perf_counter", lambda: clock[0])
     cache = StageCache(tmp_path)
 
-    def inner() -> dict:
-        time.sleep(0.3)
-        return ONES
+    def work(seconds: float, then=lambda: ONES) -> dict:
+        clock[0] += seconds
+        return then()
 
-    def outer() -> dict:
-        time.sleep(0.1)
-        return cache.arrays("inner", {"a": 1}, inner)
-
-    cache.arrays("outer", {"a": 1}, outer)
-    assert 0.3 <= cache.timings["inner"] < 0.6 and 0.1 <= cache.timings["outer"] < 0.25
+    cache.arrays("outer", {"a": 1}, lambda: work(1.0, lambda: cache.arrays("inner", {"a": 1}, lambda: work(3.0))))
+    cache.arrays("outer", {"a": 1}, lambda: work(100.0))  # reused: no work
+    assert cache.timings == {"inner": 3.0, "outer": 1.0}
     run = RunDir(tmp_path / "run", cache)
-    summary = json.loads(run.write_summary({}).read_text())
-    assert summary["stage_times_s"] == {k: round(v, 3) for k, v in cache.timings.items()}
+    assert json.loads(run.write_summary({}).read_text())["stage_times_s"] == {"inner": 3.0, "outer": 1.0}
 
 
 def test_a_stage_whose_result_is_all_nan_is_refused_and_not_kept(tmp_path):

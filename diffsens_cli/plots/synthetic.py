@@ -14,14 +14,16 @@ def remainder_panels(etas, curves) -> plt.Figure:
     panels = list(dict.fromkeys(p for p, _, _ in curves))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels):
+        positive = False
         for p, label, arrays in curves:
             if p != panel:
                 continue
             style = "--" if label == "exact density" else ":" if "rademacher" in label else "-"
             r = np.asarray(arrays["remainder_over_eta"], dtype=float)
+            positive |= bool((r > 0).any())
             ax.plot(etas, np.where(r > 0, r, np.nan), style, marker="o", ms=3, label=label)  # log axes: > 0 only
         ax.set_xscale("log")
-        if ax.has_data() and any(np.nanmax(line.get_ydata(), initial=0) > 0 for line in ax.get_lines()):
+        if positive:
             ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, "no positive remainder", transform=ax.transAxes, ha="center")
