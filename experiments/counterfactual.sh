@@ -2,8 +2,8 @@
 # Which attribution holds up when the data really change? On 300 of the embedded digits:
 # the LDS of every score set over 32 random halves for 32 model samples (the loss and the
 # move of each), removal of each method's top 2% and 10% for the first 8, random removals
-# with three seeds and three noise-floor seeds (147 trainings; README: "Do the scores hold
-# up when the data change?"; 87 minutes measured on 2 CPU cores).
+# with three seeds and three noise-floor seeds (147 trainings; docs/attribution.md: "Do the
+# scores hold up when the data change?"; 87 minutes measured on 2 CPU cores).
 set -euo pipefail
 diffsens run experiment=digits_counterfactual "$@"
 # The same protocol at N = 1797 with the base preset's training, 64 halves, 64 queries and

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # How accurate is psi? Solver settings against a converged reference on the embedded
-# digits (README: "How accurate is psi?"; solver=accurate and solver=fast come from it).
+# digits (docs/accuracy.md: "How accurate is psi?"; solver=accurate and solver=fast come
+# from it).
 set -euo pipefail
 diffsens run experiment=digits_psi_convergence "$@"

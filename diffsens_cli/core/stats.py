@@ -1,6 +1,6 @@
 """Intervals and paired tests for comparing methods on a finite number of query samples
-(README: "Which attribution holds up?"): enough to say when two methods cannot be told
-apart, instead of a median of a handful.
+(docs/attribution.md: "Do the scores hold up when the data change?"): enough to say when
+two methods cannot be told apart, instead of a median of a handful.
 
 - ``bootstrap_interval``: a percentile bootstrap interval of any statistic of one sample.
 - ``lds``: the linear datamodeling score (mean over queries of the Spearman correlation

@@ -1,5 +1,5 @@
 """The score sets of the attribution methods, side by side on the same model and samples
-(README: "Which attribution to use"), and the numbers that say what the weight clamp does.
+(docs/attribution.md: "Which attribution to use"), and the numbers that say what the weight clamp does.
 
 Each method gives every training image n a score for each model sample, higher meaning
 more influential (ranked first):
@@ -54,7 +54,7 @@ def weights(cfg: DictConfig) -> str:
 
 def loss_weights(cfg: DictConfig) -> str:
     """The weights of ``ours_loss``: its own setting, as its LDS wants the clamp where
-    ``|psi^n|``'s does not (README: "Which attribution to use")."""
+    ``|psi^n|``'s does not (docs/attribution.md: "Which attribution to use")."""
     return one_of(cfg.influence.loss_weights, WEIGHTS, "influence.loss_weights")
 
 
