@@ -79,15 +79,9 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
         low, high = listed(clamp, "solver.weight_clamp", number)
         require(0 < low < high, "solver.weight_clamp", need)
         clamp = (low, high)
-    batch_size = whole(cfg.batch_size, "solver.batch_size", null=True)
-    require(batch_size is None or batch_size >= 1, "solver.batch_size",
-            f"must be null (as memory allows) or >= 1, got {batch_size}")
-    tangent_batch_size = whole(cfg.tangent_batch_size, "solver.tangent_batch_size", null=True)
-    require(tangent_batch_size is None or tangent_batch_size >= 1, "solver.tangent_batch_size",
-            f"must be null (as memory allows) or >= 1, got {tangent_batch_size}")
-    record_every = whole(cfg.get("record_every"), "solver.record_every", null=True)
-    require(record_every is None or record_every >= 1, "solver.record_every",
-            f"must be null or >= 1, got {record_every}")
+    batch_size = whole(cfg.batch_size, "solver.batch_size", null=True, at_least=1)
+    tangent_batch_size = whole(cfg.tangent_batch_size, "solver.tangent_batch_size", null=True, at_least=1)
+    record_every = whole(cfg.get("record_every"), "solver.record_every", null=True, at_least=1)
     return SolverSettings(
         method=method, integrator=integrator, step_size=step_size, num_steps=num_steps,
         spacing=one_of(cfg.spacing, SPACINGS, "solver.spacing"),
@@ -110,7 +104,8 @@ def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     except RuntimeError:
         raise ConfigError("solver.device", f"{name!r} is not one of auto, cpu, cuda, cuda:N") from None
     require(device.type != "cuda" or torch.cuda.is_available(), "solver.device",
-            f"{name!r} asked for, but torch {torch.__version__} sees no CUDA device (see README: GPU install)")
+            f"{name!r} asked for, but torch {torch.__version__} sees no CUDA device "
+            "(see docs/cluster.md, 'Installing on a GPU machine')")
     return device, dtype
 
 

@@ -46,8 +46,8 @@ def test_typed_accessors():
     (["experiment=toy2d", "solver.weight_clamp=[a,b]"], "solver.weight_clamp[0]: must be a number, got 'a'"),
     (["experiment=toy2d", "solver.progress=yes"], "solver.progress: must be true or false, got 'yes'"),
     (["experiment=toy2d", "seed=abc"], "seed: must be a whole number, got 'abc'"),
-    (["experiment=toy2d", "toy2d.grid_size=abc"], "toy2d.grid_size: must be a whole number, got 'abc'"),
-    (["experiment=toy2d", "dataset.num_points=2.5"], "dataset.num_points: must be a whole number, got 2.5"),
+    (["experiment=toy2d", "toy2d.grid_size=abc"], "toy2d.grid_size: must be a whole number >= 2, got 'abc'"),
+    (["experiment=toy2d", "dataset.num_points=2.5"], "dataset.num_points: must be a whole number >= 2, got 2.5"),
     (["experiment=toy2d", "schedule.beta_end=abc"], "schedule.beta_end: must be a number, got 'abc'"),
     (["experiment=gmm_first_order", "dataset.dim=abc"], "dataset.dim: must be a whole number >= 1, got 'abc'"),
     (["experiment=gmm_first_order", "perturbation.std=abc"], "perturbation.std: must be a number, got 'abc'"),
@@ -73,10 +73,10 @@ def test_typed_accessors():
     (["experiment=gmm_score_error", "train.hflip=yes"], "train.hflip: must be true or false, got 'yes'"),
     (["experiment=gmm_score_error", "model.hidden=abc"], "model.hidden: must be a whole number >= 1, got 'abc'"),
     (["experiment=gmm_score_error", "score_error.eval_every=x"],
-     "score_error.eval_every: must be a whole number, got 'x'"),
+     "score_error.eval_every: must be a whole number >= 1, got 'x'"),
     (["experiment=bench_engine", "bench.repeats=1.5"], "bench.repeats: must be a whole number >= 1, got 1.5"),
     (["experiment=digits_typography", "predict.num_samples=abc"],
-     "predict.num_samples: must be a whole number, got 'abc'"),
+     "predict.num_samples: must be a whole number >= 2, got 'abc'"),
     (["experiment=digits_typography", "ot.reg=abc"], "ot.reg: must be a number, got 'abc'"),
     (["experiment=digits_typography", "dataset.limit=0"], "dataset.limit: must be null or a whole number >= 1, got 0"),
     (["experiment=digits_typography", "dataset.image_size=abc"],
@@ -96,7 +96,7 @@ def test_bad_values_stop_before_the_run_directory(args, expected, tmp_path, cli_
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["sample.num_steps=abc"], "sample.num_steps: must be a whole number, got 'abc'"),
+    (["sample.num_steps=abc"], "sample.num_steps: must be a whole number >= 1, got 'abc'"),
     (["dataset=mnist", "dataset.root=/nope"], "dataset.root: /nope is not a folder"),
     (["dataset.limit=-1"], "dataset.limit: must be null or a whole number >= 1, got -1"),
     (["train.mode=finetune", "model=pretrained", "model.path=/nope"], "model.path: /nope is not a directory"),

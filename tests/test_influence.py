@@ -10,12 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import diffsens
+from helpers import diffsens, influence_settings_with, solver_settings_with
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import spearman
-from diffsens_cli.core.influence import InfluenceSettings, influence
-from diffsens_cli.core.integrate import SolverSettings
+from diffsens_cli.core.influence import influence
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.pipelines.influence import residuals
@@ -54,14 +53,14 @@ def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_poi
     d = 3, a randomised SVD with a power iteration) do not depend on N, the exact
     method's vectors grow with N."""
     g = torch.Generator().manual_seed(0)
-    s = SolverSettings(num_steps=20, density="closed_form", progress=False)
+    s = solver_settings_with(num_steps=20, density="closed_form", progress=False)
     costs = {}
     for n in (10, 40):
         points = torch.randn(n, 3, generator=g, dtype=torch.float64)
         model = MixtureScore(GaussianMixture.empirical(points), VPLinear())
         z0 = model.sample_base(2, (3,), torch.tensor(0.0, dtype=torch.float64), g)
         for method in ("exact", "sketch"):
-            res = influence(model, s, points, z0, InfluenceSettings(method=method, projections=2, rank=1,
+            res = influence(model, s, points, z0, influence_settings_with(method=method, projections=2, rank=1,
                                                                     oversample=1, power_iterations=1), [None])
             costs[method, n] = (res.network_calls, res.network_vectors)
     assert costs["sketch", 10] == costs["sketch", 40]
@@ -72,7 +71,7 @@ def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_poi
     (["influence.samples=[0,5]"], "influence.samples: index 5 is out of range: the pool has 2 samples"),
     (["influence.projections=0"], "influence.projections: must be a whole number >= 1, got 0"),
     (["influence.rank=31"], "influence.rank: must not exceed the number of training images N = 30, got 31"),
-    (["influence.num_train=0"], "influence.num_train: must be null (every training image) or >= 1, got 0"),
+    (["influence.num_train=0"], "influence.num_train: must be null or a whole number >= 1, got 0"),
     (["influence.method=adjoint"], "influence.method: 'adjoint' is not one of exact, sketch"),
     (["influence.weights=soft"], "influence.weights: 'soft' is not one of clamped, exact"),
     (["influence.loss_weights=hard"], "influence.loss_weights: 'hard' is not one of clamped, exact"),

@@ -54,8 +54,7 @@ def _mixture(cfg: DictConfig, dim: int, group: str) -> GaussianMixture:
 
 def _curve(cfg: DictConfig) -> GaussianMixture:
     """Points along a planar curve with a small isotropic spread: rho 'on a curve'."""
-    num_points = whole(cfg.num_points, "dataset.num_points")
-    require(num_points >= 2, "dataset.num_points", f"must be >= 2, got {num_points}")
+    num_points = whole(cfg.num_points, "dataset.num_points", at_least=2)
     s = torch.linspace(-1.0, 1.0, num_points, dtype=torch.float64)
     shape = one_of(cfg.shape, ["sine", "arc"], "dataset.shape")
     if shape == "sine":

@@ -74,9 +74,7 @@ def check(cfg: DictConfig) -> None:
         require(0 <= i < pool, "influence.samples",
                 f"index {i} is out of range: the pool has {pool} samples (0..{pool - 1})")
     require(len(set(samples)) == len(samples), "influence.samples", f"lists an index twice: {samples}")
-    num_train = whole(ic.num_train, "influence.num_train", null=True)
-    require(num_train is None or num_train >= 1, "influence.num_train",
-            f"must be null (every training image) or >= 1, got {num_train}")
+    num_train = whole(ic.num_train, "influence.num_train", null=True, at_least=1)
     whole(ic.shown, "influence.shown", at_least=1)
     listed(ic.ray_amplitudes, "influence.ray_amplitudes", number)
     attribution.check(cfg, closed_form(cfg), labelled=not closed_form(cfg))

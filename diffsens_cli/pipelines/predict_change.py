@@ -36,9 +36,8 @@ def check(cfg: DictConfig) -> None:
     check_training(cfg)
     solver_settings(cfg.solver)
     pc = cfg.predict
-    for field, low in (("num_samples", 2), ("grid_samples", 1)):
-        key = f"predict.{field}"
-        require(whole(pc[field], key) >= low, key, f"must be >= {low}, got {pc[field]}")
+    whole(pc.num_samples, "predict.num_samples", at_least=2)
+    whole(pc.grid_samples, "predict.grid_samples", at_least=1)
     modes = OmegaConf.to_container(pc.modes)
     require(isinstance(modes, list) and len(modes) >= 1, "predict.modes", f"must list some of {', '.join(MODES)}")
     for m in modes:

@@ -34,7 +34,7 @@ def checked(cfg: DictConfig, comp: Components) -> list[float]:
     tc = cfg.toy2d
     times = listed(tc.field_times, "toy2d.field_times", number)
     require(all(0 <= t < 1 for t in times), "toy2d.field_times", f"must lie in [0, 1), got {times}")
-    require(whole(tc.grid_size, "toy2d.grid_size") >= 2, "toy2d.grid_size", f"must be >= 2, got {tc.grid_size}")
+    whole(tc.grid_size, "toy2d.grid_size", at_least=2)
     require(number(tc.extent, "toy2d.extent") > 0, "toy2d.extent", f"must be > 0, got {tc.extent}")
     whole(tc.num_paths, "toy2d.num_paths", at_least=1)
     require(0 < number(tc.eta, "toy2d.eta") <= 1, "toy2d.eta",
