@@ -38,11 +38,12 @@ SHARD_KEYS = ("shard.index", "shard.count")
 @dataclass(frozen=True)
 class Shard:
     """Job ``index`` of ``count``, splitting work into lists of stages; ``block``: model
-    samples per stage of a sampling or sensitivity integration."""
+    samples per stage of a sampling or sensitivity integration (the ``shard`` group of
+    configs/config.yaml holds the defaults)."""
 
-    index: int = 0
-    count: int = 1
-    block: int = 256
+    index: int
+    count: int
+    block: int
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Shard:

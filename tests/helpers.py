@@ -9,9 +9,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
+from omegaconf import DictConfig, OmegaConf
+
+from diffsens_cli.builders import solver_settings
 from diffsens_cli.cli import main
+from diffsens_cli.core.influence import InfluenceSettings
+from diffsens_cli.core.integrate import SolverSettings
+from diffsens_cli.pipelines.influence import influence_settings
+from diffsens_cli.training.settings import TrainSettings, train_settings
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
@@ -27,6 +35,33 @@ DATA_ROOTS = {
     "cifar10_crossclass": ["dataset.root={data}/cifar10", "model.path={data}/cifar10_model"],
 }
 TINY = {e: ["size=tiny", *DATA_ROOTS.get(e, [])] for e in EXPERIMENTS}
+
+
+def _group(path: str, group: str, overrides: dict[str, Any], **root: Any) -> DictConfig:
+    """configs/``path`` as the group ``group`` of a config holding ``root`` (the keys its
+    interpolations name), with ``overrides`` merged into the group."""
+    loaded = OmegaConf.load(REPO / "configs" / path)
+    return OmegaConf.merge(OmegaConf.create({**root, group: loaded}), {group: overrides})
+
+
+def solver_settings_with(**overrides: Any) -> SolverSettings:
+    """The solver group's defaults (configs/solver/ode.yaml) with ``overrides``, read and
+    checked as a run reads them: the settings' defaults live in the YAML only."""
+    seed = overrides.pop("seed", 0)
+    return solver_settings(_group("solver/ode.yaml", "solver", overrides, seed=seed).solver)
+
+
+def influence_settings_with(**overrides: Any) -> InfluenceSettings:
+    """The influence group's defaults (configs/influence/sketch.yaml) with ``overrides``."""
+    seed = overrides.pop("seed", 0)
+    return influence_settings(_group("influence/sketch.yaml", "influence", overrides, seed=seed))
+
+
+def train_settings_with(**overrides: Any) -> TrainSettings:
+    """The train group's defaults (configs/train/default.yaml, with solver=ode's t_min and
+    the run's seed 0) with ``overrides``; ``steps`` must be among them (no epoch size here)."""
+    cfg = _group("train/default.yaml", "train", overrides, seed=0, solver={"t_min": 1e-3, "progress": True})
+    return train_settings(cfg.train, None)
 
 def diffsens(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``diffsens <args>`` run in this process from ``cwd``: what a subprocess would give

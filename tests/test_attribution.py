@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import diffsens
+from helpers import diffsens, solver_settings_with
 from omegaconf import OmegaConf
 
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core import attribution
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.forcing import EmpiricalForcing
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.score_model import ScoreModel
@@ -89,9 +89,9 @@ def test_clamped_sensitivities_are_the_derivative_of_the_flow_with_the_clamped_f
     model = MixtureScore(GaussianMixture.empirical(points), SCHED)
     z0 = model.sample_base(3, (3,), torch.tensor(0.0), g)
     clamp = (0.1, 10.0)
-    s = SolverSettings(num_steps=100, density="closed_form", progress=False, weight_clamp=clamp)
+    s = solver_settings_with(num_steps=100, density="closed_form", progress=False, weight_clamp=clamp)
     out = Integrator(model, s, EmpiricalForcing(points)).run(z0)
-    exact = Integrator(model, SolverSettings(num_steps=100, density="closed_form", progress=False),
+    exact = Integrator(model, solver_settings_with(num_steps=100, density="closed_form", progress=False),
                        EmpiricalForcing(points)).run(z0).psi
     assert out.weights[0].as_dict()["clamped_low"] > 0
     eta = 1e-6

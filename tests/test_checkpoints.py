@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import diffsens
+from helpers import diffsens, train_settings_with
 
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.models.network import FourierMLP, NetworkScore
 from diffsens_cli.stages import file_digest
-from diffsens_cli.training.settings import TrainSettings
 from diffsens_cli.training.trainer import MANIFEST, Trainer
 
 FILES = ["model.safetensors", "optimizer.pt", "scheduler.pt", "ema.safetensors", "rng-0.json", "losses.npy",
@@ -29,7 +28,7 @@ def _trainer(root: Path) -> Trainer:
     torch.manual_seed(0)
     model = NetworkScore(FourierMLP(3, hidden=16, num_frequencies=8), VPLinear())
     target = GaussianMixture(torch.tensor([[-1.0] * 3, [1.0] * 3]), torch.tensor(0.1), torch.ones(2))
-    settings = TrainSettings(steps=6, batch_size=32, lr=1e-2, checkpoint_every=3, progress=False, ema_decay=0.9)
+    settings = train_settings_with(steps=6, batch_size=32, lr=1e-2, checkpoint_every=3, progress=False, ema_decay=0.9)
     return Trainer(model, target, (3,), settings, root / "checkpoints")
 
 

@@ -344,7 +344,7 @@ def test_the_jobs_shares_partition_every_list_and_number_on_across_lists():
     lists = [[(k, i) for i in range(4)] for k in range(3)]
     shares = []
     for index in range(3):
-        shard, first = Shard(index, 3), 0
+        shard, first = Shard(index, 3, block=256), 0
         share = []
         for items in lists:
             share += shard.mine(items, first)
@@ -352,7 +352,7 @@ def test_the_jobs_shares_partition_every_list_and_number_on_across_lists():
         shares.append(share)
     assert sorted(x for share in shares for x in share) == sorted(x for items in lists for x in items)
     assert [len(share) for share in shares] == [4, 4, 4]
-    assert Shard(0, 1).mine(lists[0], first=5) == lists[0]
+    assert Shard(0, 1, block=256).mine(lists[0], first=5) == lists[0]
 
 
 @pytest.mark.parametrize("path", ["/runs/plain", "/a b,c/x", "/it's", "/back\\slash", "/odd\\'quote", "/end\\",

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import diffsens
+from helpers import diffsens, solver_settings_with
 
 from diffsens_cli.core.attribution import denoising_loss
 from diffsens_cli.core.closed_form import MixtureScore
@@ -24,13 +24,13 @@ from diffsens_cli.core.counterfactual import (
     variance_above_floor,
 )
 from diffsens_cli.core.forcing import EmpiricalForcing
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.trak import output_pairs
 from diffsens_cli.training.source import SharedDraws
 
-SETTINGS = SolverSettings(step_size=5e-3, density="closed_form", progress=False)
+SETTINGS = solver_settings_with(step_size=5e-3, density="closed_form", progress=False)
 
 
 def _points_and_z0(n: int = 40, d: int = 3, b: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +159,7 @@ def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_pa
         model = MixtureScore(GaussianMixture.empirical(torch.from_numpy(a["train_points"])), VPLinear())
         z0 = torch.from_numpy(a["z0"])
         mix = removal_mix(subsets)[:, None].expand(-1, len(z0), -1)
-        settings = SolverSettings(step_size=0.02, density="closed_form", progress=False)
+        settings = solver_settings_with(step_size=0.02, density="closed_form", progress=False)
         psi = Integrator(model, settings, EmpiricalForcing(model.measure.means, mix=mix)).run(z0).psi
         np.testing.assert_allclose(a["datamodel/predicted"][0], psi.transpose(0, 1).numpy(), rtol=1e-6, atol=1e-12)
     assert dm["subsets"] == 3 and np.isfinite(dm["lds"])

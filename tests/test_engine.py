@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import solver_settings_with
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.forcing import Perturbation
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.core.score_sensitivity import WeightStats, score_sensitivity
@@ -111,7 +112,7 @@ def test_underflow_counts_survive_chunking_and_say_why_psi_is_zero():
     rho = two_gaussians(d=4).to(torch.device("cpu"), torch.float32)
     nu = gaussian(1e4, d=4, std=1e-3).to(torch.device("cpu"), torch.float32)
     z0 = torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    s = SolverSettings(num_steps=10, density="closed_form", progress=False, batch_size=5)
+    s = solver_settings_with(num_steps=10, density="closed_form", progress=False, batch_size=5)
     res = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)
     assert (res.psi[0] == 0).all()
     assert res.weights[0].as_dict() == {"evaluated": 120, "clamped_low": 0, "clamped_high": 0, "nonfinite": 0,
@@ -140,7 +141,7 @@ def _remainders(settings, etas, d=10):
 def test_sample_sensitivity_is_the_derivative_of_the_discrete_flow(method, integrator):
     """With exact densities, the fused scheme is the exact eta-derivative of the discrete
     solution map (same Wiener increments for the SDE): R(eta)/eta falls like eta."""
-    s = SolverSettings(method=method, integrator=integrator, num_steps=100, density="closed_form", progress=False)
+    s = solver_settings_with(method=method, integrator=integrator, num_steps=100, density="closed_form", progress=False)
     etas = [1e-1, 1e-2, 1e-3, 1e-4]
     res, r = _remainders(s, etas)
     assert res.psi[0].norm(dim=1).median() > 1e-3
@@ -154,7 +155,7 @@ def test_sde_sensitivity_needs_the_drift_not_the_velocity():
     for a fixed noise realisation the derivative is driven by the SDE drift (2 c g)
     instead, and only that version matches the finite difference (docs/design.md section 5)."""
     rho, nu, z0 = _setup()
-    s = SolverSettings(method="sde", num_steps=100, density="closed_form", progress=False)
+    s = solver_settings_with(method="sde", num_steps=100, density="closed_form", progress=False)
     base = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)
     pert = Integrator(MixtureScore(rho.mix(nu, 1e-5), SCHED), s).run(z0).samples
     fd = (pert - base.samples) / 1e-5
@@ -172,7 +173,7 @@ def test_ccov_log_density_converges_to_exact_density():
     model = MixtureScore(rho, SCHED)
     errs = []
     for n in (50, 100, 200):
-        s = SolverSettings(num_steps=n, density="ccov", divergence="exact", progress=False)
+        s = solver_settings_with(num_steps=n, density="ccov", divergence="exact", progress=False)
         res = Integrator(model, s, track_density=True).run(z0)
         exact = model.log_density(res.samples, torch.tensor(s.grid()[1]))
         errs.append((res.logp - exact).abs().median().item())
@@ -187,7 +188,7 @@ def test_hutchinson_is_unbiased_for_the_trace(probe):
     model = MixtureScore(rho, SCHED)
     t = torch.tensor(0.8)
     z = torch.randn(4, 20)
-    s = SolverSettings(hutchinson_samples=4000, probe=probe, density="ccov", progress=False)
+    s = solver_settings_with(hutchinson_samples=4000, probe=probe, density="ccov", progress=False)
     integ = Integrator(model, s, track_density=True)
     probes = integ._probes(z, torch.arange(4), step=0, replicas=1)
     _, jp = model.score_and_jvp(z, t, probes)
@@ -201,7 +202,7 @@ def test_chunked_integration_equals_one_batch_and_survives_out_of_memory(monkeyp
     """Chunks are independent (ODE, exact trace): any chunking gives the same result; an
     out-of-memory error in an automatically sized chunk halves it and carries on."""
     rho, nu, z0 = _setup(d=6, n=40)
-    s = SolverSettings(num_steps=30, density="ccov", divergence="exact", progress=False)
+    s = solver_settings_with(num_steps=30, density="ccov", divergence="exact", progress=False)
     model = MixtureScore(rho, SCHED)
     whole = Integrator(model, s, Perturbation([nu])).run(z0)
     s.batch_size = 7
@@ -226,12 +227,14 @@ def test_chunked_integration_equals_one_batch_and_survives_out_of_memory(monkeyp
     torch.testing.assert_close(out.psi[0], whole.psi[0], rtol=1e-12, atol=1e-12)
 
 
-def test_on_a_cpu_chunks_stay_within_the_models_cpu_chunk_bytes_and_change_nothing(monkeypatch):
+@pytest.mark.parametrize("method, density", [("ode", "ccov"), ("sde", "closed_form")])
+def test_on_a_cpu_chunks_stay_within_the_models_cpu_chunk_bytes_and_change_nothing(monkeypatch, method, density):
     """A closed-form model caps automatic chunks on a CPU (cache-sized chunks run faster);
-    the capped run, with Hutchinson probes and an SDE, equals one batch bit for bit."""
+    the capped run, with Hutchinson probes (ODE) or Wiener increments (SDE), equals one
+    batch bit for bit."""
     rho, nu, z0 = _setup(d=6, n=40)
-    s = SolverSettings(method="sde", num_steps=20, density="ccov", divergence="hutchinson", hutchinson_samples=3,
-                       progress=False, batch_size=40)
+    s = solver_settings_with(method=method, num_steps=20, density=density, divergence="hutchinson",
+                             hutchinson_samples=3, progress=False, batch_size=40)
     model = MixtureScore(rho, SCHED)
     whole = Integrator(model, s, Perturbation([nu])).run(z0)
     s.batch_size = None
@@ -249,7 +252,9 @@ def test_on_a_cpu_chunks_stay_within_the_models_cpu_chunk_bytes_and_change_nothi
     monkeypatch.setattr(integ, "_chunk", lambda state, *a: sizes.append(state.z.shape[0]) or real_chunk(state, *a))
     capped = integ.run(z0)
     assert sizes == [9, 9, 9, 9, 4]
-    for a, b in [(whole.samples, capped.samples), (whole.psi[0], capped.psi[0]), (whole.logp, capped.logp)]:
+    assert (whole.logp is None) == (method == "sde")  # closed-form densities are not integrated
+    pairs = [(whole.samples, capped.samples), (whole.psi[0], capped.psi[0])]
+    for a, b in pairs + ([(whole.logp, capped.logp)] if method == "ode" else []):
         assert torch.equal(a, b)
 
 
@@ -259,7 +264,7 @@ def test_a_family_of_etas_in_one_batch_equals_one_run_per_eta(method):
     each eta's own run: same paths, same Wiener increments."""
     rho, nu, z0 = _setup(d=6, n=12)
     etas = [0.5, 0.1, 1e-3]
-    s = SolverSettings(method=method, num_steps=40, density="closed_form", progress=False, batch_size=5)
+    s = solver_settings_with(method=method, num_steps=40, density="closed_form", progress=False, batch_size=5)
     family = Integrator(MixtureScore(rho.mix(nu, etas), SCHED), s).run(z0.repeat(len(etas), 1), replicas=len(etas))
     for r, eta in enumerate(etas):
         single = Integrator(MixtureScore(rho.mix(nu, eta), SCHED), s).run(z0)

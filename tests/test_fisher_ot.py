@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import diffsens
+from helpers import diffsens, solver_settings_with
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.core.closed_form import MixtureScore
@@ -30,7 +30,7 @@ def points(pts: torch.Tensor, std: float = 0.0) -> GaussianMixture:
 
 
 def settings(num_steps: int) -> SolverSettings:
-    return SolverSettings(method="ode", integrator="heun", num_steps=num_steps, step_size=None, t_min=1e-3,
+    return solver_settings_with(method="ode", integrator="heun", num_steps=num_steps, step_size=None, t_min=1e-3,
                           density="closed_form", progress=False)
 
 

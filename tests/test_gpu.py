@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from helpers import influence_settings_with, solver_settings_with
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.forcing import Perturbation
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.models.network import FourierMLP, NetworkScore
@@ -31,7 +32,7 @@ def test_closed_form_cuda_matches_cpu(method):
     out = {}
     for dev in ("cpu", "cuda"):
         rho, nu, z0 = _problem(dev, torch.float64)
-        s = SolverSettings(method=method, num_steps=200, density="closed_form", progress=False)
+        s = solver_settings_with(method=method, num_steps=200, density="closed_form", progress=False)
         out[dev] = Integrator(MixtureScore(rho, SCHED), s, Perturbation([nu])).run(z0)
         if method == "sde":
             eta = 1e-5
@@ -69,7 +70,7 @@ def test_fused_sensitivity_run_on_cuda_float32():
     for dev, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
         rho, nu, z0 = _problem(dev, dtype)
         model = NetworkScore(net.to(dev, dtype), SCHED)
-        s = SolverSettings(num_steps=100, density="ccov", divergence="exact", progress=False)
+        s = solver_settings_with(num_steps=100, density="ccov", divergence="exact", progress=False)
         res = Integrator(model, s, Perturbation([nu])).run(z0)
         assert torch.isfinite(res.psi[0]).all() and res.weights[0].as_dict()["nonfinite"] == 0
         psis[dev] = res.psi[0].double()
@@ -106,18 +107,18 @@ def test_influence_on_cuda_matches_cpu():
     """Per-training-point influence on the device (the closed-form empirical model, float64,
     the clamp on): the exact method's scores, and the sketch's at m = d (adjoint pass,
     vmapped VJPs, reconstructed SVD), equal the CPU's; the sketch equals exact on CUDA."""
-    from diffsens_cli.core.influence import InfluenceSettings, influence
+    from diffsens_cli.core.influence import influence
 
     g = torch.Generator().manual_seed(0)
     points = torch.randn(40, 6, generator=g, dtype=torch.float64)
     z0 = torch.randn(2, 6, generator=g, dtype=torch.float64)
-    s = SolverSettings(integrator="heun", num_steps=50, density="ccov", divergence="exact", progress=False,
+    s = solver_settings_with(integrator="heun", num_steps=50, density="ccov", divergence="exact", progress=False,
                        weight_clamp=(0.1, 10.0))
     out = {}
     for dev in ("cpu", "cuda"):
         model = MixtureScore(GaussianMixture.empirical(points.to(dev)), SCHED)
         for method in ("exact", "sketch"):
-            res = influence(model, s, points.to(dev), z0.to(dev), InfluenceSettings(method=method, projections=6,
+            res = influence(model, s, points.to(dev), z0.to(dev), influence_settings_with(method=method, projections=6,
                                                                                     rank=3), [s.weight_clamp])
             out[dev, method] = (res.scores.cpu(), res.singular_values.cpu())
     for method in ("exact", "sketch"):
@@ -142,7 +143,7 @@ def test_influence_adjoint_through_a_unet_on_cuda_float32():
     g = torch.Generator().manual_seed(2)
     z0 = torch.randn(2, 3, 16, 16, generator=g).cuda()
     points = (torch.rand(20, 3, 16, 16, generator=g) * 2 - 1).cuda()
-    s = SolverSettings(integrator="heun", num_steps=10, weight_clamp=(0.1, 10.0), progress=False)
+    s = solver_settings_with(integrator="heun", num_steps=10, weight_clamp=(0.1, 10.0), progress=False)
     psi = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi  # [N, B, 3, 16, 16]
     primal = Integrator(model, s, tape=True).run(z0)
     omega = torch.randn(4, *z0.shape, generator=g).cuda()

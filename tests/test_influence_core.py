@@ -9,19 +9,19 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import influence_settings_with, solver_settings_with
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import spearman
 from diffsens_cli.core.forcing import EmpiricalForcing, Perturbation
 from diffsens_cli.core.influence import (
-    InfluenceSettings,
     influence,
     orthogonal_directions,
     project,
     randomized_svd,
     refine,
 )
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete, VPLinear
 from diffsens_cli.core.steppers import STEP_RULES
@@ -52,7 +52,7 @@ def test_one_tangent_per_point_equals_the_point_mass_perturbations(clamp):
     """``EmpiricalForcing`` without ``mix`` is the paper's method: tangent n equals the
     sensitivity to ``delta_{x_n}`` as an ordinary (one-point empirical) perturbation."""
     points, model, z0 = _empirical_problem()
-    s = SolverSettings(num_steps=30, density="ccov", weight_clamp=clamp, progress=False)
+    s = solver_settings_with(num_steps=30, density="ccov", weight_clamp=clamp, progress=False)
     ours = Integrator(model, s, EmpiricalForcing(points)).run(z0)
     ref = Integrator(model, s, Perturbation([GaussianMixture.empirical(x[None]) for x in points])).run(z0)
     torch.testing.assert_close(ours.psi, ref.psi, rtol=1e-10, atol=1e-12)
@@ -64,7 +64,7 @@ def test_mixed_tangents_are_the_same_combinations_of_the_per_point_ones():
     """Forcing ``sum_n u[k, b, n] delta_{x_n}`` (weights clamped per point) gives
     ``sum_n u[k, b, n] psi^n_b``: the sensitivity is linear in the mixture weights."""
     points, model, z0 = _empirical_problem()
-    s = SolverSettings(num_steps=30, density="ccov", weight_clamp=(0.1, 10.0), progress=False, batch_size=2)
+    s = solver_settings_with(num_steps=30, density="ccov", weight_clamp=(0.1, 10.0), progress=False, batch_size=2)
     per_point = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi  # [N, B, d]
     u = torch.randn(5, len(z0), len(points), generator=torch.Generator().manual_seed(1))
     mixed = Integrator(model, s, EmpiricalForcing(points, mix=u)).run(z0).psi  # chunks of 2 samples
@@ -89,7 +89,7 @@ def test_adjoint_projections_equal_forward_ones_closed_form(method, integrator):
     and without the clamp, for every registered step rule (the SDE's path taken as recorded)."""
     points, model, z0 = _empirical_problem(n_points=15)
     density = "closed_form" if method == "sde" else "ccov"
-    s = SolverSettings(method=method, integrator=integrator, num_steps=40, density=density, progress=False,
+    s = solver_settings_with(method=method, integrator=integrator, num_steps=40, density=density, progress=False,
                        batch_size=2)  # the tape is joined from chunks of 2 samples
     clamps = [None, (0.1, 10.0)]
     forward, omega, projected = _forward_and_adjoint(model, points, z0, s, clamps)
@@ -106,7 +106,7 @@ def test_adjoint_projections_equal_forward_ones_unet(integrator):
     model = build_network_model(TINY_UNET, (1, 8, 8), VPDiscrete(), dtype=torch.float64)
     g = torch.Generator().manual_seed(2)
     z0, points = torch.randn(2, 1, 8, 8, generator=g), torch.rand(6, 1, 8, 8, generator=g)
-    s = SolverSettings(integrator=integrator, num_steps=6, progress=False)
+    s = solver_settings_with(integrator=integrator, num_steps=6, progress=False)
     forward, omega, projected = _forward_and_adjoint(model, points, z0, s, [(0.1, 10.0)])
     expected = torch.einsum("mbd,nbd->mbn", omega.flatten(2), forward[0].flatten(2))
     assert _rel(projected[0], expected) < 1e-8
@@ -121,7 +121,7 @@ def test_psi_n_is_the_derivative_of_the_flow_when_x_n_is_upweighted(method, inte
     zero) of the flow of ``(1 - eta) rho + eta delta_{x_n}`` from the same z0 (exact
     densities, the same grid, for the SDE the same Wiener increments), for three points."""
     points, model, z0 = _empirical_problem(n_points=10, d=3, n_samples=4)
-    s = SolverSettings(method=method, integrator=integrator, num_steps=200, density="closed_form", progress=False)
+    s = solver_settings_with(method=method, integrator=integrator, num_steps=200, density="closed_form", progress=False)
     psi = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi
     primal = Integrator(model, s, tape=True).run(z0)
     basis = torch.eye(3)[:, None].expand(3, *z0.shape)  # omega = each coordinate: the adjoint gives psi^n whole
@@ -219,9 +219,9 @@ def test_sketch_with_fewer_projections_than_dimensions_approaches_exact():
     empirical model: the leading singular values to a few percent and scores that rank
     the training points alike."""
     points, model, z0 = _empirical_problem(n_points=60, d=12, n_samples=2, seed=3)
-    s = SolverSettings(num_steps=40, density="closed_form", progress=False)
-    exact = influence(model, s, points, z0, InfluenceSettings(method="exact", rank=3), [None])
-    sketch = influence(model, s, points, z0, InfluenceSettings(projections=8, rank=3, oversample=5,
+    s = solver_settings_with(num_steps=40, density="closed_form", progress=False)
+    exact = influence(model, s, points, z0, influence_settings_with(method="exact", rank=3), [None])
+    sketch = influence(model, s, points, z0, influence_settings_with(projections=8, rank=3, oversample=5,
                                                                power_iterations=2), [None])
     assert exact.exact and not sketch.exact
     torch.testing.assert_close(sketch.singular_values[:, :2], exact.singular_values[:, :2], rtol=0.03, atol=0)

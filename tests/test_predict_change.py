@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import solver_settings_with
 
 from diffsens_cli.core.compare import correlation
 from diffsens_cli.core.forcing import Perturbation
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete
 from diffsens_cli.models.unet import build_network_model
@@ -71,7 +72,7 @@ def test_the_sensitivity_run_draws_the_same_samples_as_plain_sampling():
     model = build_network_model(TINY_UNET, (1, 8, 8), VPDiscrete())
     z0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     nu = Perturbation([GaussianMixture.empirical(torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3)))])
-    settings = SolverSettings(num_steps=6, progress=False, weight_clamp=(0.1, 10), batch_size=3)
+    settings = solver_settings_with(num_steps=6, progress=False, weight_clamp=(0.1, 10), batch_size=3)
     fused = Integrator(model, settings, nu).run(z0)
     plain = Integrator(model, settings).run(z0)
     assert torch.equal(fused.samples, plain.samples)

@@ -10,11 +10,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import solver_settings_with
 
 from diffsens_cli.core import keyed_random
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.forcing import Perturbation
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPDiscrete, VPLinear, grid_times
 from diffsens_cli.models.unet import build_network_model
@@ -60,7 +61,7 @@ def test_three_measures_in_one_pass_equal_three_separate_runs_closed_form():
     one measure removed) against one run per measure: equal to round-off, and each
     measure keeps its own weight counts."""
     rho, nus, z0 = _problem()
-    s = SolverSettings(num_steps=40, hutchinson_samples=2, weight_clamp=(0.1, 10), progress=False)
+    s = solver_settings_with(num_steps=40, hutchinson_samples=2, weight_clamp=(0.1, 10), progress=False)
     signs = [1.0, -1.0, 1.0]
     model = MixtureScore(rho, SCHED)
     together = Integrator(model, s, Perturbation(nus, signs)).run(z0)
@@ -80,7 +81,7 @@ def test_three_measures_in_one_pass_equal_three_separate_runs_unet():
     g = torch.Generator().manual_seed(2)
     z0 = torch.randn(3, 1, 8, 8, generator=g)
     nus = [GaussianMixture.empirical(torch.rand(m, 1, 8, 8, generator=g)) for m in (2, 3, 4)]
-    s = SolverSettings(num_steps=5, weight_clamp=(0.1, 10), progress=False)
+    s = solver_settings_with(num_steps=5, weight_clamp=(0.1, 10), progress=False)
     together = Integrator(model, s, Perturbation(nus)).run(z0)
     for k, nu in enumerate(nus):
         alone = Integrator(model, s, Perturbation([nu])).run(z0)
@@ -96,7 +97,7 @@ def test_results_do_not_depend_on_how_the_work_is_split(method):
     give the same arrays."""
     rho, nus, z0 = _problem(n=30)
     density = "ccov" if method == "ode" else "closed_form"
-    s = SolverSettings(method=method, num_steps=25, density=density, weight_clamp=(0.1, 10), progress=False)
+    s = solver_settings_with(method=method, num_steps=25, density=density, weight_clamp=(0.1, 10), progress=False)
     model, pert = MixtureScore(rho, SCHED), Perturbation(nus)
     runs = [Integrator(model, replace(s, batch_size=b, tangent_batch_size=k), pert).run(z0)
             for b, k in ((30, None), (7, 1), (16, 2), (4, 3))]
@@ -120,7 +121,7 @@ def test_identity_tangents_give_the_flow_maps_jacobian():
     pts = torch.tensor([[0.0, 0.0], [0.0, 0.5], [0.5, 0.0]])
     model = MixtureScore(GaussianMixture.empirical(pts), SCHED)
     z0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
-    s = SolverSettings(integrator="heun", num_steps=60, t_min=1e-2, density="closed_form", progress=False)
+    s = solver_settings_with(integrator="heun", num_steps=60, t_min=1e-2, density="closed_form", progress=False)
     integ = Integrator(model, s)
     jac = integ.run(z0, psi0=torch.eye(2)[:, None].expand(2, 8, 2).clone()).psi  # [j, b, i] = d z1_i / d z0_j
     h = 1e-6
@@ -132,7 +133,8 @@ def test_identity_tangents_give_the_flow_maps_jacobian():
     assert (jac[0, :, 1] - jac[1, :, 0]).abs().max() > 1e-3  # not symmetric: this map is not a gradient
 
 
-_ORDER_BASE = SolverSettings(density="ccov", divergence="exact", t_min=1e-2, progress=False, step_size=None)
+# num_steps is set by each use (replace)
+_ORDER_BASE = solver_settings_with(density="ccov", divergence="exact", t_min=1e-2, progress=False, num_steps=1)
 
 
 @functools.cache

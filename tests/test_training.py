@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from helpers import train_settings_with
 from torch import nn
 
 from diffsens_cli.core.measures import GaussianMixture
@@ -16,7 +17,6 @@ from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.errors import DiffsensError
 from diffsens_cli.models.network import FourierMLP, NetworkScore, Prediction
 from diffsens_cli.training.dsm import dsm_loss
-from diffsens_cli.training.settings import TrainSettings
 from diffsens_cli.training.trainer import Trainer
 
 SCHED = VPLinear()
@@ -74,8 +74,8 @@ def _trainer(tmp_path, **kw) -> Trainer:
     torch.manual_seed(0)
     model = NetworkScore(FourierMLP(3, hidden=16, num_frequencies=8), SCHED)
     target = GaussianMixture(torch.tensor([[-1.0] * 3, [1.0] * 3]), torch.tensor(0.1), torch.ones(2))
-    settings = TrainSettings(**{"steps": 6, "batch_size": 32, "lr": 1e-2, "checkpoint_every": 3, "progress": False,
-                                **kw})
+    settings = train_settings_with(**{"steps": 6, "batch_size": 32, "lr": 1e-2, "checkpoint_every": 3,
+                                      "progress": False, **kw})
     return Trainer(model, target, (3,), settings, tmp_path / "checkpoints")
 
 
@@ -190,7 +190,7 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, first, then, refusal)
 def test_horizontal_flips_mirror_about_half_of_a_batch(tmp_path):
     """hflip: each image is itself or its exact left-right mirror, each with probability 1/2."""
     image = torch.arange(12.0).view(1, 1, 3, 4)
-    settings = TrainSettings(steps=1, batch_size=4000, hflip=True, progress=False)
+    settings = train_settings_with(steps=1, batch_size=4000, hflip=True, progress=False)
     model = NetworkScore(FourierMLP(12, hidden=8, num_frequencies=4), SCHED)
     trainer = Trainer(model, GaussianMixture.empirical(image), (1, 3, 4), settings, tmp_path)
     batch = trainer._batch(torch.Generator().manual_seed(0))

@@ -183,14 +183,16 @@ class CountingModel:
 
 @dataclass
 class InfluenceSettings:
-    """The ``influence`` config group: how the N sensitivities are summarised."""
+    """How the N sensitivities are summarised: the ``influence`` config group
+    (configs/influence/sketch.yaml holds the defaults), read by
+    ``pipelines.influence.influence_settings``."""
 
-    method: str = "sketch"  # exact (one tangent per point) | sketch (adjoint projections)
-    projections: int = 64  # m: random orthogonal projections (exact scores once m >= d)
-    rank: int = 10  # singular triples kept
-    oversample: int = 10  # extra columns of the randomised range finder
-    power_iterations: int = 1
-    seed: int = 0
+    method: str  # exact (one tangent per point) | sketch (adjoint projections)
+    projections: int  # m: random orthogonal projections (exact scores once m >= d)
+    rank: int  # singular triples kept
+    oversample: int  # extra columns of the randomised range finder
+    power_iterations: int
+    seed: int
 
 
 @dataclass

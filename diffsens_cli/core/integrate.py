@@ -38,29 +38,29 @@ from diffsens_cli.core.steppers import Grid, State, StepRule, step_rule
 
 @dataclass
 class SolverSettings:
-    """What the engine needs from the ``solver`` config group."""
+    """What the engine needs from the ``solver`` config group, whose file
+    (configs/solver/ode.yaml) holds the defaults and says what each setting means; read
+    and checked by ``builders.solver_settings``."""
 
-    method: str = "ode"  # ode | sde
-    integrator: str = "euler"  # euler | heun (ODE only)
-    step_size: float | None = 1e-3
-    num_steps: int | None = None
-    spacing: str = "uniform"  # uniform | log_snr: the time grid
-    t_min: float = 1e-3  # truncation in diffusion time: integrate t in [0, 1 - t_min]
-    density: str = "ccov"  # ccov (CCoV along the path) | closed_form (model's own density)
-    divergence: str = "hutchinson"  # exact | hutchinson (for ccov)
-    hutchinson_samples: int = 1
-    probe: str = "gaussian"  # gaussian | rademacher
-    weight_clamp: tuple[float, float] | None = None
-    # Paths integrated at once (in each replica group); None: as many as memory allows.
-    batch_size: int | None = None
-    # Sensitivity tangents integrated at once; None: as many as memory allows.
-    tangent_batch_size: int | None = None
-    seed: int = 0
-    progress: bool = True
-    record_every: int | None = None  # keep every k-th state of the path
+    method: str  # ode | sde
+    integrator: str  # euler | heun (ODE only)
+    step_size: float | None
+    num_steps: int | None  # overrides step_size when set
+    spacing: str  # uniform | log_snr: the time grid
+    t_min: float  # truncation in diffusion time: integrate t in [0, 1 - t_min]
+    density: str  # ccov (CCoV along the path) | closed_form (model's own density)
+    divergence: str  # exact | hutchinson (for ccov)
+    hutchinson_samples: int
+    probe: str  # gaussian | rademacher
+    weight_clamp: tuple[float, float] | None
+    batch_size: int | None  # paths integrated at once; None: as many as memory allows
+    tangent_batch_size: int | None  # sensitivity tangents integrated at once; None: as memory allows
+    seed: int
+    progress: bool
+    record_every: int | None  # keep every k-th state of the path
     # Along SDE paths: 'drift' differentiates the SDE solution map for fixed noise
     # (forcing 2 c g); 'velocity' is the paper's literal Eq. 2 (forcing c g).
-    sde_sensitivity: str = "drift"
+    sde_sensitivity: str
 
     def grid(self) -> tuple[float, float, int]:
         return time_grid(self.t_min, self.num_steps, self.step_size)

@@ -187,24 +187,23 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     each a ``train_counterfactual`` stage, and their samples, ``samples_counterfactual``."""
     from diffsens_cli.models.unet import build_network_model
     from diffsens_cli.pipelines.shared.image_stages import ImageStages
-    from diffsens_cli.training.settings import BOOKKEEPING, train_settings
+    from diffsens_cli.training.settings import train_settings, training_depends
     from diffsens_cli.training.source import SharedDraws
 
     stages = ImageStages(cfg, run.cache)
     rho = stages.rho
-    train = {k: v for k, v in plain(cfg.train).items() if k not in (*BOOKKEEPING, "eta_bar", "mode")}
-    common = {"dtype": str(stages.dtype), "dataset": plain(cfg.dataset), "model": plain(cfg.model),
-              "schedule": plain(cfg.schedule), "draws": "shared"}
 
     def trained(removed: torch.Tensor, train_seed: int) -> tuple[str, Path]:
-        depends = common | {"train": train | {"seed": train_seed}, "removed": digest(removed)}
+        train = OmegaConf.merge(cfg.train, {"seed": train_seed, "mode": "base"})
+        depends = training_depends(cfg, train, str(stages.dtype)) | {"draws": "shared", "removed": digest(removed)}
+        del depends["train"]["mode"]  # base trainings on a subset: their stage keys never named the mode
 
         def work(path: Path) -> None:
             model = build_network_model(cfg.model, stages.event_shape, build_schedule(cfg.schedule),
                                         dtype=stages.dtype, forward_ad=False)
             model.net.train()
             # the full data set's epochs in optimizer steps: the same number for every removal
-            settings = train_settings(OmegaConf.merge(cfg.train, {"seed": train_seed, "mode": "base"}), len(rho))
+            settings = train_settings(train, len(rho))
             stages.train_network(path, model, SharedDraws(rho.images, ~removed), settings, depends)
 
         path = run.cache.run("train_counterfactual", depends, work)

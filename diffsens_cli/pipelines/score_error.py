@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.builders import Components
+from diffsens_cli.builders import Components, device_and_dtype
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import SIMILARITIES
 from diffsens_cli.core.integrate import Integrator
@@ -32,7 +32,7 @@ from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.plots import synthetic as plots
 from diffsens_cli.rundir import RunDir
-from diffsens_cli.training.settings import train_settings
+from diffsens_cli.training.settings import resumable, train_settings, training_depends
 
 STAGES = ("exact_psi",)
 
@@ -44,8 +44,7 @@ def check(cfg: DictConfig) -> None:
     train_settings(cfg.train, None)
     se = cfg.score_error
     for field, low in (("num_samples", 1), ("eval_every", 1), ("loss_window", 1), ("omit_first", 0)):
-        key = f"score_error.{field}"
-        require(whole(se[field], key) >= low, key, f"must be >= {low}, got {se[field]}")
+        whole(se[field], f"score_error.{field}", at_least=low)
     one_of(se.metric, sorted(SIMILARITIES), "score_error.metric")
 
 
@@ -58,9 +57,9 @@ def _problem(cfg: DictConfig) -> dict[str, Any]:
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What the learned model and its evaluations depend on (the problem and the train
-    group but its bookkeeping): recorded in checkpoints, checked on resume."""
-    return {**_problem(cfg), **train_settings(cfg.train, None).fingerprint()}
+    """What the learned model and its evaluations depend on (the problem, and what trained
+    weights depend on but the total): recorded in checkpoints, checked on resume."""
+    return _problem(cfg) | resumable(training_depends(cfg, cfg.train, str(device_and_dtype(cfg.solver)[1])))
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:

@@ -8,19 +8,20 @@ anything is written there, a checkpoint that was trained with other settings."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffsens_cli.builders import build_schedule, device_and_dtype
-from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.errors import one_of, require, whole
 from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir
-from diffsens_cli.training.settings import BOOKKEEPING, TRAIN_MODES, train_settings
+from diffsens_cli.training.settings import TRAIN_MODES, resumable, train_settings, training_depends
 from diffsens_cli.training.source import training_source
 
 
@@ -30,29 +31,19 @@ def check(cfg: DictConfig) -> None:
             "fine-tuning starts from a trained model: model=pretrained model.path=DIR")
     train_settings(cfg.train, 1)
     device_and_dtype(cfg.solver)
+    solver_settings(cfg.solver)
     build_schedule(cfg.schedule)
-    for field, low in (("num_images", 0), ("num_steps", 1)):
-        key = f"sample.{field}"
-        require(whole(cfg.sample[field], key) >= low, key, f"must be >= {low}, got {cfg.sample[field]}")
+    whole(cfg.sample.num_images, "sample.num_images", at_least=0)
+    whole(cfg.sample.num_steps, "sample.num_steps", at_least=1)
     from diffsens_cli.pipelines.shared.image_stages import check_data_and_model  # image_stages imports this module
 
     check_data_and_model(cfg, with_s=mode != "base")
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What the trained weights depend on, recorded in each checkpoint and checked on resume:
-    dataset, model, schedule, train without bookkeeping keys (and without the total, which
-    the trainer checks apart: it may grow), perturbation unless mode is base, and dtype."""
-    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
-             if k not in (*BOOKKEEPING, "steps", "epochs")}
-    if cfg.train.mode != "retrain":
-        train.pop("eta_bar")
-    parts = {"dataset": cfg.dataset, "model": cfg.model, "schedule": cfg.schedule}
-    out = {k: OmegaConf.to_container(v, resolve=True) for k, v in parts.items()}
-    out |= {"train": train, "dtype": str(device_and_dtype(cfg.solver)[1])}
-    if cfg.train.mode != "base":
-        out["perturbation"] = OmegaConf.to_container(cfg.perturbation, resolve=True)
-    return out
+    """What the trained weights depend on (``training_depends``) but the total to train
+    for: recorded in each checkpoint and checked on resume."""
+    return resumable(training_depends(cfg, cfg.train, str(device_and_dtype(cfg.solver)[1])))
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -88,7 +79,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         gen = torch.Generator(trainer.device).manual_seed(int(cfg.seed))
         t0 = torch.tensor(0.0, dtype=dtype, device=trainer.device)
         z0 = final.sample_base(n, shape, t0, gen)
-        solver = SolverSettings(num_steps=int(cfg.sample.num_steps), t_min=settings.t_min, progress=settings.progress)
+        solver = replace(solver_settings(cfg.solver), num_steps=int(cfg.sample.num_steps))
         samples = Integrator(final, solver).run(z0).samples
         arrays.update(z0=z0.cpu().numpy(), samples=samples.numpy())
         figures += run.save_figure(plots.image_grid(samples, title=f"{cfg.train.mode} model samples"), "samples")

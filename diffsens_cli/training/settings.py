@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from diffsens_cli.errors import flag, number, one_of, require, whole
+from diffsens_cli.errors import flag, number, one_of, plain, require, whole
 
 # Keys of the ``train`` group that change no result (display and checkpoint bookkeeping):
 # a resumed run may change them freely.
@@ -18,22 +18,23 @@ BOOKKEEPING = ("progress", "checkpoint_every", "keep_checkpoints")
 
 @dataclass
 class TrainSettings:
-    """What the loop needs from the ``train`` config group."""
+    """What the loop needs from the ``train`` config group (configs/train/default.yaml
+    holds the defaults and says what each setting means), read by ``train_settings``."""
 
     steps: int
     batch_size: int  # the effective batch: split over processes
-    lr: float = 1e-4
-    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler's names
-    lr_warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    ema_decay: float | None = None
-    hflip: bool = False
-    t_min: float = 1e-3
-    grad_clip: float | None = 1.0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    progress: bool = True
+    lr: float
+    lr_scheduler: str  # diffusers.optimization.get_scheduler's names
+    lr_warmup_steps: int
+    weight_decay: float
+    ema_decay: float | None
+    hflip: bool
+    t_min: float
+    grad_clip: float | None
+    checkpoint_every: int
+    keep_checkpoints: int
+    seed: int
+    progress: bool
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the result, but the total number of steps (a resumed
@@ -42,6 +43,31 @@ class TrainSettings:
 
 
 TRAIN_MODES = ("base", "retrain", "finetune")
+# The total a run trains for: a resumed run may grow it (the trainer checks it apart).
+TOTAL = ("steps", "epochs")
+
+
+def training_depends(cfg: DictConfig, train: DictConfig, dtype: str,
+                     start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What trained weights depend on, decided here only: ``train`` (the train group with
+    its mode) but its bookkeeping, and ``eta_bar`` only when retraining; the data set;
+    where training starts, ``start`` (e.g. the key of a base model's stage), by default
+    the model and schedule groups; the set S unless the mode is base; and ``dtype``. A
+    stage's key as it is; a checkpoint records ``resumable(...)`` of it."""
+    settings = {k: v for k, v in plain(train).items() if k not in BOOKKEEPING}
+    if settings["mode"] != "retrain":
+        settings.pop("eta_bar")
+    depends: dict[str, Any] = {"train": settings, "dtype": dtype, "dataset": plain(cfg.dataset)}
+    depends |= start if start is not None else {"model": plain(cfg.model), "schedule": plain(cfg.schedule)}
+    if settings["mode"] != "base":
+        depends["perturbation"] = plain(cfg.perturbation)
+    return depends
+
+
+def resumable(depends: dict[str, Any]) -> dict[str, Any]:
+    """``depends`` without the total to train for, which a resumed run may change: what
+    a checkpoint records and a resume must match."""
+    return depends | {"train": {k: v for k, v in depends["train"].items() if k not in TOTAL}}
 
 
 def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:

@@ -30,7 +30,7 @@ from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
 from diffsens_cli.sharding import Shard
 from diffsens_cli.stages import ArrayDict, StageCache, stage_key
-from diffsens_cli.training.settings import BOOKKEEPING, TrainSettings, train_settings
+from diffsens_cli.training.settings import TrainSettings, train_settings, training_depends
 from diffsens_cli.training.source import BatchSource, training_measure
 
 # Keys of the solver group that change no result.
@@ -102,19 +102,11 @@ class ImageStages:
 
     # -- training ------------------------------------------------------------------------
     def _train_depends(self, mode: str) -> dict[str, Any]:
-        cfg = self.cfg
-        train = finetune_config(cfg) if mode == "finetune" else OmegaConf.merge(cfg.train, {"mode": mode})
-        train = {k: v for k, v in plain(train).items() if k not in BOOKKEEPING}
-        if mode != "retrain":
-            train.pop("eta_bar")
-        depends: dict[str, Any] = {"train": train, "dtype": str(self.dtype), "dataset": plain(cfg.dataset)}
-        if mode == "finetune":
-            depends["base"] = self.cache.path("train_base", self._train_depends("base")).name
-        else:
-            depends |= {"model": plain(cfg.model), "schedule": plain(cfg.schedule)}
-        if mode != "base":
-            depends["perturbation"] = plain(cfg.perturbation)
-        return depends
+        train = finetune_config(self.cfg) if mode == "finetune" else OmegaConf.merge(self.cfg.train, {"mode": mode})
+        if mode != "finetune":
+            return training_depends(self.cfg, train, str(self.dtype))
+        base = self.cache.path("train_base", self._train_depends("base")).name
+        return training_depends(self.cfg, train, str(self.dtype), start={"base": base})
 
     def trained(self, mode: str) -> tuple[str, Path]:
         """The stage ``train_<mode>``: its ``name/key`` and its saved model directory."""
