@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli.data import embedded, files
+from diffsens_cli.data import arrays, embedded, files
 from diffsens_cli.data.base import ImageSet, Spec, draw, from_uint8, resize
 from diffsens_cli.errors import require
 
@@ -18,6 +18,7 @@ SHAPES = {
     "tmnist": files.tmnist_shape,
     "celeba": files.celeba_shape,
     "cifar10": files.cifar10_shape,
+    "arrays": arrays.arrays_shape,
 }
 LOADERS = {
     "digits": embedded.digits,
@@ -27,6 +28,7 @@ LOADERS = {
     "tmnist": files.tmnist,
     "celeba": files.celeba,
     "cifar10": files.cifar10,
+    "arrays": arrays.arrays,
 }
 IMAGE_DATASETS: tuple[str, ...] = tuple(LOADERS)
 EMBEDDED = ("digits", "typography", "lfw_faces")
