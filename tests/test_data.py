@@ -106,7 +106,7 @@ def test_typography_is_deterministic_balanced_and_digit_shaped():
 
 def test_common_keys_are_checked():
     assert error(load_images, cfg("imagenet")) == ("dataset.kind: 'imagenet' is not one of digits, typography, "
-                                                   "lfw_faces, mnist, tmnist, celeba, cifar10, arrays")
+                                                   "lfw_faces, mnist, tmnist, celeba, cifar10, arrays, image_folder")
     assert error(load_images, cfg("digits", limit=0)) == "dataset.limit: must be null or a whole number >= 1, got 0"
     assert error(load_images, cfg("digits", root="/x")) == \
         "dataset.root: must be null: digits is embedded (built from installed packages), got '/x'"

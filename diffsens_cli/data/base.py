@@ -20,20 +20,25 @@ from diffsens_cli.errors import ConfigError, one_of, require, whole
 
 @dataclass
 class ImageSet:
-    """Images with their class labels and (CelebA) binary attributes, where the set has them."""
+    """Images with their class labels, (CelebA) binary attributes and (image folders) file
+    names relative to the folder, where the set has them."""
 
     images: torch.Tensor
     labels: torch.Tensor | None
     attributes: dict[str, torch.Tensor] | None
     name: str
+    names: list[str] | None = None
 
     def subset(self, index: torch.Tensor) -> ImageSet:
-        """The images at ``index`` (integer positions or a bool mask), with their labels and attributes."""
+        """The images at ``index`` (integer positions or a bool mask), with their labels,
+        attributes and names."""
+        positions = torch.arange(len(self))[index].tolist() if self.names is not None else []
         return ImageSet(
             images=self.images[index],
             labels=None if self.labels is None else self.labels[index],
             attributes=None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()},
             name=self.name,
+            names=None if self.names is None else [self.names[i] for i in positions],
         )
 
     def __len__(self) -> int:

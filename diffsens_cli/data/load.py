@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli.data import arrays, embedded, files
+from diffsens_cli.data import arrays, embedded, files, image_folder
 from diffsens_cli.data.base import ImageSet, Spec, draw, from_uint8, resize
 from diffsens_cli.errors import require
 
@@ -19,6 +23,7 @@ SHAPES = {
     "celeba": files.celeba_shape,
     "cifar10": files.cifar10_shape,
     "arrays": arrays.arrays_shape,
+    "image_folder": image_folder.image_folder_shape,
 }
 LOADERS = {
     "digits": embedded.digits,
@@ -29,8 +34,13 @@ LOADERS = {
     "celeba": files.celeba,
     "cifar10": files.cifar10,
     "arrays": arrays.arrays,
+    "image_folder": image_folder.image_folder,
 }
 IMAGE_DATASETS: tuple[str, ...] = tuple(LOADERS)
+# Sets decoded from many image files, worth keeping decoded: their stage keys.
+DECODED_ONCE = {"image_folder": image_folder.fingerprint}
+# A stage cache's ``arrays(name, depends, compute)``: the data layer asks for one, knowing no more.
+Memo = Callable[[str, dict[str, Any], Callable[[], dict[str, np.ndarray]]], dict[str, np.ndarray]]
 EMBEDDED = ("digits", "typography", "lfw_faces")
 
 
@@ -52,15 +62,31 @@ def check_images(cfg: DictConfig | dict, key: str = "dataset") -> tuple[int, int
     return (channels, size, size) if size else (channels, height, width)
 
 
-def load_images(cfg: DictConfig | dict, key: str = "dataset") -> ImageSet:
+def load_images(cfg: DictConfig | dict, key: str = "dataset", cache: Memo | None = None) -> ImageSet:
     """The images of a data-set config: ``limit`` of them drawn with ``seed``, resized to
-    ``image_size``, float32 in [-1, 1]. Errors name ``<key>.<field>``."""
+    ``image_size``, float32 in [-1, 1]. Errors name ``<key>.<field>``. With ``cache`` (a
+    stage cache's ``arrays``), a folder of image files is decoded once, into the stage
+    ``decoded_images`` keyed by its files' names, sizes and times, and read from there after."""
     spec = Spec(cfg, key)
     kind, size, limit, seed = _common(spec)
-    images = LOADERS[kind](spec)
+    once = kind in DECODED_ONCE and cache is not None
+    images = _decoded_once(spec, kind, cache) if once else LOADERS[kind](spec)
     chosen = draw(len(images), limit, seed)
     if chosen is not None:
         images = images.subset(chosen)
     pixels = from_uint8(images.images) if images.images.dtype == torch.uint8 else images.images
     images.images = resize(pixels, size)
     return images
+
+
+def _decoded_once(spec: Spec, kind: str, cache: Memo) -> ImageSet:
+    """The loader's result through the stage cache (pixels, labels and names as arrays)."""
+
+    def decode() -> dict[str, np.ndarray]:
+        images = LOADERS[kind](spec)
+        out = {"images": images.images.numpy(), "names": np.array(images.names or [], dtype=str)}
+        return out | ({} if images.labels is None else {"labels": images.labels.numpy()})
+
+    arrays = cache("decoded_images", {"kind": kind, **DECODED_ONCE[kind](spec)}, decode)
+    labels = torch.from_numpy(arrays["labels"]) if "labels" in arrays else None
+    return ImageSet(torch.from_numpy(arrays["images"]), labels, None, kind, names=arrays["names"].tolist())

@@ -86,7 +86,7 @@ class ImageStages:
     # -- data --------------------------------------------------------------------------
     @cached_property
     def rho(self) -> ImageSet:
-        return load_images(self.cfg.dataset)
+        return load_images(self.cfg.dataset, cache=self.cache.arrays)
 
     @property
     def event_shape(self) -> tuple[int, ...]:
