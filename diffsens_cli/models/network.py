@@ -121,14 +121,19 @@ class FourierMLP(ModelMixin, ConfigMixin):
 
 class UNetAdapter(nn.Module):
     """``net(z, timestep) -> tensor`` for a diffusers model that returns an output
-    object (``UNet2DModel`` returns one with ``.sample``); the model is ``.model``."""
+    object (``UNet2DModel`` returns one with ``.sample``); the model is ``.model``.
+    A class-conditional model is asked, for every sample, for ``class_label``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, class_label: int | None = None):
         super().__init__()
         self.model = model
+        self.class_label = class_label
 
     def forward(self, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.model(z, timestep, return_dict=False)[0]
+        if self.class_label is None:
+            return self.model(z, timestep, return_dict=False)[0]
+        labels = torch.full((z.shape[0],), self.class_label, dtype=torch.long, device=z.device)
+        return self.model(z, timestep, class_labels=labels, return_dict=False)[0]
 
 
 class MatmulAttnProcessor:

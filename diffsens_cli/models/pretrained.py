@@ -10,6 +10,7 @@ Nothing is downloaded: ``PATH`` must be a local directory.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from diffsens_cli.core.schedule import VPDiscrete
-from diffsens_cli.errors import ConfigError, DiffsensError, one_of, require
+from diffsens_cli.errors import ConfigError, DiffsensError, one_of, require, whole
 from diffsens_cli.models.network import FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
 
 LAYOUT = "expected a diffusers save_pretrained directory with unet/ and scheduler/"
@@ -33,15 +34,31 @@ WEIGHTS = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIG
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
+# diffusers' schedulers whose noise schedule is a discrete VP one, set by the betas of
+# beta_schedule, beta_start, beta_end, num_train_timesteps (or trained_betas) exactly as
+# DDPMScheduler sets them; they differ only in how they sample, which diffsens does itself.
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                 "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                 "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                 "DDPMParallelScheduler", "DDIMParallelScheduler")
+_DDPM_KEYS = frozenset(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+
+
 def schedule_from_scheduler_config(config: Mapping[str, Any]) -> VPDiscrete:
-    """The discrete VP schedule of a diffusers ``DDPMScheduler`` config (``beta_start``,
-    ``beta_end``, ``num_train_timesteps``, ``beta_schedule``, ...), with the betas
-    diffusers itself computes from it (so they match its own exactly)."""
+    """The discrete VP schedule of a diffusers scheduler config of one of ``VP_SCHEDULERS``
+    (``beta_start``, ``beta_end``, ``num_train_timesteps``, ``beta_schedule``, ...), with
+    the betas diffusers' ``DDPMScheduler`` computes from it (so they match its own exactly;
+    the keys only other schedulers have, which choose their sampling steps, are left out)."""
+    name = config.get("_class_name", "DDPMScheduler")
+    require(name in VP_SCHEDULERS, "scheduler._class_name",
+            f"{name!r} is not a scheduler with a discrete VP noise schedule diffsens reads "
+            f"(one of {', '.join(VP_SCHEDULERS)})")
     one_of(config.get("beta_schedule", "linear"), BETA_SCHEDULES, "scheduler.beta_schedule")
     require(not config.get("rescale_betas_zero_snr", False), "scheduler.rescale_betas_zero_snr",
             "zero terminal SNR (alpha = 0 at the noise end) is not supported")
     try:
-        betas = DDPMScheduler.from_config(dict(config)).betas
+        betas = DDPMScheduler.from_config({k: v for k, v in config.items() if k in _DDPM_KEYS}).betas
     except (TypeError, ValueError, NotImplementedError) as e:
         raise ConfigError("scheduler", f"DDPMScheduler cannot use this config: {str(e).splitlines()[0]}") from None
     return VPDiscrete.from_betas(betas, config)
@@ -68,6 +85,10 @@ def check_pretrained(path: str | os.PathLike) -> tuple[Path, dict, VPDiscrete, s
     and prediction type, and that weights are present."""
     root = Path(path).expanduser()
     require(root.is_dir(), "model.path", f"{root} is not a directory; {LAYOUT}")
+    if (root / "model_index.json").is_file():  # a pipeline's folder: its unet/ and scheduler/ are what is read
+        latent = [k for k in ("vae", "vqvae") if k in _read_config(root, "model_index.json")]
+        require(not latent, "model.path", f"{root / 'model_index.json'} lists a {latent[0] if latent else ''}: "
+                "a latent diffusion model's scores live in its latent space, not on the images diffsens reads")
     net_config = _read_config(root, "unet/config.json")
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_config(root, "scheduler/scheduler_config.json")
@@ -159,11 +180,31 @@ def _safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    forward_ad: bool = True) -> NetworkScore:
+def class_label(net_config: Mapping[str, Any], label: Any, where: Path) -> int | None:
+    """The class a class-conditional ``UNet2DModel`` (``num_class_embeds`` classes) is asked
+    for, for every sample: ``model.class_label``, which must be null for any other network."""
+    kind, classes = net_config.get("class_embed_type"), net_config.get("num_class_embeds")
+    require(kind is None, "model.path", f"{where} has class_embed_type {kind!r}, which takes embeddings; "
+            "class-conditional models read class numbers through num_class_embeds only")
+    if classes is None:
+        require(label is None, "model.class_label",
+                f"must be null: the model at {where} is not class-conditional (no num_class_embeds), got {label!r}")
+        return None
+    require(label is not None, "model.class_label",
+            f"the model at {where} is class-conditional ({classes} classes): set it to one of 0..{classes - 1}")
+    number = whole(label, "model.class_label", at_least=0)
+    require(number < classes, "model.class_label", f"must be in 0..{classes - 1} ({where} has {classes} classes), "
+            f"got {number}")
+    return number
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, forward_ad: bool = True,
+                    label: int | None = None) -> NetworkScore:
     """The score model saved at ``path``: network in ``dtype``, the scheduler's discrete
-    VP schedule and prediction type; ``forward_ad`` installs the JVP fixes."""
+    VP schedule and prediction type; ``forward_ad`` installs the JVP fixes; ``label``:
+    the class a class-conditional UNet is asked for (``class_label``)."""
     root, net_config, schedule, prediction = check_pretrained(path)
+    label = class_label(net_config, label, root)
     name = net_config["_class_name"]
     try:
         # .bin weights alone: said so, or diffusers first looks for safetensors and logs an
@@ -174,7 +215,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise ConfigError("model.path", f"{root / 'unet'}: cannot load the {name}: {str(e).splitlines()[0]}") from None
     if not isinstance(net, FourierMLP):
-        net = UNetAdapter(net).eval()
+        net = UNetAdapter(net, label).eval()
     if forward_ad:
         enable_forward_ad(net)
     return NetworkScore(net, schedule, prediction)
@@ -194,7 +235,8 @@ def save_pretrained(model: NetworkScore, path: str | os.PathLike) -> Path:
     if model.prediction.kind not in DIFFUSERS_PREDICTIONS:
         raise DiffsensError(f"save_pretrained: prediction {model.prediction.kind!r} has no DDPMScheduler "
                             f"prediction_type (one of {', '.join(DIFFUSERS_PREDICTIONS)})")
-    scheduler = DDPMScheduler.from_config({**schedule.scheduler_config, "prediction_type": model.prediction.kind})
+    ddpm = {k: v for k, v in schedule.scheduler_config.items() if k in _DDPM_KEYS}  # another VP scheduler's too
+    scheduler = DDPMScheduler.from_config({**ddpm, "prediction_type": model.prediction.kind})
     root = Path(path).expanduser()
     root.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]

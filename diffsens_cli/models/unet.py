@@ -19,7 +19,7 @@ from diffsens_cli.core.schedule import Schedule
 from diffsens_cli.errors import ConfigError, listed, number, one_of, plain, positive_whole, require, whole
 from diffsens_cli.models import NETWORK_KINDS
 from diffsens_cli.models.network import PREDICTION_TYPES, FourierMLP, NetworkScore, UNetAdapter, enable_forward_ad
-from diffsens_cli.models.pretrained import LAYOUT, check_pretrained, load_pretrained
+from diffsens_cli.models.pretrained import LAYOUT, check_pretrained, class_label, load_pretrained
 
 
 def _block_type(value: object, key: str) -> str:
@@ -81,8 +81,9 @@ def check_network(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...])
     cfg = plain(cfg_model)
     kind = one_of(cfg["kind"], NETWORK_KINDS, "model.kind")
     if kind == "pretrained":
-        _, net_config, _, _ = check_pretrained(_pretrained_path(cfg))
+        root, net_config, _, _ = check_pretrained(_pretrained_path(cfg))
         _check_event_shape(net_config, event_shape, cfg["path"])
+        class_label(net_config, cfg.get("class_label"), root)
         return
     whole(cfg.get("seed", 0), "model.seed")
     one_of(cfg.get("prediction", "epsilon"), PREDICTION_TYPES, "model.prediction")
@@ -107,7 +108,8 @@ def build_network_model(cfg_model: DictConfig | Mapping, event_shape: tuple[int,
     cfg = plain(cfg_model)
     kind = one_of(cfg["kind"], NETWORK_KINDS, "model.kind")
     if kind == "pretrained":
-        model = load_pretrained(_pretrained_path(cfg), dtype=dtype, forward_ad=forward_ad)
+        model = load_pretrained(_pretrained_path(cfg), dtype=dtype, forward_ad=forward_ad,
+                                label=cfg.get("class_label"))
         net = model.net.model if isinstance(model.net, UNetAdapter) else model.net
         _check_event_shape(net.config, event_shape, cfg["path"])
         return model
