@@ -113,6 +113,11 @@ def stage_key(depends: Any) -> str:
     return hashlib.sha256(json.dumps(depends, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def content_key(array: np.ndarray) -> str:
+    """A stage key of an array's content (a removal set's positions, query samples or images)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()

@@ -298,6 +298,28 @@ class Integrator:
             path_times=outs[0].path_times, weights=weights, wall_time_s=time.perf_counter() - start, tape=tape,
         )
 
+    @torch.no_grad()
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """The starting points z0 [B, *event] whose probability-flow paths end at ``x``: the
+        step rule run backwards along the reversed grid (the inversion DDIM users know),
+        exact as the steps shrink, at the rule's order. The PF-ODE only: an SDE's end
+        point does not determine its start."""
+        if self.rule.stochastic:
+            raise ValueError(f"inversion follows the probability-flow ODE; {self.rule.name} is stochastic")
+        times = self._times().flip(0).to(x.device, x.dtype)
+        co_all = self.model.schedule.coefficients(times)
+        grid = Grid(times, co_all)
+
+        def field(k: int, state: State) -> State:
+            score = self.model.score(state.z, times[k])
+            return State(dynamics.drift(_coefficients_at(co_all, k), state.z, score, self.gain), None, None)
+
+        state = State(x, None, None)
+        for k in progress.bar(range(len(times) - 1), desc="invert", enabled=self.cfg.progress, leave=False):
+            interrupt.check()
+            state = self.rule.step(field, k, grid, state, None)
+        return state.z
+
     def _times(self) -> torch.Tensor:
         """The grid times (float64, on the CPU)."""
         t0, t1, n = self.cfg.grid()

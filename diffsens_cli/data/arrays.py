@@ -5,11 +5,13 @@ an ``.npz`` archive with ``images`` (and optionally integer ``labels``), read wi
 Images are [N, H, W] (one channel), [N, C, H, W] or [N, H, W, C] (C of 1, 3 or 4; which
 one, ``layout: auto`` reads from the axis that is a channel count, or say ``nchw`` /
 ``nhwc``), with values in ``value_range`` (default [0, 255], as uint8 images hold;
-[0, 1] or [-1, 1] for float images), which ``load_images`` maps to [-1, 1].
+[0, 1] or [-1, 1] for float images), which ``load_images`` maps to [-1, 1]; null takes
+the values as they are (samples already on the model's scale, such as diffsens' own).
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -78,8 +80,11 @@ def _layout(spec: Spec, shape: tuple[int, ...]) -> str:
     return layout
 
 
-def _value_range(spec: Spec) -> tuple[float, float]:
+def _value_range(spec: Spec) -> tuple[float, float] | None:
+    """``value_range`` as (low, high), or None: the values are on the model's scale already."""
     low_high = spec.get("value_range", [0, 255])
+    if low_high is None:
+        return None
     need = f"must be [low, high] with low < high, got {low_high}"
     require(isinstance(low_high, list) and len(low_high) == 2, spec.name("value_range"), need)
     low, high = (number(v, spec.name("value_range")) for v in low_high)
@@ -113,13 +118,14 @@ def arrays(spec: Spec) -> ImageSet:
         raise spec.error("root", f"{path} is not a readable NumPy file: {e}") from None
     layout = _layout(spec, images.shape)
     images = images[:, None] if layout == "nhw" else images.transpose(0, 3, 1, 2) if layout == "nhwc" else images
-    low, high = _value_range(spec)
+    value_range = _value_range(spec)
+    low, high = value_range or (-math.inf, math.inf)
     pixels = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float64)
     bad = ~torch.isfinite(pixels) | (pixels < low) | (pixels > high)
     if bad.any():
         raise spec.error("value_range", f"{path}: {int(bad.sum())} values lie outside [{low:g}, {high:g}] "
                          f"(or are not finite), e.g. {pixels[bad][0].item():g}; set value_range to the images' range")
-    scaled = ((pixels - low) / (high - low) * 2 - 1).to(torch.float32)
+    scaled = (pixels if value_range is None else (pixels - low) / (high - low) * 2 - 1).to(torch.float32)
     return ImageSet(images=scaled, labels=_labels(spec, path, labels, len(scaled)), attributes=None, name="arrays")
 
 

@@ -27,7 +27,6 @@ checked against the exact change.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from diffsens_cli.pipelines.shared import attribution
 from diffsens_cli.plots import evaluation as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
-from diffsens_cli.stages import ArrayDict
+from diffsens_cli.stages import ArrayDict, content_key
 
 STAGES = ("influence", "attribution_features", "attribution", "train_counterfactual", "samples_counterfactual",
           "loss_counterfactual", "predictions_counterfactual")
@@ -140,11 +139,6 @@ def _num_images(cfg: DictConfig) -> int:
     from diffsens_cli.data import load_images
 
     return len(load_images(cfg.dataset))
-
-
-def content_key(array: np.ndarray) -> str:
-    """A stage key of an array's content (a removal set's positions, the query samples)."""
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 def digest(removed: torch.Tensor) -> str:

@@ -34,11 +34,11 @@ from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.data import IMAGE_DATASETS
 from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
-from diffsens_cli.pipelines.shared import attribution, crossclass
+from diffsens_cli.pipelines.shared import attribution, crossclass, queries
 from diffsens_cli.plots import influence as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
-from diffsens_cli.stages import ArrayDict, checksums
+from diffsens_cli.stages import ArrayDict, checksums, content_key
 from diffsens_cli.training.settings import train_settings
 
 STAGES = ("train_base", "influence", "attribution_features", "attribution")
@@ -86,6 +86,7 @@ def check(cfg: DictConfig) -> None:
         require(num_train is not None, "influence.num_train", "the closed-form model needs a number of points")
         Components(cfg)
         dim = int(cfg.dataset.dim)
+        queries.check(cfg, (dim,))
     else:
         from diffsens_cli.pipelines.shared.image_stages import check_data_and_model
 
@@ -93,7 +94,9 @@ def check(cfg: DictConfig) -> None:
                 "a network has no closed-form density: influence on images needs density=ccov (and method=ode)")
         train_settings(cfg.train, 1)
         build_schedule(cfg.schedule)
-        dim = int(np.prod(check_data_and_model(cfg, with_s=False)))
+        shape = check_data_and_model(cfg, with_s=False)
+        queries.check(cfg, tuple(shape))
+        dim = int(np.prod(shape))
     if settings.method == "sketch" and settings.projections < dim:
         width = settings.rank + settings.oversample
         require(width <= settings.projections // 2, "influence.rank",
@@ -140,6 +143,7 @@ class Source:
     train_index: torch.Tensor
     z0: torch.Tensor
     model_key: Any
+    queries: queries.Queries | None = None  # the user's, in place of the pool's samples
 
 
 def subset_index(n: int, num_train: int | None, seed: int) -> torch.Tensor:
@@ -251,14 +255,20 @@ def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
         settings["projections"] = min(int(ic["projections"]), dim)
         if settings["projections"] < dim:  # scores refined in the singular directions' span (core.influence.refine)
             settings |= {k: ic[k] for k in ("oversample", "power_iterations")} | {"estimator": "refined"}
+    where = {"pool": int(cfg.influence.pool), "sample": i} if source.queries is None else \
+        {"z0": content_key(source.z0[i].cpu().numpy()), "sample": i}
     return {"source": source.model_key, "solver": solver_depends(cfg.solver), "influence": settings,
-            "pool": int(cfg.influence.pool), "sample": i, "seed": int(cfg.seed)}
+            **where, "seed": int(cfg.seed)}
 
 
 def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     source = closed_form_source(cfg) if closed_form(cfg) else image_source(cfg, run)
-    samples, shard = sample_indices(cfg), Shard.of(cfg)
+    asked = queries.load(cfg, run, source.model, source.model_key, source.z0)
+    if asked is not None:  # every query is a sample, in place of the pool's
+        source = replace(source, z0=asked.z0, queries=asked)
+    samples = sample_indices(cfg) if asked is None else list(range(len(asked.z0)))
+    shard = Shard.of(cfg)
     todo = shard.mine(samples)  # all of them unless sharded
     per_sample = []
     for i in progress.bar(todo, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
@@ -293,6 +303,7 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
               **{f"influence/{name}/scores": values for name, values in sets.items() if name != "ours"}}
     if closed_form(cfg):
         arrays["train_points"] = source.points.cpu().numpy()
+    asked = _queries_report(source.queries, arrays)
     diagnosis = attribution.clamp_diagnosis(per_sample, source.points)
     figures = _figures(cfg, run, source, stack, by_weights[chosen], fits[chosen], by_weights[other], (chosen, other))
     figures += run.save_figure(plots.clamp_diagnosis(diagnosis, attribution.WEIGHTS), "fig_clamp_diagnosis")
@@ -327,6 +338,7 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
                         for c, w in enumerate(attribution.WEIGHTS)},
         },
         "paper": plain(ic.paper),
+        **({"queries": asked} if asked else {}),
     }
     if crossclass is not None:
         metrics["crossclass"], more = crossclass
@@ -339,6 +351,21 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
           f"{diagnosis['clamped']['affine_r2']['median']:.2f} clamped, {diagnosis['exact']['affine_r2']['median']:.2f} "
           f"exact; top-10 variance {np.median(top10):.3f}; {stack['network_calls'].mean():.0f} network calls "
           "per sample")
+
+
+def _queries_report(asked: queries.Queries | None, arrays: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """The user's queries in the arrays (their images and reconstructions) and what the
+    summary says of them: how many, their names, how well each was reproduced."""
+    if asked is None:
+        return None
+    error = asked.relative_error()
+    if error is None:
+        return {"count": len(asked.z0), "given": "z0"}
+    arrays |= {"queries/images": asked.images.numpy(), "queries/reconstructed": asked.reconstructed.numpy(),
+               "queries/relative_error": error}
+    return {"count": len(asked.z0), "given": "images", "names": asked.names,
+            "reconstruction_relative_error": {"per_query": error.tolist(), "median": float(np.median(error)),
+                                              "max": float(error.max())}}
 
 
 def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, np.ndarray], scores: np.ndarray,
