@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,16 @@ def diffsens(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(["diffsens", *args], status, stdout.getvalue(), stderr.getvalue())
+
+
+def run_tiny(tmp_path: Path, name: str, experiment: str, *overrides: str) -> tuple[Path, dict]:
+    """``experiment`` at tiny size into ``tmp_path/name`` (in this process, from
+    ``tmp_path``): the run directory and its summary's metrics; a failure shows stderr."""
+    out = tmp_path / name
+    r = diffsens("run", f"experiment={experiment}", "size=tiny", f"hydra.run.dir={out}", "solver.progress=false",
+                 *overrides, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text())["metrics"]
 
 
 def diffsens_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -5,12 +5,10 @@ share, the L2-kernel baseline by hand, the experiment end to end on the closed-f
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from helpers import diffsens, solver_settings_with
+from helpers import run_tiny, solver_settings_with
 
 from diffsens_cli.core.attribution import denoising_loss
 from diffsens_cli.core.closed_form import MixtureScore
@@ -115,12 +113,10 @@ def test_kernel_baseline_by_hand_and_random_halves_keep_their_earlier_subsets():
     assert torch.equal(top_k_mask(torch.tensor([2, 0, 1]), 2), torch.tensor([True, False, True]))
 
 
+
 def _run(tmp_path, name: str, *overrides: str, experiment: str = "counterfactual_closed_form"):
-    out = tmp_path / name
-    r = diffsens("run", f"experiment={experiment}", "size=tiny", f"hydra.run.dir={out}", "solver.progress=false",
-                 *overrides, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, json.loads((out / "summary.json").read_text())["metrics"]
+    out, metrics = run_tiny(tmp_path, name, experiment, *overrides)
+    return out, metrics
 
 
 def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_path):

@@ -5,12 +5,10 @@ line, and a rerun reuses the finished model samples."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from helpers import diffsens, influence_settings_with, solver_settings_with
+from helpers import influence_settings_with, run_tiny, solver_settings_with
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import spearman
@@ -21,11 +19,8 @@ from diffsens_cli.pipelines.influence import residuals
 
 
 def _run(tmp_path, name: str, *overrides: str, experiment: str = "influence_closed_form"):
-    out = tmp_path / name
-    r = diffsens("run", f"experiment={experiment}", "size=tiny", f"hydra.run.dir={out}", "solver.progress=false",
-                 *overrides, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, json.loads((out / "summary.json").read_text())["metrics"]["influence"]
+    out, metrics = run_tiny(tmp_path, name, experiment, *overrides)
+    return out, metrics["influence"]
 
 
 def test_sketch_and_exact_agree_and_match_the_shown_sensitivities(tmp_path):

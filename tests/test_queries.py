@@ -5,18 +5,13 @@ per query, and bad queries are one line."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-from helpers import diffsens
+from helpers import run_tiny
 
 
 def _run(tmp_path, name: str, *overrides: str, experiment: str = "influence_closed_form"):
-    out = tmp_path / name
-    r = diffsens("run", f"experiment={experiment}", "size=tiny", f"hydra.run.dir={out}", "solver.progress=false",
-                 *overrides, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, json.loads((out / "summary.json").read_text())["metrics"]
+    out, metrics = run_tiny(tmp_path, name, experiment, *overrides)
+    return out, metrics
 
 
 def test_the_pools_own_noise_as_query_z0_gives_its_scores_bit_for_bit(tmp_path):
