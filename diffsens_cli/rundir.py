@@ -11,6 +11,7 @@ run, or another run that shares a stage, reuses them.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -55,6 +56,19 @@ class RunDir:
         path = self.path / f"{name}.npz"
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return path
+
+    def save_table(self, name: str, header: list[str], rows: list[list[Any]]) -> str:
+        """``name.csv`` (``name`` may hold a subfolder): a header line and one line per row,
+        as the csv module writes them; the path relative to the run directory."""
+        path = self.path / f"{name}.csv"
+
+        def write(f) -> None:
+            out = csv.writer(f, lineterminator="\n")
+            out.writerow(header)
+            out.writerows(rows)
+
+        atomic_write(path, write, "w")
+        return path.relative_to(self.path).as_posix()
 
     def save_figure(self, fig, name: str) -> list[str]:
         """``name.png`` and ``name.pdf``; the figure is closed afterwards (pyplot keeps every

@@ -5,6 +5,8 @@ per query, and bad queries are one line."""
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 from helpers import run_tiny
 
@@ -63,3 +65,21 @@ def test_bad_queries_are_one_line(tmp_path, cli_error):
     for args, message in cases:
         got = cli_error(["run", "experiment=influence_closed_form", "size=tiny", *args])
         assert got.startswith(message), (message, got)
+
+
+def test_each_sample_has_a_table_of_every_training_image_ranked_by_its_score(tmp_path):
+    out, metrics = _run(tmp_path, "pool")
+    assert metrics["tables"] == ["tables/sample_0.csv", "tables/sample_1.csv"]
+    with np.load(out / "arrays.npz") as a:
+        scores, l2 = a["influence/scores"], a["influence/l2"]
+    for row, table in enumerate(metrics["tables"]):
+        with open(out / table, newline="") as f:
+            lines = list(csv.DictReader(f))
+        methods = ["ours", "ours_exact", "ours_clamped", "ours_set", "ours_loss", "l2"]  # ours: influence.weights
+        assert list(lines[0]) == ["rank", "train_index", "name", *(f"score_{m}" for m in methods)]
+        assert [int(x["rank"]) for x in lines] == list(range(1, 31))
+        n = [int(x["train_index"]) for x in lines]
+        assert sorted(n) == list(range(30)) and [x["name"] for x in lines] == [f"point[{i}]" for i in n]
+        np.testing.assert_allclose([float(x["score_ours"]) for x in lines], scores[row, n], rtol=1e-12)
+        assert np.all(np.diff(scores[row, n]) <= 0)  # most influential first
+        np.testing.assert_allclose([float(x["score_l2"]) for x in lines], -l2[row, n], rtol=1e-12)

@@ -214,8 +214,10 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     nothing = torch.zeros(len(rho), dtype=torch.bool)
     model_key, model_dir = trained(nothing, int(cfg.train.seed))
     model = stages.score_model(model_dir)
-    source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, torch.arange(len(rho)),
-                              stages.z0(model, pool), {"model": model_key, "dataset": plain(cfg.dataset)})
+    everything = torch.arange(len(rho))
+    source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, everything,
+                              stages.z0(model, pool), {"model": model_key, "dataset": plain(cfg.dataset)},
+                              influence.training_names(cfg, rho.names, everything))
     return Models(source, lambda removed, seed: stages.samples_of_rows(trained(removed, seed), pool, rows)["samples"],
                   losses, rows)
 

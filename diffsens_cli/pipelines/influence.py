@@ -143,6 +143,7 @@ class Source:
     train_index: torch.Tensor
     z0: torch.Tensor
     model_key: Any
+    names: list[str]  # of the training points: file names where the data set has them
     queries: queries.Queries | None = None  # the user's, in place of the pool's samples
 
 
@@ -150,6 +151,12 @@ def subset_index(n: int, num_train: int | None, seed: int) -> torch.Tensor:
     """Positions of a seeded draw of ``num_train`` of ``n`` training images (all if None)."""
     chosen = draw(n, num_train, seed)
     return torch.arange(n) if chosen is None else chosen
+
+
+def training_names(cfg: DictConfig, names: list[str] | None, index: torch.Tensor) -> list[str]:
+    """The training images' names: their file names where the data set has them, else
+    ``<kind>[row]``, their rows in the data set."""
+    return names if names is not None else [f"{cfg.dataset.kind}[{i}]" for i in index.tolist()]
 
 
 def image_source(cfg: DictConfig, run: RunDir) -> Source:
@@ -170,8 +177,10 @@ def image_source(cfg: DictConfig, run: RunDir) -> Source:
     else:  # the experiment's base model, trained on rho (or reused from the stage cache)
         model_key, model_dir = stages.trained("base")
     model = stages.score_model(model_dir)
+    names = training_names(cfg, subset.names, index)
     return Source(model, subset.images.to(stages.device, stages.dtype), subset.labels, index,
-                  stages.z0(model, int(cfg.influence.pool)), {"model": model_key, "dataset": plain(cfg.dataset)})
+                  stages.z0(model, int(cfg.influence.pool)), {"model": model_key, "dataset": plain(cfg.dataset)},
+                  names)
 
 
 def closed_form_source(cfg: DictConfig) -> Source:
@@ -186,7 +195,7 @@ def closed_form_source(cfg: DictConfig) -> Source:
     z0 = cpu_model.sample_base(int(cfg.influence.pool), (points.shape[1],), t0,
                                torch.Generator().manual_seed(int(cfg.seed) + 1)).to(comp.device, comp.dtype)
     key = {"dataset": plain(cfg.dataset), "schedule": plain(cfg.schedule), "num_train": n, "seed": int(cfg.seed)}
-    return Source(model, points, None, torch.arange(n), z0, key)
+    return Source(model, points, None, torch.arange(n), z0, key, [f"point[{i}]" for i in range(n)])
 
 
 def _extremes(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,6 +324,7 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
         figures += run.save_figure(plots.attribution_tops(stack["sample"], source.points.cpu().numpy(), tops),
                                    "fig_attribution_top10")
     crossclass = _crossclass(cfg, run, source, stack, sets["ours"], arrays) if "crossclass" in cfg else None
+    tables = _tables(run, source, samples, sets)
     run.save_arrays("arrays", arrays)
     ic = cfg.influence
     metrics = {
@@ -339,6 +349,7 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
         },
         "paper": plain(ic.paper),
         **({"queries": asked} if asked else {}),
+        "tables": tables,
     }
     if crossclass is not None:
         metrics["crossclass"], more = crossclass
@@ -351,6 +362,22 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
           f"{diagnosis['clamped']['affine_r2']['median']:.2f} clamped, {diagnosis['exact']['affine_r2']['median']:.2f} "
           f"exact; top-10 variance {np.median(top10):.3f}; {stack['network_calls'].mean():.0f} network calls "
           "per sample")
+
+
+def _tables(run: RunDir, source: Source, samples: list[int], sets: dict[str, np.ndarray]) -> list[str]:
+    """Per model sample, ``tables/<sample>.csv``: every training image, most influential
+    first by ``ours``, with its rank, its row in the data set, its name and each method's
+    score; the paths written."""
+    methods = ["ours"] + [name for name in sets if name != "ours"]
+    header = ["rank", "train_index", "name", *(f"score_{m}" for m in methods)]
+    written = []
+    for row, sample in enumerate(samples):
+        order = np.argsort(-sets["ours"][row], kind="stable")
+        lines = [[rank, int(source.train_index[n]), source.names[n], *(float(sets[m][row, n]) for m in methods)]
+                 for rank, n in enumerate(order.tolist(), 1)]
+        label = f"query_{sample}" if source.queries is not None else f"sample_{sample}"
+        written.append(run.save_table(f"tables/{label}", header, lines))
+    return written
 
 
 def _queries_report(asked: queries.Queries | None, arrays: dict[str, np.ndarray]) -> dict[str, Any] | None:
