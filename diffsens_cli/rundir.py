@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ class RunDir:
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return path
 
-    def save_table(self, name: str, header: list[str], rows: list[list[Any]]) -> str:
+    def save_table(self, name: str, header: list[str], rows: list[Sequence[Any]]) -> str:
         """``name.csv`` (``name`` may hold a subfolder): a header line and one line per row,
         as the csv module writes them; the path relative to the run directory."""
         path = self.path / f"{name}.csv"

@@ -314,11 +314,15 @@ class Integrator:
             score = self.model.score(state.z, times[k])
             return State(dynamics.drift(_coefficients_at(co_all, k), state.z, score, self.gain), None, None)
 
-        state = State(x, None, None)
-        for k in progress.bar(range(len(times) - 1), desc="invert", enabled=self.cfg.progress, leave=False):
-            interrupt.check()
-            state = self.rule.step(field, k, grid, state, None)
-        return state.z
+        rows, _ = self._chunk_sizes(x, 0, 1)  # as a forward run splits its paths: results do not depend on it
+        out = []
+        for start in range(0, len(x), rows):
+            state = State(x[start:start + rows], None, None)
+            for k in progress.bar(range(len(times) - 1), desc="invert", enabled=self.cfg.progress, leave=False):
+                interrupt.check()
+                state = self.rule.step(field, k, grid, state, None)
+            out.append(state.z)
+        return torch.cat(out)
 
     def _times(self) -> torch.Tensor:
         """The grid times (float64, on the CPU)."""

@@ -105,7 +105,7 @@ def arrays_shape(spec: Spec) -> tuple[int, int, int]:
 
 
 def arrays(spec: Spec) -> ImageSet:
-    """The images (float32 in [-1, 1], [N, C, H, W]) and labels of the file."""
+    """The images [N, C, H, W] (uint8 0..255 as stored, or float32 in [-1, 1]) and labels of the file."""
     arrays_shape(spec)
     path = _path(spec)
     try:
@@ -119,14 +119,18 @@ def arrays(spec: Spec) -> ImageSet:
     layout = _layout(spec, images.shape)
     images = images[:, None] if layout == "nhw" else images.transpose(0, 3, 1, 2) if layout == "nhwc" else images
     value_range = _value_range(spec)
-    low, high = value_range or (-math.inf, math.inf)
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float64)
-    bad = ~torch.isfinite(pixels) | (pixels < low) | (pixels > high)
-    if bad.any():
-        raise spec.error("value_range", f"{path}: {int(bad.sum())} values lie outside [{low:g}, {high:g}] "
-                         f"(or are not finite), e.g. {pixels[bad][0].item():g}; set value_range to the images' range")
-    scaled = (pixels if value_range is None else (pixels - low) / (high - low) * 2 - 1).to(torch.float32)
-    return ImageSet(images=scaled, labels=_labels(spec, path, labels, len(scaled)), attributes=None, name="arrays")
+    if images.dtype == np.uint8 and value_range == (0, 255):  # as every loader's: load_images scales them
+        pixels = torch.from_numpy(np.ascontiguousarray(images))
+    else:
+        low, high = value_range or (-math.inf, math.inf)
+        bad = ~np.isfinite(images) | (images < low) | (images > high)
+        if bad.any():
+            raise spec.error("value_range", f"{path}: {int(bad.sum())} values lie outside [{low:g}, {high:g}] "
+                             f"(or are not finite), e.g. {images[bad][0]:g}; set value_range to the images' range")
+        pixels = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))  # float32: large sets fit
+        if value_range is not None:
+            pixels = (pixels - low) * (2 / (high - low)) - 1
+    return ImageSet(images=pixels, labels=_labels(spec, path, labels, len(pixels)), attributes=None, name="arrays")
 
 
 def _labels(spec: Spec, path: Path, labels: np.ndarray | None, n: int) -> torch.Tensor | None:
@@ -135,5 +139,5 @@ def _labels(spec: Spec, path: Path, labels: np.ndarray | None, n: int) -> torch.
     require(labels.dtype.kind in "iu" and labels.shape == (n,), spec.name("root"),
             f"{path}: 'labels' must be {n} integers (one per image), got dtype {labels.dtype}, "
             f"shape {list(labels.shape)}")
-    require(n == 0 or labels.min() >= 0, spec.name("root"), f"{path}: 'labels' must be >= 0, got {labels.min()}")
+    require(labels.min() >= 0, spec.name("root"), f"{path}: 'labels' must be >= 0, got {labels.min()}")
     return torch.from_numpy(labels.astype(np.int64))

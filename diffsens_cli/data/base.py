@@ -83,6 +83,12 @@ class Spec:
         return ConfigError(self.name(field), message)
 
 
+def at_side(cfg: dict[str, Any], side: int) -> dict[str, Any]:
+    """A data-set config read at image side ``side`` unless it sets its own ``image_size``
+    (what is compared with rho's samples, S or queried images, takes rho's side)."""
+    return cfg if cfg.get("image_size") is not None else {**cfg, "image_size": side}
+
+
 def draw(n: int, k: int | None, seed: int) -> torch.Tensor | None:
     """Sorted positions of ``k`` of ``n`` items drawn at random with ``seed``; None when ``k`` keeps all."""
     if k is None or k >= n:

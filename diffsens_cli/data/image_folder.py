@@ -58,19 +58,17 @@ def listing(spec: Spec) -> tuple[Path, list[str], list[int] | None]:
                       and all(_visible(part) for part in p.relative_to(root).parts))
 
     flat = pictures(root, recursive=False)
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name) and pictures(p, recursive=True))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    classes = [(folder, found) for folder in folders if (found := pictures(folder, recursive=True))]
     if flat and classes:
         raise spec.error("root", f"{root} holds both images ({flat[0].name}) and class subfolders "
-                         f"({classes[0].name}); use one layout")
+                         f"({classes[0][0].name}); use one layout")
     if not classes:
         require(bool(flat), spec.name("root"),
                 f"{root} holds no images Pillow reads; expected {LAYOUT} (suffixes such as .png, .jpg)")
         return root, [p.name for p in flat], None
-    names, labels = [], []
-    for label, folder in enumerate(classes):
-        for p in pictures(folder, recursive=True):
-            names.append(p.relative_to(root).as_posix())
-            labels.append(label)
+    names = [p.relative_to(root).as_posix() for _, found in classes for p in found]
+    labels = [label for label, (_, found) in enumerate(classes) for _ in found]
     return root, names, labels
 
 
@@ -100,10 +98,10 @@ def image_folder_shape(spec: Spec) -> tuple[int, int, int]:
     root, names, _ = listing(spec)
     try:
         with Image.open(root / names[0]) as first:  # the header only
-            width, height, mode = first.width, first.height, first.mode
+            width, height, stored = first.width, first.height, _channels(first)
     except (OSError, UnidentifiedImageError) as e:
         raise spec.error("root", f"cannot read {root / names[0]}: {e}") from None
-    channels = channels or (1 if mode in GRAY_MODES else 3)
+    channels = channels or stored
     return (channels, size, size) if size else (channels, height, width)
 
 

@@ -84,7 +84,7 @@ def _decoded_once(spec: Spec, kind: str, cache: Memo) -> ImageSet:
 
     def decode() -> dict[str, np.ndarray]:
         images = LOADERS[kind](spec)
-        out = {"images": images.images.numpy(), "names": np.array(images.names or [], dtype=str)}
+        out = {"images": images.images.numpy(), "names": np.array(images.names, dtype=str)}
         return out | ({} if images.labels is None else {"labels": images.labels.numpy()})
 
     arrays = cache("decoded_images", {"kind": kind, **DECODED_ONCE[kind](spec)}, decode)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffsens_cli.data.base import ImageSet, Spec, draw
+from diffsens_cli.data.base import ImageSet, Spec, at_side, draw
 from diffsens_cli.data.load import check_images, load_images
 from diffsens_cli.errors import ConfigError, one_of, require
 
@@ -86,7 +86,7 @@ def _other_source(p: Spec, base_cfg: DictConfig | dict, base_side: int) -> dict 
     require(p.choice("direction", ["add", "remove"], "add") == "add", p.name("source"),
             "direction=remove takes S from rho's own data set: leave source null and select with classes, "
             "attributes, scores_file/top_k or num_samples")
-    return {**source, "image_size": base_side} if source.get("image_size") is None else source
+    return at_side(source, base_side)
 
 
 def _same_shape(p: Spec, name: str, shape: tuple[int, ...], base_name: str, base_shape: tuple[int, ...]) -> None:

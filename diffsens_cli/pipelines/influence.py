@@ -370,13 +370,14 @@ def _tables(run: RunDir, source: Source, samples: list[int], sets: dict[str, np.
     score; the paths written."""
     methods = ["ours"] + [name for name in sets if name != "ours"]
     header = ["rank", "train_index", "name", *(f"score_{m}" for m in methods)]
+    rows_of, names = source.train_index.numpy(), np.array(source.names)
     written = []
     for row, sample in enumerate(samples):
         order = np.argsort(-sets["ours"][row], kind="stable")
-        lines = [[rank, int(source.train_index[n]), source.names[n], *(float(sets[m][row, n]) for m in methods)]
-                 for rank, n in enumerate(order.tolist(), 1)]
+        columns = [range(1, len(order) + 1), rows_of[order].tolist(), names[order].tolist(),
+                   *(sets[m][row, order].tolist() for m in methods)]  # column-wise: N may be 10^5
         label = f"query_{sample}" if source.queries is not None else f"sample_{sample}"
-        written.append(run.save_table(f"tables/{label}", header, lines))
+        written.append(run.save_table(f"tables/{label}", header, list(zip(*columns, strict=True))))
     return written
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.score_model import ScoreModel
+from diffsens_cli.data.base import at_side
 from diffsens_cli.errors import ConfigError, plain, require
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.stages import content_key
@@ -27,8 +28,8 @@ RECONSTRUCTION_WARNING = 0.05
 
 @dataclass
 class Queries:
-    """The queries' starting points z0 [Q, *event]; for queried images, the images, the
-    forward pass from z0 and their names (or None)."""
+    """The queries' starting points z0 [Q, *event]; for queried images, the images and the
+    forward pass from z0 (on the CPU) and their names (or None)."""
 
     z0: torch.Tensor
     images: torch.Tensor | None = None
@@ -39,8 +40,8 @@ class Queries:
         """|forward(z0) - image| / |image| per query (None without images)."""
         if self.images is None or self.reconstructed is None:
             return None
-        diff = (self.reconstructed - self.images.cpu()).flatten(1).norm(dim=1)
-        return (diff / self.images.cpu().flatten(1).norm(dim=1)).numpy()
+        diff = (self.reconstructed - self.images).flatten(1).norm(dim=1)
+        return (diff / self.images.flatten(1).norm(dim=1)).numpy()
 
 
 def given(cfg: DictConfig) -> str | None:
@@ -56,19 +57,18 @@ def queries_config(cfg: DictConfig, event_shape: tuple[int, ...]) -> dict[str, A
     queries = plain(cfg.influence.queries)
     require(isinstance(queries, dict) and "kind" in queries, "influence.queries",
             "must be null or a dataset config: +dataset@influence.queries=image_folder influence.queries.root=DIR")
-    return queries if queries.get("image_size") is not None else {**queries, "image_size": event_shape[-1]}
+    return at_side(queries, event_shape[-1])
 
 
-def check(cfg: DictConfig, event_shape: tuple[int, ...] | None) -> None:
-    """The queries' settings against the samples' shape (``event_shape``; None where images
-    do not apply), before any work."""
+def check(cfg: DictConfig, event_shape: tuple[int, ...]) -> None:
+    """The queries' settings against the shape of the model's samples, before any work."""
     kind = given(cfg)
     if kind == "query_z0":
         _read_z0(cfg, event_shape)
     elif kind == "queries":
         from diffsens_cli.data import check_images
 
-        require(event_shape is not None and len(event_shape) == 3, "influence.queries",
+        require(len(event_shape) == 3, "influence.queries",
                 "queried images need an image data set; on synthetic data give their noise as influence.query_z0")
         shape = check_images(queries_config(cfg, event_shape), key="influence.queries")
         require(tuple(shape) == tuple(event_shape), "influence.queries",
@@ -80,7 +80,7 @@ def check(cfg: DictConfig, event_shape: tuple[int, ...] | None) -> None:
                 "method=ode")
 
 
-def _read_z0(cfg: DictConfig, event_shape: tuple[int, ...] | None) -> torch.Tensor:
+def _read_z0(cfg: DictConfig, event_shape: tuple[int, ...]) -> torch.Tensor:
     path = Path(str(cfg.influence.query_z0)).expanduser()
     require(path.is_file() and path.suffix == ".npy", "influence.query_z0", f"{path} is not an .npy file")
     try:
@@ -90,9 +90,9 @@ def _read_z0(cfg: DictConfig, event_shape: tuple[int, ...] | None) -> torch.Tens
     require(z0.dtype.kind == "f" and z0.ndim >= 2 and len(z0) >= 1 and bool(np.isfinite(z0).all()),
             "influence.query_z0", f"{path} must hold finite floats [Q, *sample shape], got {z0.dtype} "
             f"{list(z0.shape)}")
-    require(event_shape is None or tuple(z0.shape[1:]) == tuple(event_shape), "influence.query_z0",
+    require(tuple(z0.shape[1:]) == tuple(event_shape), "influence.query_z0",
             f"{path} holds starting points of shape {list(z0.shape[1:])}, but the model's samples are "
-            f"{list(event_shape or ())}")
+            f"{list(event_shape)}")
     return torch.from_numpy(z0)
 
 
