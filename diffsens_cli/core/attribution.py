@@ -16,6 +16,7 @@ they are (docs/design.md sections 7 and 12).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -54,7 +55,7 @@ def rank_scores(order: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def loss_sensitivity(model: ScoreModel, points: torch.Tensor, queries: torch.Tensor, times: torch.Tensor,
                      noises: torch.Tensor, clamp: tuple[float, float] | None,
-                     stats: WeightStats | None = None) -> torch.Tensor:
+                     stats: WeightStats | None = None, block: int | None = None) -> torch.Tensor:
     """``-dL_b / d eta_n`` [B, N]: how much the denoising loss of each query ``queries``
     [B, *event] falls when the training measure moves towards image n,
     ``rho^eta = (1 - eta) rho + eta delta_{x_n}`` (positive: a proponent, whose removal
@@ -67,10 +68,20 @@ def loss_sensitivity(model: ScoreModel, points: torch.Tensor, queries: torch.Ten
     ``g^n = w_n (alpha x_n / sigma^2 - z / sigma^2 - s)``.  The weight ``w_n = nu_t / rho_t``
     takes ``rho_t`` as the diffused training set (``N p(n | z)``, exact for the optimal
     score): these points are off the sampler's path, where CCoV gives no density without
-    an ODE solve back to t0 from each of them."""
+    an ODE solve back to t0 from each of them.  ``block``: the points are moved to the
+    queries' device that many at a time (as ``EmpiricalForcing``'s), twice per pair."""
     d, n = queries[0].numel(), len(points)
-    mixture = GaussianMixture.empirical(points)
-    x = points.flatten(1)
+    step = n if block is None else min(block, n)
+    blocks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
+
+    def on_device(rows: slice) -> torch.Tensor:
+        return points[rows].flatten(1).to(queries.device, non_blocking=True)
+
+    resident = GaussianMixture.empirical(on_device(blocks[0])) if len(blocks) == 1 else None
+
+    def measures() -> Iterable[GaussianMixture]:
+        return [resident] if resident is not None else (GaussianMixture.empirical(on_device(r)) for r in blocks)
+
     out = torch.zeros(len(queries), n, dtype=torch.float64, device=queries.device)
     for t, eps in zip(times, noises):
         alpha, sigma = model.schedule.alpha(t), model.schedule.sigma(t)
@@ -78,10 +89,11 @@ def loss_sensitivity(model: ScoreModel, points: torch.Tensor, queries: torch.Ten
         s = model.score(z, t)
         zf, sf = z.flatten(1), s.flatten(1)
         u = 2 * sigma * (sigma * sf + eps.flatten()) / d  # grad_s of the pair's mean squared error
-        log_nu, _ = mixture.component_log_densities(zf, alpha, sigma)  # [B, N]
+        log_nu = torch.cat([m.component_log_densities(zf, alpha, sigma)[0] for m in measures()], -1)  # [B, N]
         log_rho = torch.logsumexp(log_nu, -1, keepdim=True) - math.log(n)
         w = weight(log_nu, log_rho, clamp, stats)
-        out += (w * (alpha / sigma**2 * (u @ x.T) - (u * (zf / sigma**2 + sf)).sum(-1, keepdim=True))).double()
+        toward = torch.cat([u @ m.means.T for m in measures()], -1)  # [B, N]
+        out += (w * (alpha / sigma**2 * toward - (u * (zf / sigma**2 + sf)).sum(-1, keepdim=True))).double()
     return -out / len(times)
 
 

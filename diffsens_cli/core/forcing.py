@@ -10,6 +10,7 @@ Both follow ``Forcing``, what the integrator of ``core.integrate`` calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,14 +90,22 @@ class EmpiricalForcing:
     delta_{x_n}`` for sample ``b`` (``mix`` [K, B, N]).  The weights of all points are
     counted together, in the first entry of the list the integrator passes (so the
     integration's ``weights`` hold the counts at the first tangent of each tangent chunk:
-    sum them)."""
+    sum them).
 
-    def __init__(self, points: torch.Tensor, index: torch.Tensor | None = None, mix: torch.Tensor | None = None):
+    ``block``: the points stay where they are (host memory, for a training set larger
+    than the device's) and are moved to the compute device ``block`` at a time, at each
+    use; None: ``to`` moves them all there once.  The sums over points then run block by
+    block, which changes their last bits only."""
+
+    def __init__(self, points: torch.Tensor, index: torch.Tensor | None = None, mix: torch.Tensor | None = None,
+                 block: int | None = None):
         if index is not None and mix is not None:
             raise ValueError("give the tangents' points (index) or their mixture weights (mix), not both")
         self.measure = GaussianMixture.empirical(points)  # one component per point: their log-densities
         self.mix = mix
         self.index = None if mix is not None else (torch.arange(len(points)) if index is None else index)
+        self.block = block
+        self.device = points.device  # where the forcing is computed
 
     def __len__(self) -> int:
         return len(self.index) if self.mix is None else self.mix.shape[0]
@@ -110,17 +119,35 @@ class EmpiricalForcing:
 
     @property
     def points(self) -> torch.Tensor:
-        """The training points, flattened: [N, d]."""
+        """The training points, flattened: [N, d] (on the host when streamed)."""
         return self.measure.means
 
+    @property
+    def streamed(self) -> bool:
+        return self.block is not None and self.block < len(self.points)
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> EmpiricalForcing:
-        return EmpiricalForcing(self.points.to(device, dtype), None if self.index is None else self.index.to(device),
-                                None if self.mix is None else self.mix.to(device, dtype))
+        out = EmpiricalForcing(self.points.to(dtype) if self.streamed else self.points.to(device, dtype),
+                               None if self.index is None else self.index.to(device),
+                               None if self.mix is None else self.mix.to(device, dtype), self.block)
+        out.device = torch.device(device)
+        return out
 
     def _with(self, index: torch.Tensor | None, mix: torch.Tensor | None) -> EmpiricalForcing:
         out = EmpiricalForcing.__new__(EmpiricalForcing)
-        out.measure, out.index, out.mix = self.measure, index, mix
+        out.measure, out.index, out.mix, out.block, out.device = self.measure, index, mix, self.block, self.device
         return out
+
+    def _blocks(self) -> Iterator[tuple[slice, GaussianMixture]]:
+        """The points' positions and their measure on the compute device: all at once, or
+        ``block`` at a time when streamed."""
+        n = len(self.points)
+        if not self.streamed:
+            yield slice(0, n), self.measure
+            return
+        for start in range(0, n, self.block):
+            rows = slice(start, min(n, start + self.block))
+            yield rows, GaussianMixture.empirical(self.points[rows].to(self.device, non_blocking=True))
 
     def memory_per_sample(self, itemsize: int) -> int:
         n, d = self.points.shape
@@ -128,10 +155,11 @@ class EmpiricalForcing:
 
     def point_weights(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
                       clamp: tuple[float, float] | None, stats: WeightStats | None,
-                      index: torch.Tensor | None = None) -> torch.Tensor:
-        """``nu^n_t / rho_t`` [B, N'] at ``z`` [B, d] for the points ``index`` (default all),
-        each clamped on its own."""
-        log_nu, _ = self.measure.component_log_densities(z, co.alpha, co.sigma, slice(None) if index is None else index)
+                      measure: GaussianMixture | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``nu^n_t / rho_t`` [B, N'] at ``z`` [B, d] for the points ``index`` of ``measure``
+        (default: all the points), each clamped on its own."""
+        measure = self.measure if measure is None else measure
+        log_nu, _ = measure.component_log_densities(z, co.alpha, co.sigma, slice(None) if index is None else index)
         return weight(log_nu, log_rho[:, None], clamp, stats)
 
     def forcing(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s_rho: torch.Tensor,
@@ -141,11 +169,19 @@ class EmpiricalForcing:
         var = co.sigma**2
         shift = zf / var + sf  # s^n - s_rho = alpha x_n / sigma^2 - shift
         if self.mix is None:
-            w = self.point_weights(zf, co, log_rho, clamp, weights[0], self.index).T  # [K, B]
-            g = w[..., None] * (co.alpha / var * self.points[self.index][:, None] - shift)
+            if self.streamed:  # the tangents' own points, moved to the device
+                chosen = self.points[self.index.to(self.points.device)].to(self.device)
+                w = self.point_weights(zf, co, log_rho, clamp, weights[0], GaussianMixture.empirical(chosen)).T
+            else:
+                chosen = self.points[self.index]
+                w = self.point_weights(zf, co, log_rho, clamp, weights[0], index=self.index).T  # [K, B]
+            g = w[..., None] * (co.alpha / var * chosen[:, None] - shift)
         else:
-            c = self.mix * self.point_weights(zf, co, log_rho, clamp, weights[0])  # [K, B, N]
-            g = co.alpha / var * (c @ self.points) - c.sum(-1, keepdim=True) * shift
+            pulled, total = 0, 0
+            for rows, measure in self._blocks():
+                c = self.mix[..., rows] * self.point_weights(zf, co, log_rho, clamp, weights[0], measure)  # [K, B, N']
+                pulled, total = pulled + c @ measure.means, total + c.sum(-1, keepdim=True)
+            g = co.alpha / var * pulled - total * shift
         return g.view(len(g), *z.shape)
 
     def inner(self, lam: torch.Tensor, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
@@ -153,6 +189,7 @@ class EmpiricalForcing:
         """``<g^n_t(z_b), lam[j, b]>`` [m, B, N] for every point n: an ``N x d`` product."""
         zf, sf, lf = z.flatten(1), s_rho.flatten(1), lam.flatten(2)
         var = co.sigma**2
-        w = self.point_weights(zf, co, log_rho, clamp, stats)  # [B, N]
         shift = (lf * (zf / var + sf)).sum(-1, keepdim=True)  # [m, B, 1]
-        return w * (co.alpha / var * (lf @ self.points.T) - shift)
+        parts = [self.point_weights(zf, co, log_rho, clamp, stats, measure)  # [B, N']
+                 * (co.alpha / var * (lf @ measure.means.T) - shift) for _, measure in self._blocks()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

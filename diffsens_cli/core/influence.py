@@ -215,7 +215,7 @@ class InfluenceResult:
 
 def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor, z0: torch.Tensor,
               cfg: InfluenceSettings, clamps: list[tuple[float, float] | None],
-              first_index: int = 0) -> InfluenceResult:
+              first_index: int = 0, block: int | None = None) -> InfluenceResult:
     """Influence scores of every training point in ``points`` [N, *event] on the samples
     from ``z0`` [B, *event] (the rows from ``first_index`` of a run: the key of their
     random numbers), under each weight clamp in ``clamps``, and the top singular triples
@@ -223,7 +223,9 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
     sketch and fewer projections than dimensions the singular triples are randomised
     (the range finder takes the first ``min(rank + oversample, projections // 2)``
     projections) and the scores and Frobenius norm are estimates, exact in the span of
-    the singular vectors found and Johnson-Lindenstrauss in the rest (``refine``)."""
+    the singular vectors found and Johnson-Lindenstrauss in the rest (``refine``).
+    ``block``: ``points`` stay where they are and go to ``z0``'s device that many at a
+    time (``EmpiricalForcing``), for a training set larger than the device's memory."""
     counted = CountingModel(model)
     b, d, event = len(z0), z0[0].numel(), z0.shape[1:]
     rank = min(cfg.rank, len(points), d)
@@ -240,7 +242,7 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
     if cfg.method == "exact":
         psis = []
         for clamp, stat in zip(clamps, stats, strict=True):
-            samples, psi = forward(clamp, EmpiricalForcing(points), stat)
+            samples, psi = forward(clamp, EmpiricalForcing(points, block=block), stat)
             psis.append(psi)  # [N, B, d]
         scores = torch.stack([p.norm(dim=-1).T for p in psis])
         _, sv, vh = torch.linalg.svd(psis[0].movedim(1, 0), full_matrices=False)
@@ -248,7 +250,7 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
         return _result(samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event, coordinates)
 
     primal = Integrator(counted, settings, tape=True).run(z0, first_index=first_index)
-    forcing = EmpiricalForcing(points).to(z0.device, z0.dtype)
+    forcing = EmpiricalForcing(points, block=block).to(z0.device, z0.dtype)
     m = min(cfg.projections, d)
     q = orthogonal_directions(d, m, torch.Generator().manual_seed(cfg.seed), z0.dtype).to(z0.device)  # [m, d]
     omega = q[:, None].expand(m, b, d).reshape(m, *z0.shape)
@@ -262,7 +264,7 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
         return _result(primal.samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event, proj)
 
     def mixed(mix: torch.Tensor) -> torch.Tensor:
-        return forward(clamps[0], EmpiricalForcing(points, mix=mix))[1]
+        return forward(clamps[0], EmpiricalForcing(points, mix=mix, block=block))[1]
 
     def adjoint(w: torch.Tensor) -> torch.Tensor:
         return project(counted, primal.tape, forcing, w.reshape(len(w), *z0.shape), [clamps[0]],
