@@ -37,7 +37,9 @@ MAX_DEPTH = 64  # of a summary.json or config.yaml a page reads (diffsens writes
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:75em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
 td.n{font-family:monospace}figure{display:inline-block;margin:.5em;vertical-align:top}
-img{max-width:36em}code{background:#f4f4f4}.problem{color:#a00}section{border-top:1px solid #888}"""
+img{max-width:36em}code{background:#f4f4f4}.problem{color:#a00}section{border-top:1px solid #888}
+figure.t{margin:.2em;width:8em;font-size:70%;overflow-wrap:anywhere}
+figure.t img{width:64px;image-rendering:pixelated}"""
 # The browser test reads how many images loaded from the body's data-images.
 SCRIPT = """window.onload = () => {
   const images = [...document.querySelectorAll("img")];
@@ -278,6 +280,7 @@ def _run_body(run: Run, page_dir: Path, embed: bool) -> str:
              + (f"; reused from the stage cache: {escape(', '.join(reused))}" if reused else "") + ".</p>"]
     if summary.get("command"):
         parts.append(f"<p>Command: <code>{escape(str(summary['command']))}</code></p>")
+    parts += _galleries(run, page_dir, embed)  # what a user asked, first
     for png in figures(run):
         problem = figure_problem(png, run.path)
         if problem is not None:
@@ -306,6 +309,42 @@ def _run_body(run: Run, page_dir: Path, embed: bool) -> str:
         parts.append("</table>" + (f"<p>{len(settings) - MAX_SETTINGS} more settings not shown: see config.yaml.</p>"
                                    if len(settings) > MAX_SETTINGS else "") + "</details>")
     return "\n".join(parts)
+
+
+def _galleries(run: Run, page_dir: Path, embed: bool) -> list[str]:
+    """The summary's ``galleries`` (influence runs on images): per model sample or query, its
+    image and its most and least influential training images with their names and scores."""
+    galleries = (run.summary or {}).get("galleries")
+    if not isinstance(galleries, list) or not galleries:
+        return []
+    parts = ["<h2>Most and least influential training images</h2>",
+             "<p>By <code>ours</code>; every training image, ranked, with every method's score: "
+             "<code>tables/</code>.</p>"]
+    for gallery in galleries:
+        if not isinstance(gallery, dict):
+            continue
+        parts.append(f"<h3>{escape(str(gallery.get('title', '')))}</h3>\n<table>")
+        parts.append(f"<tr><th>sample</th><td>{_thumbnail(run, gallery.get('image'), '', page_dir, embed)}</td></tr>")
+        for key, label in (("top", "most influential"), ("bottom", "least influential")):
+            items = gallery.get(key)
+            cells = "".join(_thumbnail(run, item.get("image"),
+                                       f"{escape(str(item.get('name', '')))}<br>{escape(fmt(item.get('score')))}",
+                                       page_dir, embed, alt=str(item.get("name", "")))
+                            for item in (items if isinstance(items, list) else []) if isinstance(item, dict))
+            parts.append(f"<tr><th>{label}</th><td>{cells}</td></tr>")
+        parts.append("</table>")
+    return parts
+
+
+def _thumbnail(run: Run, image: Any, caption: str, page_dir: Path, embed: bool, alt: str = "") -> str:
+    """One thumbnail of a gallery with its caption (HTML, escaped by the caller), or
+    why it is not shown; only a PNG inside the run directory is (``figure_problem``)."""
+    png = run.path / str(image)
+    problem = figure_problem(png, run.path) if isinstance(image, str) else "no image"
+    src = _image_src(png, page_dir, embed) if problem is None else None
+    shown = f'<img src="{src}" alt="{escape(alt)}">' if src else \
+        f'<span class="problem">not shown: {escape(problem or "unreadable")}</span>'
+    return f'<figure class="t">{shown}<figcaption>{caption}</figcaption></figure>'
 
 
 def _title(run: Run) -> str:

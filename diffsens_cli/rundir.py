@@ -71,6 +71,15 @@ class RunDir:
         atomic_write(path, write, "w")
         return path.relative_to(self.path).as_posix()
 
+    def save_image(self, name: str, image: np.ndarray) -> str:
+        """``name.png`` (``name`` may hold a subfolder): one image [C, H, W] in [-1, 1] as a
+        thumbnail (``plots.common.thumbnail``); the path relative to the run directory."""
+        from diffsens_cli.plots.common import thumbnail
+
+        path = self.path / f"{name}.png"
+        atomic_write(path, lambda f: thumbnail(image).save(f, format="PNG"))
+        return path.relative_to(self.path).as_posix()
+
     def save_figure(self, fig, name: str) -> list[str]:
         """``name.png`` and ``name.pdf``; the figure is closed afterwards (pyplot keeps every
         open figure, and a sweep's jobs share one process)."""

@@ -19,6 +19,7 @@ from helpers import diffsens
 
 from diffsens_cli.report import write_report, write_run_index
 from diffsens_cli.rundir import RunDir
+from diffsens_cli.stages import StageCache
 
 
 class Page(HTMLParser):
@@ -224,6 +225,32 @@ def test_the_report_embeds_only_png_files_inside_the_run_and_lists_the_rest_with
                      "text.png: not shown, not a PNG file", f"big.png: not shown, "
                      f"{(run / 'big.png').stat().st_size / 2**20:.1f} MB, over the {cap / 2**20:g} MB cap of a figure"]
     assert report.figure_problem(Path("/dev/zero"), Path("/dev")) == "not a regular file"
+
+
+def test_a_gallery_shows_each_samples_top_and_bottom_training_images_with_their_names(tmp_path):
+    """An influence run's ``galleries``: the sample, then its most and least influential
+    training images, each with its file name (escaped) and score; a thumbnail outside the
+    run is not shown, and says why; entries of the wrong type are passed over."""
+    run = make_run(tmp_path / "r", "r", {})
+    rd = RunDir(run, StageCache(tmp_path / "stages"))
+    image = np.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4)
+    thumb = rd.save_image("gallery/sample_0/top_1", image)
+    galleries = [{"title": "sample_0", "image": rd.save_image("gallery/sample_0/sample", image),
+                  "top": [{"image": thumb, "name": "dogs/<b>rex</b>.png", "score": 3.25}],
+                  "bottom": [{"image": "../secret.png", "name": "cats/tom.png", "score": 0.5}, "junk"]}, 7]
+    (run / "summary.json").write_text(json.dumps({"metrics": {}, "galleries": galleries}))
+    page = Page(write_run_index(run).read_text())
+    assert page.row("most influential") == ["most influential", "dogs/<b>rex</b>.png3.25"]
+    assert page.row("least influential") == ["least influential", "not shown: outside the run directorycats/tom.png0.5"]
+    assert page.images == ["gallery/sample_0/sample.png", "gallery/sample_0/top_1.png"]
+    assert "<b>rex" not in (run / "index.html").read_text()  # the name is text, not markup
+    # the thumbnail is the image, each pixel enlarged 16 times (4 -> 64), 0..255
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(run / thumb))
+    assert pixels.shape == (64, 64, 3)
+    expected = np.round((image.transpose(1, 2, 0) + 1) / 2 * 255).astype(np.uint8)
+    assert (pixels[::16, ::16] == expected).all() and (pixels[15::16, 15::16] == expected).all()
 
 
 @pytest.mark.parametrize("case,summary,config,why", [

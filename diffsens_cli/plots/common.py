@@ -1,10 +1,11 @@
-"""What the figures share: images and signed images on bare axes, canvases of image rows."""
+"""What the figures share: images and signed images on bare axes, canvases of image rows, thumbnails."""
 
 from __future__ import annotations
 
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 
 SIGNED_CMAP = "RdBu_r"  # diverging: blue negative, white zero, red positive
 
@@ -16,6 +17,16 @@ def show_image(ax, image) -> matplotlib.image.AxesImage:
         ax.imshow(image.transpose(1, 2, 0))
     bare(ax)
     return im
+
+
+def thumbnail(image, min_side: int = 64) -> Image.Image:
+    """One image [C, H, W] in [-1, 1] as a Pillow image (greyscale when C = 1), clipped and
+    enlarged by a whole factor with nearest-neighbour pixels to at least ``min_side``, so
+    an 8x8 digit shows its pixels on a page."""
+    pixels = np.round(np.clip((np.asarray(image, dtype=float) + 1) / 2, 0, 1) * 255).astype(np.uint8)
+    picture = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    factor = max(1, -(-min_side // min(picture.size)))
+    return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
 
 
 def show_signed(ax, values, cmap: str = SIGNED_CMAP) -> matplotlib.image.AxesImage:
