@@ -115,4 +115,31 @@ def fake_data(tmp_path_factory):
             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
             "attention_head_dim": 4, "seed": 0}
     save_pretrained(build_network_model(unet, (3, 32, 32), VPDiscrete(), forward_ad=False), root / "cifar10_model")
+    own_model_and_images(root)
     return root
+
+
+def own_model_and_images(root):
+    """What a user of docs/own_model.md brings: ``<root>/own_pipeline`` (a DDPMPipeline
+    of a tiny 3x8x8 UNet, as ``save_pretrained`` writes it), ``<root>/own_images`` (its
+    training images: PNGs in two class folders, cats/ and dogs/, 6 each) and
+    ``<root>/own_S`` (4 JPEGs, a set S to fine-tune on)."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    torch.manual_seed(1234)  # not the run's seed 0, which a retraining initialises from
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "own_pipeline")
+    for label in ("cats", "dogs"):
+        (root / "own_images" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "own_images" / label / f"{label[:-1]}_{i}.png")
+    (root / "own_S").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "own_S" / f"s_{i}.jpg")

@@ -34,6 +34,9 @@ DATA_ROOTS = {
     "celeba_influence": ["dataset.root={data}/celeba"],
     "mnist_counterfactual": ["dataset.root={data}/mnist"],
     "cifar10_crossclass": ["dataset.root={data}/cifar10", "model.path={data}/cifar10_model"],
+    "own_influence": ["dataset.root={data}/own_images", "model.path={data}/own_pipeline"],
+    "own_predict": ["dataset.root={data}/own_images", "model.path={data}/own_pipeline",
+                    "perturbation.source.root={data}/own_S"],
 }
 TINY = {e: ["size=tiny", *DATA_ROOTS.get(e, [])] for e in EXPERIMENTS}
 

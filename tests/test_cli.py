@@ -34,12 +34,13 @@ ARRAYS["counterfactual_closed_form"] = ARRAYS["digits_counterfactual"] = ARRAYS[
     "base", "floor", "counterfactual/retrained", "counterfactual/predicted", "datamodel/retrained",
     "datamodel/predicted", "datamodel/predicted_l2kernel")
 # Every influence run scores with clamped and exact weights (one pass); digits_influence with every method.
-for _e in ("digits_influence", "lfw_influence", "celeba_influence", "digits_crossclass", "cifar10_crossclass"):
+for _e in ("digits_influence", "lfw_influence", "celeba_influence", "digits_crossclass", "cifar10_crossclass",
+           "own_influence"):
     ARRAYS[_e] = ("z0", "samples", "train_index", "influence/scores", "influence/ours_clamped/scores",
                   "influence/ours_exact/scores", "influence/ours_set/scores", "influence/ours_loss/scores",
                   "influence/l2/scores", "influence/singular_vectors", "influence/shown_psi")
 ARRAYS["digits_influence"] += ("influence/feature/scores", "influence/dtrak/scores")
-for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman"):
+for _e in ("digits_typography", "mnist_tmnist", "celeba_oldman", "own_predict"):
     ARRAYS[_e] = ("z0", "samples", "psi", "logp", "retrain/change", "retrain/ot_rays", "finetune/change",
                   "finetune/ot_rays")
 for _e in ("celeba_attributes", "celeba_attributes_paper"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -33,6 +33,14 @@ def _path(spec: Spec) -> Path:
     require(path.is_file(), spec.name("root"), f"{path} is not a file; expected {LAYOUT}")
     require(path.suffix in (".npy", ".npz"), spec.name("root"), f"{path} is neither .npy nor .npz; expected {LAYOUT}")
     return path
+
+
+def fingerprint(spec: Spec) -> dict[str, Any]:
+    """The array file as a stage depends on it, without reading it: its resolved path,
+    size and modification time (the quick check of make and rsync)."""
+    path = _path(spec)
+    stat = path.stat()
+    return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _header(spec: Spec, path: Path) -> tuple[tuple[int, ...], np.dtype]:

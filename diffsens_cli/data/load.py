@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from omegaconf import DictConfig
 
 from diffsens_cli.data import arrays, embedded, files, image_folder
 from diffsens_cli.data.base import ImageSet, Spec, draw, from_uint8, resize
-from diffsens_cli.errors import require
+from diffsens_cli.errors import plain, require
 
 # The loaders' cheap checks (values, folders, file headers): the native (C, H, W) of the images.
 SHAPES = {
@@ -39,6 +40,9 @@ LOADERS = {
 IMAGE_DATASETS: tuple[str, ...] = tuple(LOADERS)
 # Sets decoded from many image files, worth keeping decoded: their stage keys.
 DECODED_ONCE = {"image_folder": image_folder.fingerprint}
+# Sets read from the user's own files, which may change in place under the same config:
+# what of their files a stage depends on (names, sizes, modification times).
+USER_FILES = {"image_folder": image_folder.fingerprint, "arrays": arrays.fingerprint}
 # A stage cache's ``arrays(name, depends, compute)``: the data layer asks for one, knowing no more.
 Memo = Callable[[str, dict[str, Any], Callable[[], dict[str, np.ndarray]]], dict[str, np.ndarray]]
 EMBEDDED = ("digits", "typography", "lfw_faces")
@@ -51,6 +55,27 @@ def _common(spec: Spec) -> tuple[str, int | None, int | None, int]:
     require(kind not in EMBEDDED or spec.get("root") is None, spec.name("root"),
             f"must be null: {kind} is embedded (built from installed packages), got {spec.get('root')!r}")
     return kind, size, limit, spec.seed()
+
+
+def data_depends(cfg: DictConfig | dict, key: str = "dataset") -> Any:
+    """A data-set node (or one holding some: a perturbation and its ``source``) as a stage
+    depends on it: its settings, with the fingerprint of every data set read from the
+    user's own files (``USER_FILES``) and of a ``scores_file``, so that no stage outlives
+    a change to them."""
+    node = plain(cfg)
+
+    def stamped(value: Any, name: str) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out = {k: stamped(v, f"{name}.{k}") for k, v in value.items()}
+        if value.get("kind") in USER_FILES:
+            out["files"] = USER_FILES[value["kind"]](Spec(value, name))
+        if value.get("scores_file"):
+            path = Path(str(value["scores_file"])).expanduser()
+            out["scores_file_stamp"] = [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+        return out
+
+    return stamped(node, key)
 
 
 def check_images(cfg: DictConfig | dict, key: str = "dataset") -> tuple[int, int, int]:

@@ -221,6 +221,19 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return NetworkScore(net, schedule, prediction)
 
 
+def fresh_weights(model: NetworkScore, seed: int) -> NetworkScore:
+    """``model``'s network with freshly initialised weights (seeded; what retraining from
+    scratch starts from), keeping its architecture, class, dtype, schedule and prediction."""
+    net = model.net.model if isinstance(model.net, UNetAdapter) else model.net
+    dtype = next(net.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = torch.nn.Module.to(type(net).from_config(net.config), dtype)  # ModelMixin.to warns of nothing
+    if isinstance(model.net, UNetAdapter):
+        fresh = UNetAdapter(fresh, model.net.class_label)
+    return NetworkScore(fresh.eval(), model.schedule, model.prediction)
+
+
 def save_pretrained(model: NetworkScore, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` in the layout ``load_pretrained`` reads (replacing
     what is there).  Everything is written into a temporary sibling directory first and

@@ -42,7 +42,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     stages = ImageStages(cfg, run.cache)
     n = int(cfg.attributes.num_samples)
-    base_model = stages.trained("base")
+    base_model = stages.base()
     labels = _sets(cfg)
     # Every set's sensitivities along one path per sample: one stage, K = len(labels) tangents.
     _, out = stages.sensitivity(base_model, n, [OmegaConf.merge(cfg.perturbation, {"attributes": v}) for v in labels])

@@ -53,6 +53,7 @@ from diffsens_cli.core.forcing import EmpiricalForcing
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.stats import bootstrap_interval, lds, paired
+from diffsens_cli.data import data_depends
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines import influence
 from diffsens_cli.pipelines.shared import attribution
@@ -216,7 +217,7 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     model = stages.score_model(model_dir)
     everything = torch.arange(len(rho))
     source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, everything,
-                              stages.z0(model, pool), {"model": model_key, "dataset": plain(cfg.dataset)},
+                              stages.z0(model, pool), {"model": model_key, "dataset": data_depends(cfg.dataset)},
                               influence.training_names(cfg, rho.names, everything))
     return Models(source, lambda removed, seed: stages.samples_of_rows(trained(removed, seed), pool, rows)["samples"],
                   losses, rows)

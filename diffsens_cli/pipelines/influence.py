@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,14 +30,14 @@ from diffsens_cli.core.influence import InfluenceSettings, influence
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.score_model import ScoreModel
-from diffsens_cli.data import IMAGE_DATASETS
+from diffsens_cli.data import IMAGE_DATASETS, data_depends
 from diffsens_cli.data.base import draw
 from diffsens_cli.errors import listed, number, one_of, plain, require, whole
 from diffsens_cli.pipelines.shared import attribution, crossclass, queries
 from diffsens_cli.plots import influence as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard, finish_partial
-from diffsens_cli.stages import ArrayDict, checksums, content_key
+from diffsens_cli.stages import ArrayDict, content_key
 from diffsens_cli.training.settings import train_settings
 
 STAGES = ("train_base", "influence", "attribution_features", "attribution")
@@ -75,6 +74,8 @@ def check(cfg: DictConfig) -> None:
                 f"index {i} is out of range: the pool has {pool} samples (0..{pool - 1})")
     require(len(set(samples)) == len(samples), "influence.samples", f"lists an index twice: {samples}")
     num_train = whole(ic.num_train, "influence.num_train", null=True, at_least=1)
+    if ic.train_block != "auto":
+        whole(ic.train_block, "influence.train_block", null=True, at_least=1)
     whole(ic.shown, "influence.shown", at_least=1)
     listed(ic.ray_amplitudes, "influence.ray_amplitudes", number)
     attribution.check(cfg, closed_form(cfg), labelled=not closed_form(cfg))
@@ -145,6 +146,12 @@ class Source:
     model_key: Any
     names: list[str]  # of the training points: file names where the data set has them
     queries: queries.Queries | None = None  # the user's, in place of the pool's samples
+    block: int | None = None  # points kept in host memory, moved to the device this many at a time
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (the points are there too unless streamed)."""
+        return self.z0.device
 
 
 def subset_index(n: int, num_train: int | None, seed: int) -> torch.Tensor:
@@ -171,16 +178,39 @@ def image_source(cfg: DictConfig, run: RunDir) -> Source:
     require("feature" not in attribution.methods(cfg) or rho.labels is not None, "influence.attributions",
             f"feature needs class labels (its classifier's features); the data set {cfg.dataset.kind!r} has none")
     subset = rho.subset(index)
-    if cfg.model.kind == "pretrained":  # a model brought as it is: keyed by its files' contents
-        model_dir = Path(cfg.model.path).expanduser()
-        model_key: Any = {"pretrained": checksums(model_dir)}
-    else:  # the experiment's base model, trained on rho (or reused from the stage cache)
-        model_key, model_dir = stages.trained("base")
+    model_key, model_dir = stages.base()  # the user's, or trained on rho (or reused from the stage cache)
     model = stages.score_model(model_dir)
     names = training_names(cfg, subset.names, index)
-    return Source(model, subset.images.to(stages.device, stages.dtype), subset.labels, index,
-                  stages.z0(model, int(cfg.influence.pool)), {"model": model_key, "dataset": plain(cfg.dataset)},
-                  names)
+    block = training_block(cfg.influence.train_block, subset.images, stages.device, stages.dtype)
+    if block is None:
+        points = subset.images.to(stages.device, stages.dtype)
+    else:  # in host memory (page-locked for a GPU: its copies are faster, and asynchronous)
+        points = subset.images.to(stages.dtype)
+        points = points.pin_memory() if stages.device.type == "cuda" else points
+    return Source(model, points, subset.labels, index, stages.z0(model, int(cfg.influence.pool)),
+                  {"model": model_key, "dataset": data_depends(cfg.dataset)}, names, block=block)
+
+
+# Training images are kept on the device when they take at most this share of its free
+# memory (the rest is the integration's); otherwise streamed in blocks of STREAM_SHARE of it.
+RESIDENT_SHARE, STREAM_SHARE = 0.25, 0.125
+
+
+def training_block(spec: Any, images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> int | None:
+    """``influence.train_block``: how many training images are on the device at a time;
+    None: all of them, kept there. ``auto`` keeps them there on a CPU, or on a GPU when they
+    take at most ``RESIDENT_SHARE`` of its free memory, and else streams blocks of
+    ``STREAM_SHARE`` of it; a whole number streams blocks of that many (when fewer than N)."""
+    if spec is None:
+        return None
+    n, per_image = len(images), images[0].numel() * torch.empty((), dtype=dtype).element_size()
+    if spec != "auto":
+        block = whole(spec, "influence.train_block", at_least=1)
+        return block if block < n else None
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return None if n * per_image <= RESIDENT_SHARE * free else max(1, int(STREAM_SHARE * free) // per_image)
 
 
 def closed_form_source(cfg: DictConfig) -> Source:
@@ -228,7 +258,7 @@ def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
     z0 = source.z0[i:i + 1]
     start = time.perf_counter()
     res = influence(source.model, settings, source.points, z0, influence_settings(cfg), list(clamps.values()),
-                    first_index=i)
+                    first_index=i, block=source.block)
     wall = time.perf_counter() - start
     scores = res.scores[:, 0]  # [C, N], influence.weights first
     l2 = (source.points.flatten(1).cpu() - res.samples.flatten(1)).norm(dim=1)
@@ -236,7 +266,7 @@ def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
     shown = torch.cat([*_extremes(scores[0], k), *_extremes(residuals(l2[None], scores[:1])[0], k)])
     unique, where = torch.unique(shown, return_inverse=True)
     psi = Integrator(source.model, replace(settings, weight_clamp=clamps[names[0]]),
-                     EmpiricalForcing(source.points, index=unique.to(source.points.device)))
+                     EmpiricalForcing(source.points, index=unique.to(source.points.device), block=source.block))
     shown_psi = psi.run(z0, first_index=i).psi[:, 0][where]
     order = [names.index(w) for w in attribution.WEIGHTS]  # stored in WEIGHTS' order
     counts = [res.weights[c].as_dict() for c in order]
@@ -325,6 +355,8 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
                                    "fig_attribution_top10")
     crossclass = _crossclass(cfg, run, source, stack, sets["ours"], arrays) if "crossclass" in cfg else None
     tables = _tables(run, source, samples, sets)
+    galleries = _galleries(run, source, samples, sets["ours"], stack["sample"], int(cfg.influence.shown)) \
+        if source.points.ndim == 4 else []
     run.save_arrays("arrays", arrays)
     ic = cfg.influence
     metrics = {
@@ -340,6 +372,7 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
             "method": str(ic.method), "exact": bool(stack["exact"].all()),
             "settings": {k: plain(ic[k]) for k in ("projections", "rank", "oversample", "power_iterations")},
             "num_train": len(source.points), "num_samples": len(samples),
+            "memory": _memory(source),
             "network_calls_per_sample": float(stack["network_calls"].mean()),
             "network_vectors_per_sample": float(stack["network_vectors"].mean()),
             "wall_time_s_per_sample": float(stack["wall_time_s"].mean()),
@@ -354,7 +387,7 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
     if crossclass is not None:
         metrics["crossclass"], more = crossclass
         figures += more
-    run.write_summary(metrics, figures=figures, solver=plain(cfg.solver))
+    run.write_summary(metrics, figures=figures, galleries=galleries, solver=plain(cfg.solver))
     low = diagnosis["clamped"]["share_clamped_low"]["median"]
     print(f"influence of {len(source.points)} training points on {len(samples)} samples ({ic.method}, "
           f"ours = {chosen}): median r2 vs L2 {np.median(r2['clamped']):.3f} clamped, {np.median(r2['exact']):.3f} "
@@ -362,6 +395,47 @@ def _report(cfg: DictConfig, run: RunDir, source: Source, samples: list[int], pe
           f"{diagnosis['clamped']['affine_r2']['median']:.2f} clamped, {diagnosis['exact']['affine_r2']['median']:.2f} "
           f"exact; top-10 variance {np.median(top10):.3f}; {stack['network_calls'].mean():.0f} network calls "
           "per sample")
+
+
+def _memory(source: Source) -> dict[str, Any]:
+    """What the training images take and where they were (``influence.train_block``), and
+    the device's peak memory in this process (on a GPU)."""
+    peak = torch.cuda.max_memory_allocated(source.device) if source.device.type == "cuda" else None
+    return {"training_images_gb": source.points.nbytes / 1e9, "streamed_block": source.block,
+            "device_peak_gb": None if peak is None else peak / 1e9}
+
+
+def _label(source: Source, sample: int) -> str:
+    """A model sample's (or the user's query's) name in the files of a run."""
+    return f"query_{sample}" if source.queries is not None else f"sample_{sample}"
+
+
+# The model samples (or queries) whose most and least influential training images the
+# run's index.html shows; every sample's are in its table.
+GALLERY_SAMPLES = 16
+
+
+def _galleries(run: RunDir, source: Source, samples: list[int], scores: np.ndarray, images: np.ndarray,
+               k: int) -> list[dict[str, Any]]:
+    """Per model sample (the first ``GALLERY_SAMPLES``): its image and the ``k`` training
+    images most and least influential on it by ``ours`` (``scores`` [M, N]), as thumbnails
+    under ``gallery/<sample>/`` with their names and scores; the summary's ``galleries``,
+    which the run's index.html shows."""
+    train = source.points.cpu().numpy()
+    asked = source.queries.names if source.queries is not None and source.queries.names else None
+    out = []
+    for row, sample in enumerate(samples[:GALLERY_SAMPLES]):
+        label = _label(source, sample)
+
+        def shown(which: str, index: torch.Tensor, row: int = row, label: str = label) -> list[dict[str, Any]]:
+            return [{"image": run.save_image(f"gallery/{label}/{which}_{r + 1}", train[n]), "name": source.names[n],
+                     "score": float(scores[row, n])} for r, n in enumerate(index.tolist())]
+
+        top, bottom = _extremes(torch.from_numpy(scores[row]), min(k, scores.shape[1]))
+        title = f"{label}: {asked[sample]}" if asked else label
+        out.append({"title": title, "image": run.save_image(f"gallery/{label}/sample", images[row]),
+                    "top": shown("top", top), "bottom": shown("bottom", bottom)})
+    return out
 
 
 def _tables(run: RunDir, source: Source, samples: list[int], sets: dict[str, np.ndarray]) -> list[str]:
@@ -376,8 +450,7 @@ def _tables(run: RunDir, source: Source, samples: list[int], sets: dict[str, np.
         order = np.argsort(-sets["ours"][row], kind="stable")
         columns = [range(1, len(order) + 1), rows_of[order].tolist(), names[order].tolist(),
                    *(sets[m][row, order].tolist() for m in methods)]  # column-wise: N may be 10^5
-        label = f"query_{sample}" if source.queries is not None else f"sample_{sample}"
-        written.append(run.save_table(f"tables/{label}", header, list(zip(*columns, strict=True))))
+        written.append(run.save_table(f"tables/{_label(source, sample)}", header, list(zip(*columns, strict=True))))
     return written
 
 
@@ -403,7 +476,7 @@ def _crossclass(cfg: DictConfig, run: RunDir, source: Source, stack: dict[str, n
     labels, cc = source.labels.numpy(), cfg.crossclass
     sample_classes, accuracy = crossclass.classify(source.points.cpu().numpy(), labels, stack["sample"],
                                                    float(cc.held_out), int(cfg.seed), str(cc.classifier),
-                                                   int(cc.epochs), bool(cc.flip), source.points.device)
+                                                   int(cc.epochs), bool(cc.flip), source.device)
     classes = np.unique(labels)
     matrix = crossclass.crossclass_matrix(scores, sample_classes, labels, classes)
     arrays |= {"crossclass/matrix": matrix, "crossclass/sample_classes": sample_classes, "crossclass/classes": classes}

@@ -53,7 +53,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     stages = ImageStages(cfg, run.cache)
     n = int(cfg.predict.num_samples)
     modes = OmegaConf.to_container(cfg.predict.modes)
-    base_model = stages.trained("base")
+    base_model = stages.base()
     base_key, base = stages.sensitivity(base_model, n)
     after = {mode: stages.samples(stages.trained(mode), n) for mode in modes}
     if base is None:  # one job of a sharded run: its share is cached, the unsharded run assembles

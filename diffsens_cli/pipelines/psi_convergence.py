@@ -86,7 +86,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     stages = ImageStages(cfg, run.cache)
     n = int(cfg.convergence.num_samples)
-    base = stages.trained("base")
+    base = stages.base()
     solvers, seeds = _solvers(cfg), _seeds(cfg)
     dim = int(np.prod(stages.event_shape))
 

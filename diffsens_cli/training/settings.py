@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from diffsens_cli.data import data_depends
 from diffsens_cli.errors import flag, number, one_of, plain, require, whole
 
 # Keys of the ``train`` group that change no result (display and checkpoint bookkeeping):
@@ -57,10 +58,10 @@ def training_depends(cfg: DictConfig, train: DictConfig, dtype: str,
     settings = {k: v for k, v in plain(train).items() if k not in BOOKKEEPING}
     if settings["mode"] != "retrain":
         settings.pop("eta_bar")
-    depends: dict[str, Any] = {"train": settings, "dtype": dtype, "dataset": plain(cfg.dataset)}
+    depends: dict[str, Any] = {"train": settings, "dtype": dtype, "dataset": data_depends(cfg.dataset)}
     depends |= start if start is not None else {"model": plain(cfg.model), "schedule": plain(cfg.schedule)}
     if settings["mode"] != "base":
-        depends["perturbation"] = plain(cfg.perturbation)
+        depends["perturbation"] = data_depends(cfg.perturbation, "perturbation")
     return depends
 
 

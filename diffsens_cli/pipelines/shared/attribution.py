@@ -153,7 +153,7 @@ def training_features(cfg: DictConfig, run, source, method: str) -> ArrayDict:
             from diffsens_cli.pipelines.shared import crossclass
 
             net, _ = crossclass.fit_cnn(images, source.labels.numpy(), int(cfg.influence.feature.epochs), False,
-                                        int(cfg.seed), source.points.device)
+                                        int(cfg.seed), source.device)
             out = {"features": crossclass.features(net, images),
                    **{f"net/{k}": v.cpu().numpy() for k, v in net.state_dict().items()}}
         else:
@@ -188,15 +188,16 @@ def method_stage(cfg: DictConfig, run, source, method: str, i: int, sample: np.n
         stored = training_features(cfg, run, source, method) if method != "ours_loss" else {}  # one-off: not timed here
         start = time.perf_counter()
         points = source.points
-        x = torch.from_numpy(sample).to(points.device, points.dtype)[None]
+        x = torch.from_numpy(sample).to(source.device, points.dtype)[None]
         if method == "ours_loss":
             from diffsens_cli.core.trak import output_pairs
 
             times, noises = output_pairs(int(pairs.timesteps), int(pairs.noises), tuple(x.shape[1:]), int(cfg.seed),
-                                         points.dtype, points.device)
+                                         points.dtype, source.device)
             stats = WeightStats()
             clamp_used = clamps(cfg)[loss_weights(cfg)]
-            scores = attribution.loss_sensitivity(source.model, points, x, times, noises, clamp_used, stats)[0]
+            scores = attribution.loss_sensitivity(source.model, points, x, times, noises, clamp_used, stats,
+                                                  block=source.block)[0]
             out = {"scores": scores.cpu().numpy(), **{f"weights/{k}": np.array(v) for k, v in stats.as_dict().items()}}
         elif method == "feature":
             classes = len(np.unique(source.labels.numpy()))

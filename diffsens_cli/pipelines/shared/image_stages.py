@@ -24,12 +24,19 @@ from diffsens_cli.core.forcing import Perturbation
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.transport import transport_rays
-from diffsens_cli.data import ImageSet, check_images, check_perturbation_set, load_images, perturbation_set
+from diffsens_cli.data import (
+    ImageSet,
+    check_images,
+    check_perturbation_set,
+    data_depends,
+    load_images,
+    perturbation_set,
+)
 from diffsens_cli.errors import plain, require
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
 from diffsens_cli.sharding import Shard
-from diffsens_cli.stages import ArrayDict, StageCache, stage_key
+from diffsens_cli.stages import ArrayDict, StageCache, checksums, stage_key
 from diffsens_cli.training.settings import TrainSettings, train_settings, training_depends
 from diffsens_cli.training.source import BatchSource, training_measure
 
@@ -101,26 +108,51 @@ class ImageStages:
         return self.perturbation_set()
 
     # -- training ------------------------------------------------------------------------
+    @property
+    def pretrained(self) -> bool:
+        """Whether the base model is the user's (``model=pretrained``), not trained here."""
+        return self.cfg.model.kind == "pretrained"
+
+    @cached_property
+    def _pretrained_key(self) -> str:
+        """``pretrained/<hash>``: the user's model named by its files' sizes and SHA-256s."""
+        return f"pretrained/{stage_key(checksums(Path(self.cfg.model.path).expanduser()))}"
+
+    def base(self) -> tuple[str, Path]:
+        """The base model's ``name/key`` and directory: the user's own (``model=pretrained``,
+        keyed by its files' contents), else the stage ``train_base`` (trained on rho)."""
+        if self.pretrained:
+            return self._pretrained_key, Path(self.cfg.model.path).expanduser()
+        return self.trained("base")
+
     def _train_depends(self, mode: str) -> dict[str, Any]:
         train = finetune_config(self.cfg) if mode == "finetune" else OmegaConf.merge(self.cfg.train, {"mode": mode})
-        if mode != "finetune":
-            return training_depends(self.cfg, train, str(self.dtype))
-        base = self.cache.path("train_base", self._train_depends("base")).name
-        return training_depends(self.cfg, train, str(self.dtype), start={"base": base})
+        if mode == "finetune":  # from the base model's weights
+            base = (self._pretrained_key if self.pretrained
+                    else self.cache.path("train_base", self._train_depends("base")).name)
+            return training_depends(self.cfg, train, str(self.dtype), start={"base": base})
+        if self.pretrained:  # the user's architecture and schedule, fresh weights
+            return training_depends(self.cfg, train, str(self.dtype), start={"architecture_of": self._pretrained_key})
+        return training_depends(self.cfg, train, str(self.dtype))
 
     def trained(self, mode: str) -> tuple[str, Path]:
-        """The stage ``train_<mode>``: its ``name/key`` and its saved model directory."""
-        from diffsens_cli.models.pretrained import load_pretrained
+        """The stage ``train_<mode>``: its ``name/key`` and its saved model directory.
+        Fine-tuning starts from the base model (``base``); retraining from fresh weights of
+        the model config's network, or of the user's network's architecture."""
+        from diffsens_cli.models.pretrained import fresh_weights
         from diffsens_cli.models.unet import build_network_model
 
+        require(mode != "base" or not self.pretrained, "model.kind",
+                "a pretrained model is the base model; it is not trained here")
         depends = self._train_depends(mode)
         name = f"train_{mode}"
 
         def work(path: Path) -> None:
             train_cfg = finetune_config(self.cfg) if mode == "finetune" else self.cfg.train
             if mode == "finetune":
-                _, base_dir = self.trained("base")
-                model = load_pretrained(base_dir, dtype=self.dtype, forward_ad=False)
+                model = self.load(self.base()[1], forward_ad=False)
+            elif self.pretrained:
+                model = fresh_weights(self.load(self.base()[1], forward_ad=False), int(self.cfg.train.seed))
             else:
                 model = build_network_model(self.cfg.model, self.event_shape, build_schedule(self.cfg.schedule),
                                             dtype=self.dtype, forward_ad=False)
@@ -130,9 +162,17 @@ class ImageStages:
             self.train_network(path, model, source, train_settings(train_cfg, epoch), depends)
 
         if mode == "finetune":
-            self.trained("base")  # train the base model first, outside this stage's lock
+            self.base()  # train the base model first, outside this stage's lock
         path = self.cache.run(name, depends, work)
         return f"{name}/{path.name}", path / "model"
+
+    def load(self, model_dir: Path, forward_ad: bool = True) -> NetworkScore:
+        """The model saved at ``model_dir`` in the run's dtype (on the CPU), asked for the
+        run's class (``model.class_label``) if it is class-conditional."""
+        from diffsens_cli.models.pretrained import load_pretrained
+
+        return load_pretrained(model_dir, dtype=self.dtype, forward_ad=forward_ad,
+                               label=self.cfg.model.get("class_label"))
 
     def train_network(self, path: Path, model: NetworkScore, source: BatchSource, settings: TrainSettings,
                       fingerprint: dict[str, Any]) -> None:
@@ -149,10 +189,8 @@ class ImageStages:
     def score_model(self, model_dir: Path) -> NetworkScore:
         """A trained model for sampling and JVPs, on the run's device and dtype (the last
         one loaded is kept: every block of a stage integrates with it)."""
-        from diffsens_cli.models.pretrained import load_pretrained
-
         if self._loaded is None or self._loaded[0] != model_dir:
-            model = load_pretrained(model_dir, dtype=self.dtype)
+            model = self.load(model_dir)
             model.net.to(self.device)
             self._loaded = (model_dir, model)
         return self._loaded[1]
@@ -176,8 +214,8 @@ class ImageStages:
         job of a sharded run (``_in_blocks``)."""
         perturbations = perturbations or [self.cfg.perturbation]
         settings = solver_settings(solver) if solver is not None else self.solver
-        depends = {"model": model[0], "perturbations": [plain(p) for p in perturbations],
-                   "dataset": plain(self.cfg.dataset), "solver": solver_depends(solver or self.cfg.solver),
+        depends = {"model": model[0], "perturbations": [data_depends(p, "perturbation") for p in perturbations],
+                   "dataset": data_depends(self.cfg.dataset), "solver": solver_depends(solver or self.cfg.solver),
                    "num_samples": n, "seed": int(self.cfg.seed)}
 
         def compute(start: int, stop: int) -> ArrayDict:
@@ -256,8 +294,9 @@ class ImageStages:
         S after fine-tuning."""
         ot = self.cfg.ot
         eta = float(self.cfg.train.eta_bar)
-        depends = {"samples": base[0], "mode": mode, "ot": plain(ot), "dataset": plain(self.cfg.dataset),
-                   "perturbation": plain(self.cfg.perturbation), "eta_bar": eta if mode == "retrain" else None}
+        depends = {"samples": base[0], "mode": mode, "ot": plain(ot), "dataset": data_depends(self.cfg.dataset),
+                   "perturbation": data_depends(self.cfg.perturbation, "perturbation"),
+                   "eta_bar": eta if mode == "retrain" else None}
 
         def compute() -> ArrayDict:
             x = torch.from_numpy(base[1]["samples"])
