@@ -311,3 +311,10 @@ def test_every_ranking_has_a_colour():
 ])
 def test_bad_counterfactual_input_is_one_clear_line(args, expected, cli_error):
     assert cli_error(["run", "experiment=counterfactual_closed_form", "size=tiny", *args]).startswith(expected)
+
+
+def test_a_pretrained_model_is_refused_where_networks_are_retrained_from_scratch(cli_error):
+    assert cli_error(["run", "experiment=digits_counterfactual", "size=tiny", "model=pretrained",
+                      "model.path=/nowhere"]) == (
+        "model.kind: counterfactual retraining trains a network from scratch on each subset of the data: give its "
+        "architecture (model=unet or mlp), not model=pretrained")

@@ -12,6 +12,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import torch
 from helpers import DATA_ROOTS, REPO, diffsens, run_tiny
 
@@ -39,6 +40,37 @@ def test_fine_tuning_starts_from_the_users_weights_and_retraining_from_its_archi
     assert fresh.shape == mine.shape and (fresh - mine).abs().max() > 0.05
     config = (retrained / "unet" / "config.json").read_text()
     assert '"block_out_channels": [\n    8,\n    16\n  ]' in config
+
+
+def test_the_users_model_is_keyed_by_its_files_and_the_class_it_is_asked_for(fake_data, tmp_path):
+    """A class-conditional model's samples are its class's: the base model's key names
+    it; an unconditional model's key is its files' alone."""
+    from hydra import compose, initialize_config_module
+
+    from diffsens_cli.pipelines.shared.image_stages import ImageStages
+    from diffsens_cli.stages import StageCache, checksums, stage_key
+
+    roots = [a.format(data=fake_data) for a in DATA_ROOTS["own_influence"]]
+    with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
+        keys = [ImageStages(compose("config", overrides=["experiment=own_influence", *roots, f"model.class_label={c}"]),
+                            StageCache(tmp_path)).base()[0] for c in ("null", 3, 5)]
+    assert keys[0] == f"pretrained/{stage_key(checksums(fake_data / 'own_pipeline'))}"
+    assert len(set(keys)) == 3
+
+
+def test_streamed_training_images_give_the_resident_runs_tables(tmp_path, fake_data):
+    """influence.train_block=5 (12 training images in 3 blocks) against null (all on the
+    device): the same samples, scores to float32 round-off, and so the same tables."""
+    roots = [a.format(data=fake_data) for a in DATA_ROOTS["own_influence"]]
+    runs = [run_tiny(tmp_path, f"block_{b}", "own_influence", *roots, f"influence.train_block={b}",
+                     f"stages.dir=stages_{b}")[0] for b in ("null", 5)]
+    arrays = [dict(np.load(r / "arrays.npz")) for r in runs]
+    np.testing.assert_array_equal(arrays[0]["samples"], arrays[1]["samples"])
+    for key in ("influence/ours_exact/scores", "influence/ours_clamped/scores", "influence/ours_loss/scores"):
+        np.testing.assert_allclose(arrays[1][key], arrays[0][key], rtol=1e-5, err_msg=key)
+    memory = [json.loads((r / "summary.json").read_text())["metrics"]["influence"]["memory"] for r in runs]
+    assert [m["streamed_block"] for m in memory] == [None, 5]
+    assert memory[0]["training_images_gb"] == 12 * 3 * 8 * 8 * 4 / 1e9
 
 
 def test_a_stage_reading_the_users_folder_is_keyed_by_its_files(tmp_path):

@@ -93,9 +93,9 @@ class EmpiricalForcing:
     sum them).
 
     ``block``: the points stay where they are (host memory, for a training set larger
-    than the device's) and are moved to the compute device ``block`` at a time, at each
-    use; None: ``to`` moves them all there once.  The sums over points then run block by
-    block, which changes their last bits only."""
+    than the device's) and are moved to the device of the samples ``z`` ``block`` at a
+    time, at each use; None: ``to`` moves them all there once.  The sums over points then
+    run block by block, which changes their last bits only."""
 
     def __init__(self, points: torch.Tensor, index: torch.Tensor | None = None, mix: torch.Tensor | None = None,
                  block: int | None = None):
@@ -105,7 +105,6 @@ class EmpiricalForcing:
         self.mix = mix
         self.index = None if mix is not None else (torch.arange(len(points)) if index is None else index)
         self.block = block
-        self.device = points.device  # where the forcing is computed
 
     def __len__(self) -> int:
         return len(self.index) if self.mix is None else self.mix.shape[0]
@@ -127,27 +126,26 @@ class EmpiricalForcing:
         return self.block is not None and self.block < len(self.points)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> EmpiricalForcing:
-        out = EmpiricalForcing(self.points.to(dtype) if self.streamed else self.points.to(device, dtype),
-                               None if self.index is None else self.index.to(device),
-                               None if self.mix is None else self.mix.to(device, dtype), self.block)
-        out.device = torch.device(device)
-        return out
+        """On ``device`` in ``dtype``; streamed points (and the indices into them) stay where they are."""
+        here = self.points.device if self.streamed else device
+        return EmpiricalForcing(self.points.to(here, dtype), None if self.index is None else self.index.to(here),
+                                None if self.mix is None else self.mix.to(device, dtype), self.block)
 
     def _with(self, index: torch.Tensor | None, mix: torch.Tensor | None) -> EmpiricalForcing:
         out = EmpiricalForcing.__new__(EmpiricalForcing)
-        out.measure, out.index, out.mix, out.block, out.device = self.measure, index, mix, self.block, self.device
+        out.measure, out.index, out.mix, out.block = self.measure, index, mix, self.block
         return out
 
-    def _blocks(self) -> Iterator[tuple[slice, GaussianMixture]]:
-        """The points' positions and their measure on the compute device: all at once, or
-        ``block`` at a time when streamed."""
+    def _blocks(self, device: torch.device) -> Iterator[tuple[slice, GaussianMixture]]:
+        """The points' positions and their measure on ``device``: all at once, or ``block``
+        at a time when streamed."""
         n = len(self.points)
         if not self.streamed:
             yield slice(0, n), self.measure
             return
         for start in range(0, n, self.block):
             rows = slice(start, min(n, start + self.block))
-            yield rows, GaussianMixture.empirical(self.points[rows].to(self.device, non_blocking=True))
+            yield rows, GaussianMixture.empirical(self.points[rows].to(device, non_blocking=True))
 
     def memory_per_sample(self, itemsize: int) -> int:
         n, d = self.points.shape
@@ -170,7 +168,7 @@ class EmpiricalForcing:
         shift = zf / var + sf  # s^n - s_rho = alpha x_n / sigma^2 - shift
         if self.mix is None:
             if self.streamed:  # the tangents' own points, moved to the device
-                chosen = self.points[self.index.to(self.points.device)].to(self.device)
+                chosen = self.points[self.index.to(self.points.device)].to(z.device)
                 w = self.point_weights(zf, co, log_rho, clamp, weights[0], GaussianMixture.empirical(chosen)).T
             else:
                 chosen = self.points[self.index]
@@ -178,7 +176,7 @@ class EmpiricalForcing:
             g = w[..., None] * (co.alpha / var * chosen[:, None] - shift)
         else:
             pulled, total = 0, 0
-            for rows, measure in self._blocks():
+            for rows, measure in self._blocks(z.device):
                 c = self.mix[..., rows] * self.point_weights(zf, co, log_rho, clamp, weights[0], measure)  # [K, B, N']
                 pulled, total = pulled + c @ measure.means, total + c.sum(-1, keepdim=True)
             g = co.alpha / var * pulled - total * shift
@@ -191,5 +189,5 @@ class EmpiricalForcing:
         var = co.sigma**2
         shift = (lf * (zf / var + sf)).sum(-1, keepdim=True)  # [m, B, 1]
         parts = [self.point_weights(zf, co, log_rho, clamp, stats, measure)  # [B, N']
-                 * (co.alpha / var * (lf @ measure.means.T) - shift) for _, measure in self._blocks()]
+                 * (co.alpha / var * (lf @ measure.means.T) - shift) for _, measure in self._blocks(z.device)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

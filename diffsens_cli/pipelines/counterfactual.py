@@ -102,6 +102,9 @@ def removal_queries(cfg: DictConfig) -> int:
 
 def check(cfg: DictConfig) -> None:
     """Every setting, and the data and model (``influence.check``), before any work."""
+    require(cfg.model.kind != "pretrained", "model.kind",
+            "counterfactual retraining trains a network from scratch on each subset of the data: give its "
+            "architecture (model=unet or mlp), not model=pretrained")
     influence.check(cfg)
     cc, dm = cfg.counterfactual, cfg.datamodel
     rankings = listed(cc.rankings, "counterfactual.rankings",

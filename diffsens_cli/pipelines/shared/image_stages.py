@@ -115,8 +115,11 @@ class ImageStages:
 
     @cached_property
     def _pretrained_key(self) -> str:
-        """``pretrained/<hash>``: the user's model named by its files' sizes and SHA-256s."""
-        return f"pretrained/{stage_key(checksums(Path(self.cfg.model.path).expanduser()))}"
+        """``pretrained/<hash>``: the user's model named by its files' sizes and SHA-256s,
+        and the class it is asked for (a class-conditional model's samples are the class's)."""
+        files = checksums(Path(self.cfg.model.path).expanduser())
+        label = self.cfg.model.get("class_label")
+        return f"pretrained/{stage_key(files if label is None else {'files': files, 'class_label': label})}"
 
     def base(self) -> tuple[str, Path]:
         """The base model's ``name/key`` and directory: the user's own (``model=pretrained``,
