@@ -113,10 +113,8 @@ def test_kernel_baseline_by_hand_and_random_halves_keep_their_earlier_subsets():
     assert torch.equal(top_k_mask(torch.tensor([2, 0, 1]), 2), torch.tensor([True, False, True]))
 
 
-
 def _run(tmp_path, name: str, *overrides: str, experiment: str = "counterfactual_closed_form"):
-    out, metrics = run_tiny(tmp_path, name, experiment, *overrides)
-    return out, metrics
+    return run_tiny(tmp_path, name, experiment, *overrides)
 
 
 def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_path):

@@ -161,7 +161,7 @@ def test_training_points_streamed_from_host_memory_give_the_resident_influence()
     from diffsens_cli.core.forcing import EmpiricalForcing
     from diffsens_cli.core.influence import influence
 
-    rho, _, z0 = _problem("cpu", torch.float64, d=12, n=2)
+    _, _, z0 = _problem("cpu", torch.float64, d=12, n=2)
     points = torch.randn(37, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     model = MixtureScore(GaussianMixture.empirical(points).to("cuda", torch.float64), SCHED)
     s = solver_settings_with(num_steps=20, density="closed_form", progress=False)

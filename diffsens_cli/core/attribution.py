@@ -16,11 +16,10 @@ they are (docs/design.md sections 7 and 12).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
-from diffsens_cli.core.measures import GaussianMixture
+from diffsens_cli.core.forcing import point_blocks
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.core.score_sensitivity import WeightStats, weight
 
@@ -69,19 +68,10 @@ def loss_sensitivity(model: ScoreModel, points: torch.Tensor, queries: torch.Ten
     takes ``rho_t`` as the diffused training set (``N p(n | z)``, exact for the optimal
     score): these points are off the sampler's path, where CCoV gives no density without
     an ODE solve back to t0 from each of them.  ``block``: the points are moved to the
-    queries' device that many at a time (as ``EmpiricalForcing``'s), twice per pair."""
+    queries' device that many at a time (as ``EmpiricalForcing``'s), once per pair."""
     d, n = queries[0].numel(), len(points)
-    step = n if block is None else min(block, n)
-    blocks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
-
-    def on_device(rows: slice) -> torch.Tensor:
-        return points[rows].flatten(1).to(queries.device, non_blocking=True)
-
-    resident = GaussianMixture.empirical(on_device(blocks[0])) if len(blocks) == 1 else None
-
-    def measures() -> Iterable[GaussianMixture]:
-        return [resident] if resident is not None else (GaussianMixture.empirical(on_device(r)) for r in blocks)
-
+    streamed = block is not None and block < n
+    resident = None if streamed else [m for _, m in point_blocks(points.flatten(1), None, queries.device)]
     out = torch.zeros(len(queries), n, dtype=torch.float64, device=queries.device)
     for t, eps in zip(times, noises):
         alpha, sigma = model.schedule.alpha(t), model.schedule.sigma(t)
@@ -89,11 +79,15 @@ def loss_sensitivity(model: ScoreModel, points: torch.Tensor, queries: torch.Ten
         s = model.score(z, t)
         zf, sf = z.flatten(1), s.flatten(1)
         u = 2 * sigma * (sigma * sf + eps.flatten()) / d  # grad_s of the pair's mean squared error
-        log_nu = torch.cat([m.component_log_densities(zf, alpha, sigma)[0] for m in measures()], -1)  # [B, N]
+        log_nu, toward = [], []  # [B, N'] per block: log-densities, and u's products with the points
+        for m in resident or (m for _, m in point_blocks(points.flatten(1), block, queries.device)):
+            log_nu.append(m.component_log_densities(zf, alpha, sigma)[0])
+            toward.append(u @ m.means.T)
+        log_nu = torch.cat(log_nu, -1)
         log_rho = torch.logsumexp(log_nu, -1, keepdim=True) - math.log(n)
         w = weight(log_nu, log_rho, clamp, stats)
-        toward = torch.cat([u @ m.means.T for m in measures()], -1)  # [B, N]
-        out += (w * (alpha / sigma**2 * toward - (u * (zf / sigma**2 + sf)).sum(-1, keepdim=True))).double()
+        out += (w * (alpha / sigma**2 * torch.cat(toward, -1)
+                     - (u * (zf / sigma**2 + sf)).sum(-1, keepdim=True))).double()
     return -out / len(times)
 
 

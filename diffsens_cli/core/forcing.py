@@ -82,6 +82,18 @@ class Perturbation:
         return max(m.memory_per_sample(0, itemsize) for m in self.measures)
 
 
+def point_blocks(points: torch.Tensor, block: int | None,
+                 device: torch.device) -> Iterator[tuple[slice, GaussianMixture]]:
+    """The rows of ``points`` [N, d] ``block`` at a time (None: all), each block moved to
+    ``device`` as the empirical measure of its points: how a training set larger than the
+    device's memory is streamed from host memory."""
+    n = len(points)
+    step = n if block is None else block
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        yield rows, GaussianMixture.empirical(points[rows].to(device, non_blocking=True))
+
+
 class EmpiricalForcing:
     """The forcing of the sensitivities to training points ``points`` [N, *event].
 
@@ -105,6 +117,7 @@ class EmpiricalForcing:
         self.mix = mix
         self.index = None if mix is not None else (torch.arange(len(points)) if index is None else index)
         self.block = block
+        self._chosen: GaussianMixture | None = None  # streamed: the tangents' points, once moved
 
     def __len__(self) -> int:
         return len(self.index) if self.mix is None else self.mix.shape[0]
@@ -133,23 +146,27 @@ class EmpiricalForcing:
 
     def _with(self, index: torch.Tensor | None, mix: torch.Tensor | None) -> EmpiricalForcing:
         out = EmpiricalForcing.__new__(EmpiricalForcing)
-        out.measure, out.index, out.mix, out.block = self.measure, index, mix, self.block
+        out.measure, out.index, out.mix, out.block, out._chosen = self.measure, index, mix, self.block, None
         return out
 
     def _blocks(self, device: torch.device) -> Iterator[tuple[slice, GaussianMixture]]:
         """The points' positions and their measure on ``device``: all at once, or ``block``
         at a time when streamed."""
-        n = len(self.points)
-        if not self.streamed:
-            yield slice(0, n), self.measure
-            return
-        for start in range(0, n, self.block):
-            rows = slice(start, min(n, start + self.block))
-            yield rows, GaussianMixture.empirical(self.points[rows].to(device, non_blocking=True))
+        if self.streamed:
+            yield from point_blocks(self.points, self.block, device)
+        else:
+            yield slice(0, len(self.points)), self.measure
+
+    def _tangent_points(self, device: torch.device) -> GaussianMixture:
+        """Streamed: the measure of the tangents' own points on ``device``, moved once."""
+        if self._chosen is None or self._chosen.means.device != device:
+            self._chosen = GaussianMixture.empirical(self.points[self.index.to(self.points.device)].to(device))
+        return self._chosen
 
     def memory_per_sample(self, itemsize: int) -> int:
         n, d = self.points.shape
-        return itemsize * (n * (2 + (self.mix.shape[0] if self.mix is not None else 0)) + 2 * d)
+        width = min(n, self.block) if self.streamed else n  # the weights' temporaries: a block's
+        return itemsize * (2 * width + n * (self.mix.shape[0] if self.mix is not None else 0) + 2 * d)
 
     def point_weights(self, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor,
                       clamp: tuple[float, float] | None, stats: WeightStats | None,
@@ -168,8 +185,9 @@ class EmpiricalForcing:
         shift = zf / var + sf  # s^n - s_rho = alpha x_n / sigma^2 - shift
         if self.mix is None:
             if self.streamed:  # the tangents' own points, moved to the device
-                chosen = self.points[self.index.to(self.points.device)].to(z.device)
-                w = self.point_weights(zf, co, log_rho, clamp, weights[0], GaussianMixture.empirical(chosen)).T
+                measure = self._tangent_points(z.device)
+                chosen = measure.means
+                w = self.point_weights(zf, co, log_rho, clamp, weights[0], measure).T
             else:
                 chosen = self.points[self.index]
                 w = self.point_weights(zf, co, log_rho, clamp, weights[0], index=self.index).T  # [K, B]

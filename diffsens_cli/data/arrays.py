@@ -21,6 +21,7 @@ import torch
 
 from diffsens_cli.data.base import ImageSet, Spec
 from diffsens_cli.errors import number, require
+from diffsens_cli.stages import file_stamp
 
 CHANNELS = (1, 3, 4)
 LAYOUT = "an .npy array of images [N, H, W], [N, C, H, W] or [N, H, W, C], or an .npz with 'images' (and 'labels')"
@@ -39,8 +40,8 @@ def fingerprint(spec: Spec) -> dict[str, Any]:
     """The array file as a stage depends on it, without reading it: its resolved path,
     size and modification time (the quick check of make and rsync)."""
     path = _path(spec)
-    stat = path.stat()
-    return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    size, mtime_ns = file_stamp(path)
+    return {"file": str(path.resolve()), "size": size, "mtime_ns": mtime_ns}
 
 
 def _header(spec: Spec, path: Path) -> tuple[tuple[int, ...], np.dtype]:

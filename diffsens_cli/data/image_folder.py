@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffsens_cli.data.base import ImageSet, Spec, draw
 from diffsens_cli.errors import require
+from diffsens_cli.stages import file_stamp
 
 LAYOUT = "image files, flat or one subfolder per class"
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # Pillow's modes of one colour channel (and alpha)
@@ -126,8 +127,8 @@ def fingerprint(spec: Spec) -> dict[str, Any]:
     root, names, _ = listing(spec)
     files = hashlib.sha256()
     for name in names:
-        stat = (root / name).stat()
-        files.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        size, mtime_ns = file_stamp(root / name)
+        files.update(f"{name}\0{size}\0{mtime_ns}\n".encode())
     return {"root": str(root.resolve()), "files": files.hexdigest(), "count": len(names),
             **{k: spec.get(k) for k in ("channels", "image_size", "limit", "seed")}}
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from diffsens_cli.data import arrays, embedded, files, image_folder
 from diffsens_cli.data.base import ImageSet, Spec, draw, from_uint8, resize
 from diffsens_cli.errors import plain, require
+from diffsens_cli.stages import file_stamp
 
 # The loaders' cheap checks (values, folders, file headers): the native (C, H, W) of the images.
 SHAPES = {
@@ -72,7 +73,7 @@ def data_depends(cfg: DictConfig | dict, key: str = "dataset") -> Any:
             out["files"] = USER_FILES[value["kind"]](Spec(value, name))
         if value.get("scores_file"):
             path = Path(str(value["scores_file"])).expanduser()
-            out["scores_file_stamp"] = [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+            out["scores_file_stamp"] = list(file_stamp(path)) if path.is_file() else None
         return out
 
     return stamped(node, key)

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli.data.base import ImageSet, Spec, at_side, draw
-from diffsens_cli.data.load import check_images, load_images
+from diffsens_cli.data.load import Memo, check_images, load_images
 from diffsens_cli.errors import ConfigError, one_of, require
 
 
@@ -95,12 +95,12 @@ def _same_shape(p: Spec, name: str, shape: tuple[int, ...], base_name: str, base
             f"{'x'.join(map(str, base_shape))} (channels x height x width)")
 
 
-def _source(p: Spec, base: ImageSet, base_cfg: DictConfig | dict) -> ImageSet:
-    """The set S is selected from: rho's own data set, or ``source`` loaded."""
+def _source(p: Spec, base: ImageSet, base_cfg: DictConfig | dict, cache: Memo | None) -> ImageSet:
+    """The set S is selected from: rho's own data set, or ``source`` loaded (through ``cache``)."""
     source = _other_source(p, base_cfg, base.images.shape[-1])
     if source is None:
         return base
-    loaded = load_images(source, key=p.name("source"))
+    loaded = load_images(source, key=p.name("source"), cache=cache)
     _same_shape(p, loaded.name, loaded.images.shape[1:], base.name, base.images.shape[1:])
     return loaded
 
@@ -150,12 +150,14 @@ def check_perturbation_set(pcfg: DictConfig | dict, base_cfg: DictConfig | dict,
     p.seed()
 
 
-def perturbation_set(pcfg: DictConfig | dict, base: ImageSet, base_cfg: DictConfig | dict) -> ImageSet:
+def perturbation_set(pcfg: DictConfig | dict, base: ImageSet, base_cfg: DictConfig | dict,
+                     cache: Memo | None = None) -> ImageSet:
     """The images of S from the ``perturbation`` node of kind image_set; ``base`` is rho's loaded
-    data set and ``base_cfg`` its ``dataset`` node. A selection of no images is a ConfigError."""
+    data set and ``base_cfg`` its ``dataset`` node; ``cache`` as ``load_images``'. A selection
+    of no images is a ConfigError."""
     p = Spec(pcfg, "perturbation")
     one_of(p.get("kind"), ["image_set"], p.name("kind"))
-    src = _source(p, base, base_cfg)
+    src = _source(p, base, base_cfg, cache)
     keep = torch.arange(len(src))
     applied: list[str] = []
 

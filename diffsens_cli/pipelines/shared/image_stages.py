@@ -101,7 +101,7 @@ class ImageStages:
 
     def perturbation_set(self, perturbation: DictConfig | None = None) -> ImageSet:
         """S: the images of ``perturbation`` (default: the experiment's)."""
-        return perturbation_set(perturbation or self.cfg.perturbation, self.rho, self.cfg.dataset)
+        return perturbation_set(perturbation or self.cfg.perturbation, self.rho, self.cfg.dataset, self.cache.arrays)
 
     @cached_property
     def S(self) -> ImageSet:  # noqa: N802 (the paper's name)

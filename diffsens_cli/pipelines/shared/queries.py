@@ -107,7 +107,7 @@ def load(cfg: DictConfig, run: RunDir, model: ScoreModel, model_key: Any, like: 
     from diffsens_cli.data import load_images
     from diffsens_cli.pipelines.shared.image_stages import solver_depends
 
-    loaded = load_images(queries_config(cfg, tuple(like.shape[1:])), key="influence.queries")
+    loaded = load_images(queries_config(cfg, tuple(like.shape[1:])), key="influence.queries", cache=run.cache.arrays)
     images = loaded.images.to(like.device, like.dtype)
 
     def compute() -> dict[str, np.ndarray]:
