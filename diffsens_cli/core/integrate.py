@@ -30,7 +30,7 @@ import torch
 from diffsens_cli import interrupt, progress
 from diffsens_cli.core import dynamics, keyed_random
 from diffsens_cli.core.forcing import Forcing
-from diffsens_cli.core.schedule import Coefficients, grid_times, time_grid
+from diffsens_cli.core.schedule import Coefficients, Schedule, grid_times, time_grid
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.core.score_sensitivity import WeightStats
 from diffsens_cli.core.steppers import Grid, State, StepRule, step_rule
@@ -46,7 +46,7 @@ class SolverSettings:
     integrator: str  # euler | heun (ODE only)
     step_size: float | None
     num_steps: int | None  # overrides step_size when set
-    spacing: str  # uniform | log_snr: the time grid
+    spacing: str  # uniform | log_snr | karras: the time grid
     t_min: float  # truncation in diffusion time: integrate t in [0, 1 - t_min]
     density: str  # ccov (CCoV along the path) | closed_form (model's own density)
     divergence: str  # exact | hutchinson (for ccov)
@@ -64,6 +64,11 @@ class SolverSettings:
 
     def grid(self) -> tuple[float, float, int]:
         return time_grid(self.t_min, self.num_steps, self.step_size)
+
+    def times(self, schedule: Schedule) -> torch.Tensor:
+        """The grid times (float64, on the CPU) of these settings for ``schedule``."""
+        t0, t1, n = self.grid()
+        return grid_times(schedule, t0, t1, n, self.spacing)
 
 
 @dataclass
@@ -326,8 +331,7 @@ class Integrator:
 
     def _times(self) -> torch.Tensor:
         """The grid times (float64, on the CPU)."""
-        t0, t1, n = self.cfg.grid()
-        return grid_times(self.model.schedule, t0, t1, n, self.cfg.spacing)
+        return self.cfg.times(self.model.schedule)
 
     def _chunk_sizes(self, z0: torch.Tensor, num_k: int, replicas: int) -> tuple[int, int]:
         """Rows (per replica group) and tangents per chunk: the settings' sizes, or the

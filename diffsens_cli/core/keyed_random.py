@@ -23,6 +23,8 @@ _MASK = 0xFFFFFFFF
 # The streams the engine draws from; a new kind of random number gets a new stream.
 PROBES = 1
 WIENER = 2
+POSTERIOR = 3  # which component the naive score's posterior draws pick (core.proxy_score)
+POSTERIOR_NOISE = 4  # their Gaussian parts: within a component, or the effective SDE's noise
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -57,6 +59,11 @@ def _bits(key: torch.Tensor, n: int) -> torch.Tensor:
 def _uniform(key: torch.Tensor, n: int) -> torch.Tensor:
     """Uniforms in (0, 1), float64 (32 bits of resolution)."""
     return (_bits(key, n).to(torch.float64) + 0.5) * (1.0 / 2**32)
+
+
+def uniform(shape: tuple[int, ...], sample_ids: torch.Tensor, *, seed: int, stream: int, step: int) -> torch.Tensor:
+    """Uniforms in (0, 1) [B, *shape], float64, for the samples ``sample_ids`` [B]."""
+    return _uniform(_key(seed, stream, step, sample_ids), math.prod(shape)).view(len(sample_ids), *shape)
 
 
 def normal(shape: tuple[int, ...], sample_ids: torch.Tensor, *, seed: int, stream: int, step: int,

@@ -177,6 +177,47 @@ class GaussianMixture:
             stats.trace = (centred_sq - d * rc_sum).squeeze(-1)
         return stats
 
+    def posterior(self, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Responsibilities ``p(k | z)`` [B, K] of the components for points ``z`` [B, d] of the
+        diffused measure (GtV Eq. 32), from log-space weights (no underflow at small sigma)."""
+        logit, _ = self.component_log_densities(z, alpha, sigma)
+        return torch.softmax(logit + self.log_weights, -1)
+
+    def posterior_components(self, z: torch.Tensor, alpha: torch.Tensor,
+                             sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``X | alpha X + sigma eps = z`` as a mixture: responsibilities ``r_k`` [B, K], and
+        given component k a Gaussian with mean ``m_k = mu_k + (alpha std_k^2 / C_k)(z - alpha mu_k)``
+        [B, K, d] and variance ``v_k = std_k^2 sigma^2 / C_k`` [K] per coordinate."""
+        c = alpha**2 * self.stds**2 + sigma**2
+        gain = alpha * self.stds**2 / c
+        m_k = self.means + gain[:, None] * (z[:, None, :] - alpha * self.means)
+        return self.posterior(z, alpha, sigma), m_k, self.stds**2 * sigma**2 / c
+
+    def posterior_moments(self, z: torch.Tensor, alpha: torch.Tensor,
+                          sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean [B, d] and covariance [B, d, d] of ``X | alpha X + sigma eps = z``, the latter
+        in the centred form ``sum_k r_k (v_k I + (m_k - m)(m_k - m)^T)`` (no cancellation)."""
+        r, m_k, v = self.posterior_components(z, alpha, sigma)
+        mean = (r[..., None] * m_k).sum(1)
+        dev = m_k - mean[:, None, :]
+        eye = torch.eye(self.dim, dtype=z.dtype, device=z.device)
+        return mean, torch.einsum("bk,bki,bkj->bij", r, dev, dev) + (r * v).sum(-1)[:, None, None] * eye
+
+    def sample_posterior(self, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, uniforms: torch.Tensor,
+                         normals: torch.Tensor | None = None) -> torch.Tensor:
+        """Draws of ``X | alpha X + sigma eps = z`` [B, R, d]: the component by inverting the
+        responsibilities' distribution function at ``uniforms`` [B, R], then (for components with
+        std > 0) its Gaussian part from ``normals`` [B, R, d]."""
+        r = self.posterior(z, alpha, sigma)
+        k = torch.searchsorted(r.cumsum(-1), uniforms.to(r.dtype)).clamp_max(r.shape[1] - 1)  # [B, R]
+        draws = self.means[k]  # [B, R, d]
+        if normals is None or not (self.stds > 0).any():
+            return draws
+        c = alpha**2 * self.stds[k] ** 2 + sigma**2  # [B, R]
+        gain = alpha * self.stds[k] ** 2 / c
+        spread = self.stds[k] * sigma / c.sqrt()
+        return draws + gain[..., None] * (z[:, None, :] - alpha * draws) + spread[..., None] * normals
+
     def component_log_densities(self, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
                                 index: slice | torch.Tensor = slice(None),
                                 z2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,23 +164,45 @@ SCHEDULES: dict[str, type[Schedule]] = {
 }
 
 
-SPACINGS = ("uniform", "log_snr")
+SPACINGS = ("uniform", "log_snr", "karras")
+KARRAS_RHO = 7.0  # EDM's sampler grid (Karras et al. 2022, Eq. 5): uniform in (sigma/alpha)^(1/rho)
 
 
 def grid_times(schedule: Schedule, t0: float, t1: float, num_steps: int, spacing: str = "uniform") -> torch.Tensor:
     """The ``num_steps + 1`` grid times from ``t0`` to ``t1`` (float64): uniform in paper
-    time, or uniform in the log signal-to-noise ratio ``log(alpha^2 / sigma^2)``, which
-    puts the steps where the score changes fastest (small sigma, near the data)."""
+    time; uniform in the log signal-to-noise ratio ``log(alpha^2 / sigma^2)``, which puts
+    the steps where the score changes fastest (small sigma, near the data); or EDM's
+    ``karras`` grid, uniform in ``(sigma / alpha)^(1/7)`` (denser still near the data)."""
     if spacing == "uniform":
         return torch.linspace(t0, t1, num_steps + 1, dtype=torch.float64)
-    fine = torch.linspace(t0, t1, 200_001, dtype=torch.float64)
-    lam = 2 * (schedule.alpha(fine).log() - schedule.sigma(fine).log())  # increasing in t
-    targets = torch.linspace(lam[0].item(), lam[-1].item(), num_steps + 1, dtype=torch.float64)
-    i = torch.searchsorted(lam, targets).clamp(1, len(fine) - 1)
-    frac = (targets - lam[i - 1]) / (lam[i] - lam[i - 1])
-    times = fine[i - 1] + frac * (fine[i] - fine[i - 1])
+    if spacing == "karras":
+        ends = torch.tensor([t0, t1], dtype=torch.float64)
+        root = (schedule.sigma(ends) / schedule.alpha(ends)) ** (1 / KARRAS_RHO)
+        targets = torch.linspace(root[0].item(), root[1].item(), num_steps + 1, dtype=torch.float64) ** KARRAS_RHO
+        times = _noise_ratio_times(schedule, t0, t1, targets)
+    elif spacing == "log_snr":
+        fine = torch.linspace(t0, t1, 200_001, dtype=torch.float64)
+        lam = 2 * (schedule.alpha(fine).log() - schedule.sigma(fine).log())  # increasing in t
+        targets = torch.linspace(lam[0].item(), lam[-1].item(), num_steps + 1, dtype=torch.float64)
+        i = torch.searchsorted(lam, targets).clamp(1, len(fine) - 1)
+        frac = (targets - lam[i - 1]) / (lam[i] - lam[i - 1])
+        times = fine[i - 1] + frac * (fine[i] - fine[i - 1])
+    else:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     times[0], times[-1] = t0, t1
     return times
+
+
+def _noise_ratio_times(schedule: Schedule, t0: float, t1: float, targets: torch.Tensor) -> torch.Tensor:
+    """The times in [t0, t1] where ``sigma / alpha`` (decreasing in t) takes the values ``targets``:
+    bisection to float64 resolution."""
+    lo = torch.full_like(targets, t0)
+    hi = torch.full_like(targets, t1)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        above = schedule.sigma(mid) / schedule.alpha(mid) > targets
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
 
 
 def time_grid(t_min: float, num_steps: int | None, step_size: float | None) -> tuple[float, float, int]:

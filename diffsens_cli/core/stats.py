@@ -2,7 +2,8 @@
 (docs/attribution.md: "Do the scores hold up when the data change?"): enough to say when
 two methods cannot be told apart, instead of a median of a handful.
 
-- ``bootstrap_interval``: a percentile bootstrap interval of any statistic of one sample.
+- ``bootstrap_interval``: a percentile bootstrap interval of any statistic of one sample;
+  ``bootstrap_difference``: of the difference of a statistic between two independent samples.
 - ``lds``: the linear datamodeling score (mean over queries of the Spearman correlation
   over subsets of predicted and actual outputs) with a two-way bootstrap interval that
   resamples queries and subsets together (both are random draws: the subsets are shared
@@ -44,6 +45,21 @@ def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], flo
     stats = np.array([statistic(d) for d in draws])
     low, high = _percentiles(stats, level)
     return {"value": float(statistic(values)), "ci_low": low, "ci_high": high, "n": len(values)}
+
+
+def bootstrap_difference(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarray], float] = np.mean,
+                         resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, float]:
+    """``statistic(a) - statistic(b)`` of two independent samples and its percentile bootstrap
+    interval, each sample resampled on its own (NaN values dropped first)."""
+    a, b = (np.asarray(x, dtype=float) for x in (a, b))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if not len(a) or not len(b):
+        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(a[rng.integers(0, len(a), len(a))]) - statistic(b[rng.integers(0, len(b), len(b))])
+                      for _ in range(resamples)])
+    low, high = _percentiles(stats, level)
+    return {"value": float(statistic(a) - statistic(b)), "ci_low": low, "ci_high": high}
 
 
 def _finite_mean(values: np.ndarray) -> float:
