@@ -146,3 +146,21 @@ class Components:
         else:
             self.model.net.to(device=self.device, dtype=self.dtype)
         return self
+
+
+def point_sets(node: object, key: str = "point_sets") -> dict[str, torch.Tensor]:
+    """Named sets of points in the plane (configs/point_sets/), each [M, 2] float64 with M >= 2:
+    the empirical training sets of the GtV experiments."""
+    require(isinstance(node, DictConfig) and len(node) >= 1, key,
+            f"must be a non-empty mapping of name: [[x, y], ...], got {node!r}")
+    sets = {}
+    for name, points in node.items():
+        def point(value: object, k: str) -> list[float]:
+            xy = listed(value, k, number)
+            require(len(xy) == 2, k, f"needs 2 coordinates (the figures draw the plane), got {xy}")
+            return xy
+
+        rows = listed(points, f"{key}.{name}", point)
+        require(len(rows) >= 2, f"{key}.{name}", f"needs at least 2 points (a boundary between them), got {len(rows)}")
+        sets[str(name)] = torch.tensor(rows, dtype=torch.float64)
+    return sets

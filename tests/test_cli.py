@@ -25,6 +25,9 @@ ARRAYS = {"bench_engine": tuple(f"{m}/times_sensitivity" for m in ("mlp", "unet_
           "gmm_score_error": ("z0", "psi_exact", "psi_learned", "eval_median_corr")}
 ARRAYS["gmm_score_error_paper"] = ARRAYS["gmm_score_error"]
 ARRAYS["fisher_ot_check"] = ("z0", "samples", "jacobian", "asymmetry", "eig_sym")
+ARRAYS["gtv_proxy_variance"] = ("share", "trace_c", "axis", "points/hexagon")
+ARRAYS["gtv_naive_sampler"] = ("hexagon/z0", "hexagon/naive", "hexagon/kde", "hexagon/pf_ode", "hexagon/effective_sde",
+                               "hexagon/squared_deviation_by_steps", "hexagon/switched_by_draws")
 ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
 ARRAYS["bench_influence"] = ARRAYS["bench_influence_faces"] = ("sizes", "speedup", "spearman", "reference_scores")
 ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Related paper "Generalization through variance", Figs. 1-2: the proxy score's noise share
+# over the plane (about 12 s on 2 CPU cores) and the naive sampler against a kernel density
+# estimate, with its scaling in R and in the number of steps (about 65 s).
+# See docs/generalization.md for the settings the paper leaves open.
+set -euo pipefail
+diffsens run experiment=gtv_proxy_variance "$@"
+diffsens run experiment=gtv_naive_sampler "$@"
