@@ -28,6 +28,8 @@ ARRAYS["fisher_ot_check"] = ("z0", "samples", "jacobian", "asymmetry", "eig_sym"
 ARRAYS["gtv_proxy_variance"] = ("share", "trace_c", "axis", "points/hexagon")
 ARRAYS["gtv_naive_sampler"] = ("hexagon/z0", "hexagon/naive", "hexagon/kde", "hexagon/pf_ode", "hexagon/effective_sde",
                                "hexagon/squared_deviation_by_steps", "hexagon/switched_by_draws")
+ARRAYS["gtv_variance_prediction"] = ("hexagon/z0", "hexagon/predicted_per_draw", "hexagon/R1/empirical",
+                                     "hexagon/learned/ends", "hexagon/learned/spread", "hexagon/learned/predicted")
 ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
 ARRAYS["bench_influence"] = ARRAYS["bench_influence_faces"] = ("sizes", "speedup", "spearman", "reference_scores")
 ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",

@@ -69,29 +69,50 @@ def _reverse_pass(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omeg
                   clamps: list[tuple[float, float] | None], stats: list[WeightStats], desc: str,
                   show_progress: bool) -> torch.Tensor:
     """``project`` for one chunk of cotangents."""
+    out = omega.new_zeros(len(clamps), omega.shape[0], omega.shape[1], len(forcing.points))
+
+    def visit(lam: torch.Tensor, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s: torch.Tensor,
+              weight: torch.Tensor) -> None:
+        for j, clamp in enumerate(clamps):
+            out[j] += weight * forcing.inner(lam, z, co, log_rho, s, clamp, stats[j])
+
+    reverse_pass(model, tape, omega, visit, desc, show_progress)
+    return out
+
+
+Visit = Callable[[torch.Tensor, torch.Tensor, Coefficients, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def reverse_pass(model: ScoreModel, tape: Tape, omega: torch.Tensor, visit: Visit, desc: str = "adjoint",
+                 show_progress: bool = True) -> torch.Tensor:
+    """The adjoint of the sensitivity equation along the path recorded in ``tape``, from the
+    cotangents ``omega`` [m, B, *event] at its end: one VJP per field evaluation, each step
+    rule's own adjoint.  At every evaluation ``visit(lam, z, co, log_rho, score, weight)`` sees
+    the cotangent ``lam`` of what that evaluation's field adds to psi, and ``weight``, the factor
+    a forcing ``F`` there enters psi's end with (``<psi_end, omega> += weight <F, lam>``): what
+    ``project`` turns into influence scores, and ``proxy_score.predicted_covariance`` into the
+    variance of a noisy score.  Returns the cotangent at the start."""
     times = tape.times.to(omega.device, omega.dtype)
     co_all = model.schedule.coefficients(times)
     gain = tape.psi_gain
     n, m = len(times) - 1, tape.rule.evaluations
     if len(tape.index) != n * m:
         raise ValueError(f"a tape of {len(tape.index)} evaluations does not fit {n} {tape.rule.name} steps")
-    out = omega.new_zeros(len(clamps), omega.shape[0], omega.shape[1], len(forcing.points))
 
     def pull(i: int, lam: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Adds ``scale <F_i, lam>`` at evaluation i to ``out``; returns ``J_v^T lam`` there."""
+        """Visits evaluation i with ``lam``; returns ``J_v^T lam`` there."""
         k = tape.index[i]
         co = Coefficients(co_all.alpha[k], co_all.sigma[k], co_all.a[k], co_all.c[k])
         z, log_rho = tape.z[i], tape.log_rho[i]
         s, jt = model.score_and_vjp(z, times[k], lam)
-        for j, clamp in enumerate(clamps):
-            out[j] += scale * gain * co.c * forcing.inner(lam, z, co, log_rho, s, clamp, stats[j])
+        visit(lam, z, co, log_rho, s, scale * gain * co.c)
         return co.a * lam + gain * co.c * jt
 
     lam = omega
     for k in progress.bar(reversed(range(n)), desc=desc, enabled=show_progress, leave=False, total=n):
         interrupt.check()
         lam = tape.rule.adjoint(lambda j, lam, scale, k=k: pull(m * k + j, lam, scale), times[k + 1] - times[k], lam)
-    return out
+    return lam
 
 
 def orthogonal_directions(d: int, m: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:

@@ -20,8 +20,11 @@ from __future__ import annotations
 import torch
 
 from diffsens_cli.core import dynamics, keyed_random
+from diffsens_cli.core.influence import reverse_pass
+from diffsens_cli.core.integrate import Tape
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import Coefficients, Schedule
+from diffsens_cli.core.score_model import ScoreModel
 
 NOISES = ("posterior", "gaussian")
 
@@ -91,3 +94,25 @@ def naive_sample(measure: GaussianMixture, schedule: Schedule, times: torch.Tens
         s = naive_score(measure, z, at.alpha, at.sigma, draws, seed=seed, step=k, ids=ids, noise=noise)
         z = z + (times[k + 1] - times[k]) * dynamics.drift(at, z, s, dynamics.SCORE_GAIN["ode"])
     return z
+
+
+def predicted_covariance(measure: GaussianMixture, model: ScoreModel, tape: Tape, draws: int,
+                         show_progress: bool = False) -> torch.Tensor:
+    """First-order covariance [B, d, d] of the naive sampler's end points from the starts of
+    ``tape``, a forward-Euler PF-ODE tape of ``model`` (the exact score of ``measure``) on the
+    sampler's grid: one reverse pass with the d unit cotangents, adding at each step the
+    score noise ``C / draws`` pulled back to the end."""
+    if tape.rule.name != "euler":
+        raise ValueError(f"the naive sampler is forward Euler; a {tape.rule.name} tape has other noise terms")
+    b, d = tape.z[0].shape
+    eye = torch.eye(d, dtype=tape.z[0].dtype, device=tape.z[0].device)
+    omega = eye[:, None, :].expand(d, b, d).contiguous()
+    total = torch.zeros(b, d, d, dtype=omega.dtype, device=omega.device)
+
+    def visit(lam: torch.Tensor, z: torch.Tensor, co: Coefficients, log_rho: torch.Tensor, s: torch.Tensor,
+              weight: torch.Tensor) -> None:
+        cov, _ = proxy_covariance(measure, z, co.alpha, co.sigma)
+        total.add_(weight**2 * torch.einsum("ibx,bxy,jby->bij", lam, cov, lam))
+
+    reverse_pass(model, tape, omega, visit, "predicted covariance", show_progress)
+    return total / draws

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 TRAINING = "crimson"
 NAIVE = "tab:green"
@@ -88,5 +89,54 @@ def naive_scaling(metrics, draws, steps) -> plt.Figure:
         axes[0][j].legend(fontsize=7)
     axes[0][0].set_ylabel(r"median $|x_{naive} - x_{ode}|^2$ (same point)")
     axes[1][0].set_ylabel("share of paths ending at another point")
+    fig.tight_layout()
+    return fig
+
+
+def variance_prediction(arrays, names, draws) -> plt.Figure:
+    """Predicted against empirical tr Cov of the naive sampler's end points, one dot per start,
+    per set (columns) and R (colours); starts whose repeats switch point are open circles."""
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        per_draw = np.asarray(arrays[f"{name}/predicted_per_draw"])
+        base = np.trace(per_draw, axis1=-2, axis2=-1)
+        for r in draws:
+            emp = np.trace(np.asarray(arrays[f"{name}/R{r}/empirical"]), axis1=-2, axis2=-1)
+            pred = base / r
+            switching = np.asarray(arrays[f"{name}/R{r}/switching"], dtype=bool)
+            dots = ax.scatter(pred[~switching], emp[~switching], s=8, label=f"R = {r}")
+            ax.scatter(pred[switching], emp[switching], s=14, facecolors="none", edgecolors=dots.get_facecolor())
+        low = min(ax.get_xlim()[0], ax.get_ylim()[0])
+        high = max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([low, high], [low, high], "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("predicted tr Cov (adjoint)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("empirical tr Cov (naive repeats)")
+    axes[0][0].legend(fontsize=7, title="open: repeats switch point", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def learned_spread(arrays, names) -> plt.Figure:
+    """Learned models: the spread of their samples from each start against the adjoint's
+    prediction and two baselines (log-log; Spearman in the titles' summary)."""
+    keys = (("predicted", "adjoint prediction"), ("unpropagated", "C without the flow"),
+            ("end_distance", "distance to nearest point"))
+    fig, axes = plt.subplots(len(names), len(keys), figsize=(3.4 * len(keys), 3.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        spread = np.asarray(arrays[f"{name}/learned/spread"])
+        for j, (key, label) in enumerate(keys):
+            ax = axes[i][j]
+            ax.scatter(np.asarray(arrays[f"{name}/learned/{key}"]), spread, s=8, c=NAIVE)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow decade labels its minor ticks on top of each other
+            ax.set_xlabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(f"{name}: spread over models")
     fig.tight_layout()
     return fig
