@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from diffsens_cli import progress
-from diffsens_cli.builders import build_schedule, device_and_dtype, point_sets, solver_settings
+from diffsens_cli.builders import build_schedule, device_and_dtype, naive_sampler_settings, point_sets
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
@@ -84,10 +84,7 @@ class Setup:
 
 def checked(cfg: DictConfig) -> Setup:
     """Every value the task reads, checked."""
-    require(cfg.solver.method == "ode" and cfg.solver.integrator == "euler", "solver.integrator",
-            "the naive sampler is GtV's forward Euler on the PF-ODE (App. D): use method=ode, integrator=euler, "
-            f"got {cfg.solver.method}/{cfg.solver.integrator}")
-    settings = solver_settings(cfg.solver)
+    settings = naive_sampler_settings(cfg.solver)
     require(settings.num_steps is not None, "solver.num_steps", "set the number of steps (the sweeps vary it)")
     device, dtype = device_and_dtype(cfg.solver)
     nc = cfg.gtv_naive_sampler
