@@ -30,6 +30,8 @@ ARRAYS["gtv_naive_sampler"] = ("hexagon/z0", "hexagon/naive", "hexagon/kde", "he
                                "hexagon/squared_deviation_by_steps", "hexagon/switched_by_draws")
 ARRAYS["gtv_variance_prediction"] = ("hexagon/z0", "hexagon/predicted_per_draw", "hexagon/R1/empirical",
                                      "hexagon/learned/ends", "hexagon/learned/spread", "hexagon/learned/predicted")
+ARRAYS["fisher_trace_chessboard"] = ("1.0/z", "1.0/exact", "1.0/vjp", "0.0/df_tm", "log_density/exact",
+                                     "log_density/df_tm", "log_density/hutchinson_1")
 ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
 ARRAYS["bench_influence"] = ARRAYS["bench_influence_faces"] = ("sizes", "speedup", "spearman", "reference_scores")
 ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",

@@ -370,7 +370,7 @@ def test_make_figures_runs_one_sweep_then_the_report_and_resumes_an_interrupted_
     (run, report) = calls
     assert run[:2] == ["run", "-m"] and run[4:] == ["hydra.sweep.subdir=${name}", "size=tiny"]
     experiments = run[2].removeprefix("experiment=").split(",")
-    assert len(experiments) == 14 and "digits_counterfactual" in experiments and "gtv_naive_sampler" in experiments
+    assert len(experiments) == 15 and "digits_counterfactual" in experiments and "gtv_naive_sampler" in experiments
     sweep = run[3].removeprefix("hydra.sweep.dir='").removesuffix("'")
     assert sweep.startswith("outputs/figures/cpu/") and report == ["report", sweep, "--out", "report"]
 

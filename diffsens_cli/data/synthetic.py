@@ -64,13 +64,24 @@ def _curve(cfg: DictConfig) -> GaussianMixture:
     return GaussianMixture(pts, _per_component(cfg.std, pts.shape[0], "dataset.std"), torch.ones(pts.shape[0]))
 
 
+def _chessboard(cfg: DictConfig) -> GaussianMixture:
+    """Lu et al.'s (2022) 2-D chessboard, eight squares of side 2 on [-4, 4]^2: ``num_points``
+    uniform draws (seeded by ``dataset.seed``) as an empirical measure."""
+    n = whole(cfg.num_points, "dataset.num_points", at_least=2)
+    g = torch.Generator().manual_seed(whole(cfg.seed, "dataset.seed"))
+    x1 = 4 * torch.rand(n, generator=g, dtype=torch.float64) - 2
+    x2 = (torch.rand(n, generator=g, dtype=torch.float64) - 2 * torch.randint(0, 2, (n,), generator=g)
+          + torch.floor(x1) % 2)
+    return GaussianMixture.empirical(2 * torch.stack([x1, x2], 1))
+
+
 def build_dataset(cfg: DictConfig) -> GaussianMixture:
     """The closed-form target measure rho of a synthetic data set."""
-    kind = one_of(cfg.kind, ["gaussian_mixture", "curve"], "dataset.kind")
+    kind = one_of(cfg.kind, ["gaussian_mixture", "curve", "chessboard"], "dataset.kind")
     dim = whole(cfg.dim, "dataset.dim", at_least=1)
-    if kind == "curve":
-        require(dim == 2, "dataset.dim", "a curve data set lives in 2 dimensions")
-        return _curve(cfg)
+    if kind in ("curve", "chessboard"):
+        require(dim == 2, "dataset.dim", f"a {kind} data set lives in 2 dimensions")
+        return _curve(cfg) if kind == "curve" else _chessboard(cfg)
     return _mixture(cfg, dim, "dataset")
 
 

@@ -110,13 +110,15 @@ def loss_vs_correlation(losses, corrs, steps, metric: str = "correlation") -> pl
 
 
 def ot_check_table(row_labels: list[str], col_labels: list[str], cells: list[list[str]], title: str,
-                   note: str | None = None) -> plt.Figure:
-    """Related paper's Table 3 as a figure: one row a (schedule / data set) cell, one column a
-    measure (already formatted as text), and a ``note`` under it; the last column, a yes/no
-    verdict, is shaded."""
+                   note: str | None = None, verdict: bool = True) -> plt.Figure:
+    """A table of the related paper (Table 3; Table 2 with ``verdict=False``) as a figure: one
+    row a cell of the study, one column a measure (already formatted as text), and a ``note``
+    under it; with ``verdict``, the last column, a yes/no verdict, is shaded."""
     fig, ax = plt.subplots(figsize=(1.6 * len(col_labels) + 1.8, 0.3 * len(row_labels) + 0.8))
     ax.axis("off")
     colours = [["white"] * (len(col_labels) - 1) + ["#d9f0d3" if row[-1] == "yes" else "#f4cccc"] for row in cells]
+    if not verdict:
+        colours = [["white"] * len(col_labels) for _ in cells]
     table = ax.table(cellText=cells, rowLabels=row_labels, colLabels=col_labels, cellColours=colours, loc="center",
                      cellLoc="center")
     table.auto_set_font_size(False)

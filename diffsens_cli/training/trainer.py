@@ -52,6 +52,8 @@ from diffsens_cli.training.dsm import dsm_loss
 from diffsens_cli.training.settings import TrainSettings
 from diffsens_cli.training.source import BatchSource
 
+Loss = Callable[..., torch.Tensor]  # (net, schedule, prediction, x0, t_min, generator) -> the batch's loss
+
 MANIFEST = "trainer.json"
 FORMAT = 2  # 1: accelerate's save_state layout, which unpickles on load
 MODEL, OPTIMIZER, SCHEDULER, EMA = "model.safetensors", "optimizer.pt", "scheduler.pt", "ema.safetensors"
@@ -167,14 +169,15 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Trains ``model.net`` on draws from ``source`` reshaped to ``event_shape``; its
-    checkpoints record ``fingerprint`` (default: the settings' own) to refuse a resume
-    with other settings."""
+    """Trains ``model.net`` on draws from ``source`` reshaped to ``event_shape`` by ``loss``
+    (denoising score matching; ``dsm.second_moment_loss`` for a trace head); its checkpoints
+    record ``fingerprint`` (default: the settings' own) to refuse a resume with other settings."""
 
     def __init__(self, model: NetworkScore, source: BatchSource, event_shape: tuple[int, ...],
                  settings: TrainSettings, checkpoint_dir: Path, cpu: bool = True,
-                 fingerprint: dict[str, Any] | None = None):
+                 fingerprint: dict[str, Any] | None = None, loss: Loss = dsm_loss):
         self.cfg = settings
+        self.loss = loss
         self.fingerprint = _as_json(settings.fingerprint() if fingerprint is None else fingerprint)
         self.accelerator = Accelerator(cpu=cpu)
         self.device = self.accelerator.device
@@ -211,7 +214,7 @@ class Trainer:
 
     def _train_step(self) -> torch.Tensor:
         gen = self._generator()
-        loss = dsm_loss(self.net, self.schedule, self.prediction, self._batch(gen), self.cfg.t_min, gen)
+        loss = self.loss(self.net, self.schedule, self.prediction, self._batch(gen), self.cfg.t_min, gen)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if self.cfg.grad_clip:
