@@ -97,9 +97,9 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
 def naive_sampler_settings(cfg: DictConfig) -> SolverSettings:
     """The ``solver`` group's settings for GtV's naive sampler, which is forward Euler on the
     PF-ODE (its App. D); refused in one line for any other rule."""
-    require(cfg.method == "ode" and cfg.integrator == "euler", "solver.integrator",
-            "the naive sampler is GtV's forward Euler on the PF-ODE (App. D): use method=ode, integrator=euler, "
-            f"got {cfg.method}/{cfg.integrator}")
+    why = "the naive sampler is GtV's forward Euler on the PF-ODE (App. D): use method=ode, integrator=euler"
+    require(cfg.method == "ode", "solver.method", f"{why}, got method={cfg.method}")
+    require(cfg.integrator == "euler", "solver.integrator", f"{why}, got integrator={cfg.integrator}")
     return solver_settings(cfg)
 
 

@@ -61,7 +61,7 @@ def test_departure_counts_switches():
 def test_proxy_variance_run_states_the_figure_claims(tmp_path):
     """GtV Fig. 1 at two noise levels: the share is 1 between neighbours, near 0 beside the points
     and far from them at sigma/alpha = 0.1, the boundary area grows, and the Monte-Carlo tr C of
-    200k draws agrees with the closed form to its standard error (under 1%)."""
+    200k draws agrees with the closed form within 1% and 4 standard errors."""
     out = tmp_path / "run"
     r = diffsens("run", "experiment=gtv_proxy_variance", f"hydra.run.dir={out}", "solver.progress=false",
                  "gtv_proxy_variance.noise_levels=[0.1,0.5]", "gtv_proxy_variance.grid_size=81",
@@ -110,6 +110,7 @@ def test_naive_sampler_run_at_small_settings(tmp_path):
 
 @pytest.mark.parametrize("experiment,override,expected", [
     ("gtv_naive_sampler", "solver.integrator=heun", "solver.integrator: the naive sampler is GtV's forward Euler"),
+    ("gtv_variance_prediction", "solver.method=sde", "solver.method: the naive sampler is GtV's forward Euler"),
     ("gtv_naive_sampler", "gtv_naive_sampler.sweep_draws=[4,2]",
      "gtv_naive_sampler.sweep_draws: must be at least two increasing whole numbers"),
     ("gtv_naive_sampler", "solver.num_steps=null", "solver.num_steps: set the number of steps"),
@@ -162,7 +163,7 @@ def test_variance_prediction_run_agrees_where_first_order_holds(tmp_path):
     """The naive part end to end on the hexagon, without learned models: at R = 256 the starts
     whose repeats stay at one point have the predicted covariance within 15% (median; 200
     repeats leave about 10% of sampling error) and the prediction ranks the starts (Spearman
-    > 0.9); the starts whose repeats switch point are where it fails (error near 1)."""
+    > 0.9); at R = 16 some starts' repeats switch point, and there it fails (error above 0.9)."""
     out = tmp_path / "run"
     drop = [f"~point_sets.{name}" for name in ("diagonal", "l_shape", "random")]
     r = diffsens("run", "experiment=gtv_variance_prediction", f"hydra.run.dir={out}", "solver.progress=false", *drop,
@@ -174,6 +175,6 @@ def test_variance_prediction_run_agrees_where_first_order_holds(tmp_path):
     cell = summary["metrics"]["hexagon"]["R256"]
     assert cell["one_basin"]["starts"] >= 12 and cell["one_basin"]["median_relative_error"] < 0.15
     assert cell["spearman"]["value"] > 0.9
-    if cell["switching"]["starts"]:
-        assert cell["switching"]["median_relative_error"] > 0.5
+    noisy = summary["metrics"]["hexagon"]["R16"]["switching"]
+    assert noisy["starts"] >= 1 and noisy["median_relative_error"] > 0.9
     assert "learned" not in summary["metrics"]["hexagon"] and not (out / "learned_spread.png").exists()

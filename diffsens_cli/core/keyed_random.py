@@ -24,7 +24,8 @@ _MASK = 0xFFFFFFFF
 PROBES = 1
 WIENER = 2
 POSTERIOR = 3  # which component the naive score's posterior draws pick (core.proxy_score)
-POSTERIOR_NOISE = 4  # their Gaussian parts: within a component, or the effective SDE's noise
+POSTERIOR_NOISE = 4  # their Gaussian parts, within a component
+EFFECTIVE_NOISE = 5  # the effective SDE's Gaussian score noise (core.proxy_score, noise="gaussian")
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

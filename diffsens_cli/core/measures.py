@@ -187,7 +187,8 @@ class GaussianMixture:
                              sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``X | alpha X + sigma eps = z`` as a mixture: responsibilities ``r_k`` [B, K], and
         given component k a Gaussian with mean ``m_k = mu_k + (alpha std_k^2 / C_k)(z - alpha mu_k)``
-        [B, K, d] and variance ``v_k = std_k^2 sigma^2 / C_k`` [K] per coordinate."""
+        [B, K, d] and variance ``v_k = std_k^2 sigma^2 / C_k`` [K] per coordinate.  Not chunked:
+        it holds B K d numbers (the posterior methods serve low-dimensional sets)."""
         c = alpha**2 * self.stds**2 + sigma**2
         gain = alpha * self.stds**2 / c
         m_k = self.means + gain[:, None] * (z[:, None, :] - alpha * self.means)
@@ -211,8 +212,10 @@ class GaussianMixture:
         r = self.posterior(z, alpha, sigma)
         k = torch.searchsorted(r.cumsum(-1), uniforms.to(r.dtype)).clamp_max(r.shape[1] - 1)  # [B, R]
         draws = self.means[k]  # [B, R, d]
-        if normals is None or not (self.stds > 0).any():
+        if not (self.stds > 0).any():
             return draws
+        if normals is None:
+            raise ValueError("components with std > 0 need normals for the Gaussian part of a posterior draw")
         c = alpha**2 * self.stds[k] ** 2 + sigma**2  # [B, R]
         gain = alpha * self.stds[k] ** 2 / c
         spread = self.stds[k] * sigma / c.sqrt()

@@ -74,7 +74,7 @@ def naive_score(measure: GaussianMixture, z: torch.Tensor, alpha: torch.Tensor, 
     r, m_k, v = measure.posterior_components(z, alpha, sigma)
     mean = (r[..., None] * m_k).sum(1)
     k = r.shape[1]
-    eps = keyed_random.normal((k + d,), ids, seed=seed, stream=keyed_random.POSTERIOR_NOISE, step=step, dtype=z.dtype)
+    eps = keyed_random.normal((k + d,), ids, seed=seed, stream=keyed_random.EFFECTIVE_NOISE, step=step, dtype=z.dtype)
     spread = torch.einsum("bk,bkd->bd", r.sqrt() * eps[:, :k], m_k - mean[:, None, :])
     spread = spread + (r * v).sum(-1, keepdim=True).sqrt() * eps[:, k:]
     return proxy_score(mean + spread / draws**0.5, z, alpha, sigma)

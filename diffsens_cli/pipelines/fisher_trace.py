@@ -152,11 +152,18 @@ def train_networks(cfg: DictConfig, setup: Setup, directory: Path) -> tuple[Scor
 
     measure = setup.measure.to("cpu", torch.float32)
     cpu = setup.device.type == "cpu"
-    score = Trainer(build_network_model(cfg.model, (2,), setup.schedule), measure, (2,), setup.train,
-                    directory / "score", cpu=cpu)
-    head = Trainer(build_network_model(OmegaConf.merge(cfg.model, {"seed": setup.seed + 1}), (2,), setup.schedule),
-                   measure, (2,), replace(setup.train, seed=setup.seed + 1), directory / "head", cpu=cpu,
-                   loss=second_moment_loss)
+    problem = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "schedule")}
+
+    def trainer(model_cfg: DictConfig, train: TrainSettings, name: str, **loss) -> Trainer:
+        """A resumable trainer whose checkpoints record all its weights depend on."""
+        fingerprint = problem | {"model": OmegaConf.to_container(model_cfg, resolve=True), "network": name,
+                                 "train": train.fingerprint()}
+        return Trainer(build_network_model(model_cfg, (2,), setup.schedule), measure, (2,), train, directory / name,
+                       cpu=cpu, fingerprint=fingerprint, **loss)
+
+    score = trainer(cfg.model, setup.train, "score")
+    head = trainer(OmegaConf.merge(cfg.model, {"seed": setup.seed + 1}), replace(setup.train, seed=setup.seed + 1),
+                   "head", loss=second_moment_loss)
     losses = {}
     for name, trainer in (("score", score), ("head", head)):
         trainer.resume()
@@ -172,15 +179,15 @@ def log_density_changes(setup: Setup, model: ScoreModel, head: torch.nn.Module,
     estimate for all paths."""
     settings = replace(setup.settings, record_every=1, density="ccov")
     res = Integrator(model, settings).run(z0)
-    times = res.path_times.to(z0.dtype)
+    times = res.path_times.to(z0.device, z0.dtype)
     co = model.schedule.coefficients(times)
-    generator = torch.Generator().manual_seed(setup.seed)
+    generator = torch.Generator(z0.device).manual_seed(setup.seed)
     estimators = {"exact": lambda z, t: vjp_trace(model, z, t), "df_tm": lambda z, t: df_tm_trace(head, model, z, t),
                   "hutchinson_1": lambda z, t: hutchinson_trace(model, z, t, generator)}
-    change = {k: torch.zeros(len(z0), dtype=z0.dtype) for k in estimators}
+    change = {k: torch.zeros(len(z0), dtype=z0.dtype, device=z0.device) for k in estimators}
     seconds = dict.fromkeys(estimators, 0.0)
     for k in range(len(times) - 1):
-        z = res.path[k].to(z0.dtype)
+        z = res.path[k].to(z0.device, z0.dtype)
         at = Coefficients(co.alpha[k], co.sigma[k], co.a[k], co.c[k])
         for name, fisher_trace in estimators.items():
             start = time.perf_counter()
@@ -198,6 +205,7 @@ def compute(cfg: DictConfig, setup: Setup, directory: Path) -> dict[str, np.ndar
     """Train both networks, then the three traces at each time's evaluation points, and the
     log-densities along PF-ODE paths: the arrays every number of the run comes from."""
     model, head, losses = train_networks(cfg, setup, directory)
+    net_device = next(head.parameters()).device  # where the trainers put both networks
     measure = setup.measure.to("cpu", torch.float64)
     generator = torch.Generator().manual_seed(setup.seed)
     out: dict[str, np.ndarray] = {f"loss/{k}": np.array(v) for k, v in losses.items()}
@@ -205,16 +213,16 @@ def compute(cfg: DictConfig, setup: Setup, directory: Path) -> dict[str, np.ndar
         t = torch.tensor(1 - tau, dtype=torch.float64)
         alpha, sigma = setup.schedule.alpha(t), setup.schedule.sigma(t)
         z = measure.sample_diffused(setup.num_eval, alpha, sigma, generator)
-        learned_z, learned_t = z.float(), t.float()
+        learned_z, learned_t = z.float().to(net_device), t.float().to(net_device)
         key = _key(tau)
         out[f"{key}/z"] = z.numpy()
         out[f"{key}/exact"] = exact_trace(measure, z, alpha, sigma).numpy()
-        out[f"{key}/vjp"] = vjp_trace(model, learned_z, learned_t).detach().double().numpy()
-        out[f"{key}/df_tm"] = df_tm_trace(head, model, learned_z, learned_t).double().numpy()
+        out[f"{key}/vjp"] = vjp_trace(model, learned_z, learned_t).detach().double().cpu().numpy()
+        out[f"{key}/df_tm"] = df_tm_trace(head, model, learned_z, learned_t).double().cpu().numpy()
     t0 = torch.tensor(0.0, dtype=torch.float64)
-    z0 = MixtureScore(measure, setup.schedule).sample_base(setup.num_paths, (2,), t0, generator).float()
-    changes, seconds = log_density_changes(setup, model, head, z0)
-    out.update({f"log_density/{k}": v.numpy() for k, v in changes.items()})
+    z0 = MixtureScore(measure, setup.schedule).sample_base(setup.num_paths, (2,), t0, generator)
+    changes, seconds = log_density_changes(setup, model, head, z0.float().to(net_device))
+    out.update({f"log_density/{k}": v.cpu().numpy() for k, v in changes.items()})
     out.update({f"seconds/{k}": np.array(v) for k, v in seconds.items()})
     return out
 

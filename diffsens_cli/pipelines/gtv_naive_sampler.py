@@ -227,8 +227,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         row = {k: summary_of(w, setup.resamples, setup.seed) for k, w in where.items()}
         row["kde_bandwidth"] = bandwidth
         row["naive_minus_kde"] = diffs
-        one = torch.ones((), dtype=dt, device=dev)
-        denoised = measure.posterior_moments(reference, one, torch.tensor(sigma_min, dtype=dt, device=dev))[0]
+        t_end = torch.tensor(quiet.grid()[1], dtype=dt, device=dev)
+        denoised = measure.posterior_moments(reference, setup.schedule.alpha(t_end), setup.schedule.sigma(t_end))[0]
         row["pf_ode_nearest_over_sigma_min"] = float(np.median(where["pf_ode_converged"]["d1"]) / sigma_min)
         row["pf_ode_denoised_max"] = float(torch.cdist(denoised, points).min(1).values.max())
         row["pf_ode_share_per_point"] = np.bincount(where["pf_ode_converged"]["nearest"],

@@ -188,15 +188,16 @@ def learned_ends(cfg: DictConfig, setup: Setup, run: RunDir, name: str, points: 
     for k in progress.bar(range(setup.num_models), desc=f"{name}: learned models", enabled=setup.settings.progress):
         model_cfg = OmegaConf.merge(cfg.model, {"seed": setup.seed + k})
         train = replace(setup.train, seed=setup.seed + k)
-        depends = {"points": points.tolist(), "model": OmegaConf.to_container(model_cfg, resolve=True),
-                   "train": train.fingerprint(), "steps": train.steps, "schedule": OmegaConf.to_container(
-                       cfg.schedule, resolve=True), "starts": z0.tolist(), "solver": {
-                       k: getattr(sampling, k) for k in ("integrator", "num_steps", "spacing", "t_min")}}
+        # What the weights depend on (a checkpoint of other weights is refused on resume), then what the ends add.
+        weights = {"points": points.tolist(), "model": OmegaConf.to_container(model_cfg, resolve=True),
+                   "train": train.fingerprint(), "schedule": OmegaConf.to_container(cfg.schedule, resolve=True)}
+        depends = weights | {"steps": train.steps, "starts": z0.tolist(), "solver": {
+            k: getattr(sampling, k) for k in ("integrator", "num_steps", "step_size", "spacing", "t_min")}}
 
-        def compute(model_cfg=model_cfg, train=train, k=k) -> dict[str, np.ndarray]:
+        def compute(model_cfg=model_cfg, train=train, k=k, weights=weights) -> dict[str, np.ndarray]:
             model = build_network_model(model_cfg, (2,), setup.schedule)
             trainer = Trainer(model, measure, (2,), train, Path(run.path) / "learned" / f"{name}_{k}",
-                              cpu=setup.device.type == "cpu")
+                              cpu=setup.device.type == "cpu", fingerprint=weights)
             trainer.resume()
             trainer.train()
             net = trainer.sampling_model()

@@ -122,7 +122,7 @@ def variance_prediction(arrays, names, draws) -> plt.Figure:
 
 def learned_spread(arrays, names) -> plt.Figure:
     """Learned models: the spread of their samples from each start against the adjoint's
-    prediction and two baselines (log-log; Spearman in the titles' summary)."""
+    prediction and two baselines (log-log; their Spearman correlations are in summary.json)."""
     keys = (("predicted", "adjoint prediction"), ("unpropagated", "C without the flow"),
             ("end_distance", "distance to nearest point"))
     fig, axes = plt.subplots(len(names), len(keys), figsize=(3.4 * len(keys), 3.2 * len(names)), squeeze=False)
