@@ -10,7 +10,7 @@ import torch
 from scipy.stats import spearmanr
 
 from diffsens_cli.core.compare import spearman, spearman_rows
-from diffsens_cli.core.stats import bootstrap_interval, lds, paired, sign_test
+from diffsens_cli.core.stats import bootstrap_interval, lds, paired, sign_test, spearman_difference, spearman_interval
 
 
 def test_sign_test_is_the_exact_two_sided_binomial_tail():
@@ -69,3 +69,16 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_theory_interval():
     assert abs(out["ci_low"] - (values.mean() - half)) < 0.1 * half
     assert abs(out["ci_high"] - (values.mean() + half)) < 0.1 * half
     assert bootstrap_interval(np.array([np.nan]))["n"] == 0
+
+
+def test_spearman_interval_and_paired_difference():
+    """Rank correlation over pairs with its interval: 1 (and a degenerate interval) for a
+    monotone map, NaN for a constant side; a predictor with noise added ranks worse than the
+    clean one, by an interval that excludes 0 and contains the value."""
+    rng = np.random.default_rng(0)
+    y = rng.uniform(1, 2, 200)
+    assert spearman_interval(y**3, y, 200, 0) == pytest.approx({"value": 1.0, "ci_low": 1.0, "ci_high": 1.0},
+                                                               abs=1e-12)
+    assert np.isnan(spearman_interval(np.ones(200), y, 200, 0)["value"])
+    diff = spearman_difference(y, y + rng.normal(0, 0.3, 200), y, 200, 0)
+    assert 0 < diff["ci_low"] <= diff["value"] <= diff["ci_high"]

@@ -3,7 +3,9 @@
 two methods cannot be told apart, instead of a median of a handful.
 
 - ``bootstrap_interval``: a percentile bootstrap interval of any statistic of one sample;
-  ``bootstrap_difference``: of the difference of a statistic between two independent samples.
+  ``bootstrap_difference``: of the difference of a statistic between two independent samples;
+  ``spearman_interval``, ``spearman_difference``: of a rank correlation over paired values, and of
+  the difference between two predictors' correlations with the same values.
 - ``lds``: the linear datamodeling score (mean over queries of the Spearman correlation
   over subsets of predicted and actual outputs) with a two-way bootstrap interval that
   resamples queries and subsets together (both are random draws: the subsets are shared
@@ -24,7 +26,8 @@ LEVEL = 0.95
 RESAMPLES = 2000
 
 
-def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap values (NaN ones dropped; NaN when none is left)."""
     finite = values[np.isfinite(values)]
     if not len(finite):
         return float("nan"), float("nan")
@@ -43,7 +46,7 @@ def bootstrap_interval(values: np.ndarray, statistic: Callable[[np.ndarray], flo
     rng = np.random.default_rng(seed)
     draws = values[rng.integers(0, len(values), size=(resamples, len(values)))]
     stats = np.array([statistic(d) for d in draws])
-    low, high = _percentiles(stats, level)
+    low, high = percentile_interval(stats, level)
     return {"value": float(statistic(values)), "ci_low": low, "ci_high": high, "n": len(values)}
 
 
@@ -58,8 +61,27 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.n
     rng = np.random.default_rng(seed)
     stats = np.array([statistic(a[rng.integers(0, len(a), len(a))]) - statistic(b[rng.integers(0, len(b), len(b))])
                       for _ in range(resamples)])
-    low, high = _percentiles(stats, level)
+    low, high = percentile_interval(stats, level)
     return {"value": float(statistic(a) - statistic(b)), "ci_low": low, "ci_high": high}
+
+
+def spearman_interval(x: np.ndarray, y: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
+                      level: float = LEVEL) -> dict[str, float]:
+    """Spearman's correlation of paired values ``x``, ``y`` [n] and its percentile bootstrap
+    interval, the pairs resampled together (NaN for a constant side)."""
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    low, high = percentile_interval(spearman_rows(x[idx], y[idx]), level)
+    return {"value": float(spearman_rows(x[None], y[None])[0]), "ci_low": low, "ci_high": high}
+
+
+def spearman_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
+                        level: float = LEVEL) -> dict[str, float]:
+    """Spearman(a, y) - Spearman(b, y) of two predictors of the same ``y`` [n], with a paired
+    bootstrap interval (the same resampled items for both)."""
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))
+    low, high = percentile_interval(spearman_rows(a[idx], y[idx]) - spearman_rows(b[idx], y[idx]), level)
+    value = spearman_rows(a[None], y[None])[0] - spearman_rows(b[None], y[None])[0]
+    return {"value": float(value), "ci_low": low, "ci_high": high}
 
 
 def _finite_mean(values: np.ndarray) -> float:
@@ -84,7 +106,7 @@ def lds(predicted: np.ndarray, actual: np.ndarray, resamples: int = RESAMPLES, s
         q = rng.integers(0, m_count, m_count)
         s = rng.integers(0, j_count, j_count)
         stats[b] = _finite_mean(spearman_rows(predicted[np.ix_(q, s)], actual[np.ix_(q, s)]))
-    low, high = _percentiles(stats, level)
+    low, high = percentile_interval(stats, level)
     return {"mean": _finite_mean(per_query), "ci_low": low, "ci_high": high,
             "per_query": per_query.tolist(), "queries": m_count, "subsets": j_count}
 

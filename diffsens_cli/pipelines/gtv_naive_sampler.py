@@ -15,7 +15,6 @@ holds at a fixed grid while the effect fades as the steps shrink.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.proxy_score import naive_sample
 from diffsens_cli.core.schedule import Schedule
-from diffsens_cli.core.stats import bootstrap_difference, bootstrap_interval
+from diffsens_cli.core.stats import bootstrap_difference, bootstrap_interval, percentile_interval
 from diffsens_cli.errors import listed, require, whole
 from diffsens_cli.plots import generalization as plots
 from diffsens_cli.rundir import RunDir
@@ -171,10 +170,8 @@ def fitted_slope(x: list[int], dev: np.ndarray, resamples: int, seed: int,
 
     rng = np.random.default_rng(seed)
     paths = dev.shape[1]
-    boot = np.array([slope(rng.integers(0, paths, paths)) for _ in range(resamples)])
-    finite = boot[np.isfinite(boot)]
-    low, high = np.percentile(finite, [2.5, 97.5]) if len(finite) else (math.nan, math.nan)
-    return {"value": slope(np.arange(paths)), "ci_low": float(low), "ci_high": float(high)}
+    low, high = percentile_interval(np.array([slope(rng.integers(0, paths, paths)) for _ in range(resamples)]))
+    return {"value": slope(np.arange(paths)), "ci_low": low, "ci_high": high}
 
 
 def against_kde(samples: torch.Tensor, points: torch.Tensor, resamples: int,
@@ -212,15 +209,24 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         model = MixtureScore(measure, setup.schedule)
         z0 = model.sample_base(setup.num_samples, (2,), t0, torch.Generator(dev).manual_seed(setup.seed))
 
-        def paths(settings: SolverSettings, draws: int, noise: str = "posterior") -> torch.Tensor:
-            return naive_sample(measure, setup.schedule, settings.times(setup.schedule), z0, draws, seed=setup.seed,
-                                noise=noise)
+        runs: dict[tuple[int, int | None, str], torch.Tensor] = {}
 
-        ode = Integrator(model, quiet).run(z0).samples.to(dev)
+        def paths(steps: int, draws: int | None, noise: str = "posterior") -> torch.Tensor:
+            """End points from ``z0`` with ``steps`` Euler steps: the naive sampler's with ``draws``
+            (None: the exact-score PF-ODE's); each run once, the figure's and the sweeps' alike."""
+            if (steps, draws, noise) not in runs:
+                grid = replace(quiet, num_steps=steps)
+                runs[steps, draws, noise] = Integrator(model, grid).run(z0).samples.to(dev) if draws is None else \
+                    naive_sample(measure, setup.schedule, grid.times(setup.schedule), z0, draws, seed=setup.seed,
+                                 noise=noise)
+            return runs[steps, draws, noise]
+
+        steps = quiet.num_steps
+        ode = paths(steps, None)
         reference = Integrator(model, replace(quiet, integrator="heun", num_steps=setup.reference_steps)).run(z0)
         reference = reference.samples.to(dev)
-        naive = paths(quiet, setup.draws)
-        effective = paths(quiet, setup.draws, "gaussian")
+        naive = paths(steps, setup.draws)
+        effective = paths(steps, setup.draws, "gaussian")
         diffs, where, kde, bandwidth = against_kde(naive, points, setup.resamples, setup.seed)
         where |= {k: placement(x, points) for k, x in
                   {"effective_sde": effective, "pf_ode": ode, "pf_ode_converged": reference}.items()}
@@ -234,13 +240,11 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         row["pf_ode_share_per_point"] = np.bincount(where["pf_ode_converged"]["nearest"],
                                                     minlength=len(points)).tolist()
 
-        sweeps = {"draws": [(quiet, r) for r in setup.sweep_draws],
-                  "steps": [(replace(quiet, num_steps=n), setup.draws) for n in setup.sweep_steps]}
-        for label, runs in sweeps.items():
-            ends, odes = [], []
-            for settings, draws in runs:
-                ends.append(paths(settings, draws))
-                odes.append(ode if settings is quiet else Integrator(model, settings).run(z0).samples.to(dev))
+        sweeps = {"draws": [(steps, r) for r in setup.sweep_draws],
+                  "steps": [(n, setup.draws) for n in setup.sweep_steps]}
+        for label, cells in sweeps.items():
+            ends = [paths(n, r) for n, r in cells]
+            odes = [paths(n, None) for n, _ in cells]
             switched, squared = map(np.stack, zip(*(departure(e, o, points) for e, o in zip(ends, odes, strict=True)),
                                                   strict=True))
             deviation = np.where(switched, np.nan, squared)  # the paths that end at the same point

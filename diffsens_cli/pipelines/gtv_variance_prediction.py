@@ -26,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from diffsens_cli import progress
 from diffsens_cli.builders import build_schedule, device_and_dtype, naive_sampler_settings, point_sets
 from diffsens_cli.core.closed_form import MixtureScore
-from diffsens_cli.core.compare import spearman_rows
 from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.proxy_score import naive_sample, predicted_covariance, proxy_covariance
 from diffsens_cli.core.schedule import Schedule
+from diffsens_cli.core.stats import spearman_difference, spearman_interval
 from diffsens_cli.errors import listed, number, one_of, require, whole
 from diffsens_cli.plots import generalization as plots
 from diffsens_cli.rundir import RunDir
@@ -104,20 +104,6 @@ def check(cfg: DictConfig) -> None:
     checked(cfg)
 
 
-def _interval(boot: np.ndarray) -> tuple[float, float]:
-    """The 95% percentile interval of bootstrap values (NaN when none is finite)."""
-    finite = boot[np.isfinite(boot)]
-    return tuple(float(v) for v in np.percentile(finite, [2.5, 97.5])) if len(finite) else (math.nan, math.nan)
-
-
-def spearman_interval(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
-    """Spearman's rank correlation of ``x`` and ``y`` over starts, and a percentile bootstrap
-    interval resampling the starts (NaN for a constant predictor)."""
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
-    low, high = _interval(spearman_rows(x[idx], y[idx]))
-    return {"value": float(spearman_rows(x[None], y[None])[0]), "ci_low": low, "ci_high": high}
-
-
 def unpropagated(measure: GaussianMixture, schedule: Schedule, times: torch.Tensor, path: list[torch.Tensor],
                  draws: int) -> torch.Tensor:
     """The baseline without the flow: ``sum_k (h_k c_k)^2 tr C(z_k) / R`` [B] along ``path``
@@ -164,15 +150,6 @@ def fitted(predictor: np.ndarray, spread: np.ndarray, resamples: int, seed: int)
     scale = float(np.exp(np.median(np.log(spread[ok]) - np.log(predictor[ok])))) if ok.any() else math.nan
     return {"fitted_scale": scale, "fitted_error": float(np.median(np.abs(scale * predictor - spread) / spread)),
             "spearman": spearman_interval(predictor, spread, resamples, seed)}
-
-
-def spearman_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
-    """Spearman(a, y) - Spearman(b, y) over starts with a paired bootstrap interval (the same
-    resampled starts for both)."""
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))
-    low, high = _interval(spearman_rows(a[idx], y[idx]) - spearman_rows(b[idx], y[idx]))
-    value = spearman_rows(a[None], y[None])[0] - spearman_rows(b[None], y[None])[0]
-    return {"value": float(value), "ci_low": low, "ci_high": high}
 
 
 def learned_ends(cfg: DictConfig, setup: Setup, run: RunDir, name: str, points: torch.Tensor,
@@ -226,7 +203,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         res = Integrator(model, quiet, tape=True).run(z0)
         ode = res.samples.to(dev)
         per_unit = predicted_covariance(measure, model, res.tape, 1)  # R = 1; R divides it
-        path = [z for z in res.tape.z]
+        path = res.tape.z
         row: dict[str, dict] = {}
         s, m = setup.num_starts, setup.repeats
         for r in setup.draws:
