@@ -55,11 +55,11 @@ def solver_settings(cfg: DictConfig, model: ScoreModel | None = None) -> SolverS
             f"{integrator!r} has no step rule for method={method}: use one of {', '.join(usable)}")
     step_size = number(cfg.step_size, "solver.step_size", null=True)
     num_steps = whole(cfg.num_steps, "solver.num_steps", null=True)
-    if num_steps is None:
+    if num_steps is None or step_size is not None:  # checked even where num_steps overrides it
         require(step_size is not None and step_size > 0, "solver.step_size", f"must be > 0, got {cfg.step_size}")
         require(step_size >= MIN_STEP_SIZE, "solver.step_size",
                 f"must be >= {MIN_STEP_SIZE:g} (at most {1 / MIN_STEP_SIZE:,.0f} steps), got {cfg.step_size}")
-    else:
+    if num_steps is not None:
         require(1 <= num_steps <= 1 / MIN_STEP_SIZE, "solver.num_steps",
                 f"must be in 1 .. {1 / MIN_STEP_SIZE:.0f}, got {num_steps}")
     t_min = number(cfg.t_min, "solver.t_min")
