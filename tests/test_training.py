@@ -101,6 +101,43 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema_decay):
                            next(_trainer(tmp_path / "c").sampling_model().net.parameters()))
 
 
+def _weights(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.sampling_model().net.parameters()])
+
+
+def test_the_fused_optimizer_and_ema_train_the_same_network_as_the_loops(tmp_path, float64_default):
+    """train.fused (AdamW's fused kernel, the EMA's foreach update) against the per-tensor
+    loops, in float64 with EMA and clipping: the same losses and weights to round-off."""
+    loops = _trainer(tmp_path / "a", fused=False, ema_decay=0.9, grad_clip=0.5)
+    fused = _trainer(tmp_path / "b", fused=True, ema_decay=0.9, grad_clip=0.5)
+    loops.train()
+    fused.train()
+    assert loops.optimizer.optimizer.defaults["fused"] is None and fused.optimizer.optimizer.defaults["fused"]
+    torch.testing.assert_close(fused.losses, loops.losses, rtol=1e-12, atol=0)
+    torch.testing.assert_close(_weights(fused), _weights(loops), rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_autocast_trains_near_float32_and_samples_in_float32(tmp_path):
+    """train.mixed_precision=bf16 changes the training by bf16's rounding (about 2^-8
+    relative per operation), not more; the sampling model computes in float32 outside
+    any autocast, like the float32-trained one."""
+    full = _trainer(tmp_path / "a")
+    half = _trainer(tmp_path / "b", mixed_precision="bf16")
+    full.train()
+    half.train()
+    rel = [abs(a - b) / abs(a) for a, b in zip(half.losses, full.losses, strict=True)]
+    assert 0 < max(rel) < 0.05
+    weights = _weights(half)
+    assert 0 < float((weights - _weights(full)).norm() / _weights(full).norm()) < 0.05
+    model = half.sampling_model()
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    out = model.net(z, torch.full((5,), 10.0))
+    assert out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = model.net(z, torch.full((5,), 10.0))
+    assert not torch.equal(out, in_bf16.float())  # so the first was not computed under autocast
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
 def test_a_stop_signal_mid_training_saves_the_step_it_ended_and_resumes_from_it(tmp_path, sig, monkeypatch):
     """SIGTERM, SIGUSR2 (Slurm's warning before a time limit) or Ctrl-C during step 5 of 9,

@@ -36,6 +36,8 @@ class TrainSettings:
     keep_checkpoints: int
     seed: int
     progress: bool
+    fused: bool = True  # AdamW's fused kernel and the EMA's foreach update (False: the per-tensor loops)
+    mixed_precision: str = "no"  # no | bf16: the loss under torch.autocast (weights and optimizer stay as they are)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the result, but the total number of steps (a resumed
@@ -44,6 +46,7 @@ class TrainSettings:
 
 
 TRAIN_MODES = ("base", "retrain", "finetune")
+MIXED_PRECISION = ("no", "bf16")
 # The total a run trains for: a resumed run may grow it (the trainer checks it apart).
 TOTAL = ("steps", "epochs")
 
@@ -100,9 +103,11 @@ def train_settings(cfg: DictConfig, epoch_size: int | None) -> TrainSettings:
     require(grad_clip is None or grad_clip > 0, "train.grad_clip", f"must be null or > 0, got {grad_clip}")
     checkpoint_every = whole(cfg.checkpoint_every, "train.checkpoint_every", at_least=1)
     keep_checkpoints = whole(cfg.keep_checkpoints, "train.keep_checkpoints", at_least=1)
+    mixed_precision = one_of(cfg.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
     return TrainSettings(
         steps=steps, batch_size=batch_size, lr=lr, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
         weight_decay=weight_decay, ema_decay=ema_decay, hflip=flag(cfg.hflip, "train.hflip"), t_min=t_min,
         grad_clip=grad_clip, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         seed=whole(cfg.seed, "train.seed"), progress=flag(cfg.progress, "train.progress"),
+        fused=flag(cfg.fused, "train.fused"), mixed_precision=mixed_precision,
     )

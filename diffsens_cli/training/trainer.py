@@ -183,11 +183,13 @@ class Trainer:
         self.device = self.accelerator.device
         self.schedule, self.prediction = model.schedule, model.prediction
         net = model.net.to(self.device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                      fused=settings.fused or None)
         lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                                      num_training_steps=settings.steps)
         self.net, self.optimizer, self.lr_scheduler = self.accelerator.prepare(net, optimizer, lr_scheduler)
-        self.ema = EMAModel(self.net.parameters(), decay=settings.ema_decay) if settings.ema_decay else None
+        self.ema = EMAModel(self.net.parameters(), decay=settings.ema_decay,
+                            foreach=settings.fused) if settings.ema_decay else None
         dtype = next(net.parameters()).dtype
         self.source = source.to(self.device, dtype)
         self.event_shape = event_shape
@@ -214,7 +216,9 @@ class Trainer:
 
     def _train_step(self) -> torch.Tensor:
         gen = self._generator()
-        loss = self.loss(self.net, self.schedule, self.prediction, self._batch(gen), self.cfg.t_min, gen)
+        x0 = self._batch(gen)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16"):
+            loss = self.loss(self.net, self.schedule, self.prediction, x0, self.cfg.t_min, gen)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if self.cfg.grad_clip:
