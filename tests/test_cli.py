@@ -32,6 +32,9 @@ ARRAYS["gtv_variance_prediction"] = ("hexagon/z0", "hexagon/predicted_per_draw",
                                      "hexagon/learned/ends", "hexagon/learned/spread", "hexagon/learned/predicted")
 ARRAYS["fisher_trace_chessboard"] = ("1.0/z", "1.0/exact", "1.0/vjp", "0.0/df_tm", "log_density/exact",
                                      "log_density/df_tm", "log_density/hutchinson_1")
+ARRAYS["bench_paper_scale"] = ("digits/seconds_per_item/train", "celeba/seconds_per_item/vjp4",
+                               "digits_typography/predicted_hours", "celeba_influence/predicted_hours")
+ARRAYS["bench_train"] = ("old/losses", "new/losses", "bf16/losses", "old/seconds", "new/seconds")
 ARRAYS["digits_psi_convergence"] = ("z0", "reference/psi", "reference/logp", "paper/psi_rel_diff")
 ARRAYS["bench_influence"] = ARRAYS["bench_influence_faces"] = ("sizes", "speedup", "spearman", "reference_scores")
 ARRAYS["influence_closed_form"] = ("z0", "samples", "train_index", "train_points", "influence/scores",
@@ -119,7 +122,8 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["solver.stepsize=0.1"], "solver.stepsize: no such key; solver has: method, integrator, step_size"),
     (["experiment=nope"], "experiment=nope: no such experiment; choose from: bench_engine, bench_influence, "
-                          "bench_influence_faces, celeba_attributes, celeba_attributes_paper, celeba_influence, "
+                          "bench_influence_faces, bench_paper_scale, bench_train, celeba_attributes, "
+                          "celeba_attributes_paper, celeba_influence, "
                           "celeba_oldman, cifar10_crossclass, counterfactual_closed_form, "
                           "digits_counterfactual, digits_crossclass, digits_influence, digits_psi_convergence, "
                           "digits_typography, fisher_ot_check, "),
@@ -134,7 +138,8 @@ def test_first_order_restart_reuses_finished_stages(tmp_path):
     (["name=.."], "name: must be a folder name of 1 to 100 characters"),
     (["experiment=gmm_first_order", "perturbation.mean=[1,2,3]"],
      "perturbation.mean[0]: needs a scalar or 100 values (the dataset's dim)"),
-    (["solver.method=sde", "solver.density=ccov"], "solver.density: CCoV log-densities hold along ODE paths only"),
+    (["solver.method=sde", "solver.integrator=euler", "solver.density=ccov"],
+     "solver.density: CCoV log-densities hold along ODE paths only"),
     (["stages.force=[train_bass]"], "stages.force: 'train_bass' is not one of train_base, train_retrain"),
     (["predict.modes=[retrain,finetuning]"], "predict.modes: 'finetuning' is not one of retrain, finetune"),
     (["ot.metric=cosine"], "ot.metric: 'cosine' is not one of euclidean, sqeuclidean"),
@@ -163,7 +168,8 @@ def test_cfg_job_and_help(tmp_path):
     assert r.returncode == 0 and "task: toy2d" in r.stdout
     r = diffsens("run", "--help", cwd=tmp_path)
     assert r.returncode == 0
-    assert "experiment: bench_engine, bench_influence, bench_influence_faces, celeba_attributes," in r.stdout
+    assert "experiment: bench_engine, bench_influence, bench_influence_faces, bench_paper_scale, bench_train, " \
+           "celeba_attributes," in r.stdout
     assert diffsens("--help", cwd=tmp_path).returncode == 0
 
 

@@ -19,9 +19,10 @@ from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import Shard
 from diffsens_cli.stages import StageCache
 
-TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "counterfactual", "first_order", "fisher_ot",
-              "fisher_trace", "gtv_naive_sampler", "gtv_proxy_variance", "gtv_variance_prediction", "influence",
-              "predict_change", "psi_convergence", "score_error", "toy2d", "train")
+TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "bench_paper_scale", "bench_train",
+              "counterfactual", "first_order", "fisher_ot", "fisher_trace", "gtv_naive_sampler", "gtv_proxy_variance",
+              "gtv_variance_prediction", "influence", "predict_change", "psi_convergence", "score_error", "toy2d",
+              "train")
 
 # The tasks whose per-sample stages split over jobs (shard.index, shard.count).
 SHARDED_TASKS = ("attribute_sensitivity", "counterfactual", "influence", "predict_change")

@@ -253,7 +253,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     labels = [f"t = {k}" for k in table]
     cells = [[f"{100 * row['vjp']['relative_error']:.2f}%", _paper(row["vjp"]["paper"]),
               f"{100 * row['df_tm']['relative_error']:.2f}%", _paper(row["df_tm"]["paper"])] for row in table.values()]
-    figures = run.save_figure(plots.ot_check_table(
+    figures = run.save_figure(plots.text_table(
         labels, ["VJP (ours)", "VJP (paper)", "DF-TM (ours)", "DF-TM (paper)"], cells,
         "Relative error of the diffusion Fisher's trace on the 2-D chessboard (related paper, Table 2)",
         f"Exact tr F from the {len(setup.measure.means)} chessboard points (Eq. 16); {setup.num_eval} points per t "

@@ -109,11 +109,11 @@ def loss_vs_correlation(losses, corrs, steps, metric: str = "correlation") -> pl
     return fig
 
 
-def ot_check_table(row_labels: list[str], col_labels: list[str], cells: list[list[str]], title: str,
-                   note: str | None = None, verdict: bool = True) -> plt.Figure:
-    """A table of the related paper (Table 3; Table 2 with ``verdict=False``) as a figure: one
-    row a cell of the study, one column a measure (already formatted as text), and a ``note``
-    under it; with ``verdict``, the last column, a yes/no verdict, is shaded."""
+def text_table(row_labels: list[str], col_labels: list[str], cells: list[list[str]], title: str,
+               note: str | None = None, verdict: bool = True) -> plt.Figure:
+    """A table as a figure (the diffusion-Fisher paper's Tables 2 and 3, the predicted costs):
+    one row a cell of the study, one column a measure (already formatted as text), and a
+    ``note`` under it; with ``verdict``, the last column, a yes/no verdict, is shaded."""
     fig, ax = plt.subplots(figsize=(1.6 * len(col_labels) + 1.8, 0.3 * len(row_labels) + 0.8))
     ax.axis("off")
     colours = [["white"] * (len(col_labels) - 1) + ["#d9f0d3" if row[-1] == "yes" else "#f4cccc"] for row in cells]
