@@ -66,11 +66,6 @@ class Shard:
         spreads the remainders over the jobs instead of giving each list's to job 0."""
         return [x for number, x in enumerate(items, first) if number % self.count == self.index]
 
-    def mine_first(self, items: Sequence[T]) -> list[T]:
-        """All of ``items``, this job's share first: for work every job needs (the others'
-        shares are computed meanwhile by their own jobs, or waited for on their locks)."""
-        return self.mine(items) + [x for i, x in enumerate(items) if i % self.count != self.index]
-
     def blocks(self, n: int) -> list[tuple[int, int]]:
         """The row ranges ``[start, stop)`` of the stages that ``n`` model samples split into."""
         return [(start, min(start + self.block, n)) for start in range(0, n, self.block)]

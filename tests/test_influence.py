@@ -149,3 +149,21 @@ def test_crossclass_matrix_and_diagonal_dominance_by_hand():
     expected = np.array([[(3 + 5) / 2, (2 + 2) / 2, np.nan], [1, 3, np.nan], [np.nan, np.nan, np.nan]])
     np.testing.assert_allclose(matrix, expected)
     assert crossclass.diagonal_dominance(matrix) == pytest.approx(((4 + 3) / 2) / ((2 + 1) / 2))
+
+
+def test_model_samples_computed_together_are_stored_as_each_ones_stage(tmp_path):
+    """influence.query_batch: three samples in one pass leave three stages holding what
+    one at a time holds (to round-off), and a later run of one of them alone reuses its
+    stage."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rows = ("influence.samples=[0,2,3]", "influence.pool=4")
+    together, _ = _run(tmp_path / "a", "run", *rows, "influence.query_batch=3")
+    alone, _ = _run(tmp_path / "b", "run", *rows, "influence.query_batch=1")
+    assert len(list((tmp_path / "a").glob("outputs/stages/influence/*/arrays.npz"))) == 3
+    with np.load(together / "arrays.npz") as t, np.load(alone / "arrays.npz") as a:
+        for key in ("samples", "influence/scores", "influence/ours_clamped/scores", "influence/singular_values"):
+            np.testing.assert_allclose(t[key], a[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    stages = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("outputs/stages/influence/*/arrays.npz")}
+    _run(tmp_path / "a", "again", "influence.samples=[2]", "influence.pool=4")
+    assert {p: p.stat().st_mtime_ns for p in stages} == stages

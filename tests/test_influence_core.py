@@ -251,3 +251,48 @@ def test_training_points_streamed_in_blocks_give_the_same_influence(method):
     resident = attribution.loss_sensitivity(model, points, z0, times, noises, (0.1, 10.0))
     torch.testing.assert_close(attribution.loss_sensitivity(model, points, z0, times, noises, (0.1, 10.0), block=5),
                                resident, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_a_batch_of_model_samples_gives_each_ones_influence(method):
+    """Several model samples through one pass (paths, tapes and adjoint cotangents side by
+    side, through a tiny UNet with a Gaussian probe and the randomised SVD): each one's
+    scores, projections and singular triples equal its own run, its probes keyed by its
+    row of the run (``sample_ids``), not by its place in the batch."""
+    model = build_network_model(TINY_UNET, (1, 8, 8), VPDiscrete(), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    pool, points = torch.randn(6, 1, 8, 8, generator=g), torch.rand(9, 1, 8, 8, generator=g)
+    s = solver_settings_with(integrator="heun", num_steps=5, probe="gaussian", progress=False)
+    settings = influence_settings_with(method=method, projections=8, rank=2, oversample=1, power_iterations=1)
+    rows = [4, 2, 5]
+    together = influence(model, s, points, pool[rows], settings, [None, (0.1, 10.0)], sample_ids=torch.tensor(rows))
+    for b, i in enumerate(rows):
+        alone = influence(model, s, points, pool[i:i + 1], settings, [None, (0.1, 10.0)], first_index=i)
+        torch.testing.assert_close(together.samples[b], alone.samples[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(together.scores[:, b], alone.scores[:, 0], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(together.projections[:, :, b], alone.projections[:, :, 0], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(together.singular_values[b], alone.singular_values[0], rtol=1e-8, atol=1e-12)
+        assert _rel(together.singular_vectors[b].abs(), alone.singular_vectors[0].abs()) < 1e-7  # up to sign
+        if method == "sketch":  # the adjoint's weight counts, per sample (the exact method's are per pass)
+            assert [w.as_dict(b) for w in together.weights] == [w.as_dict() for w in alone.weights]
+    # the CCoV log-densities the weights come from: each row's own probes, whatever its place
+    density = Integrator(model, s, track_density=True)
+    logp = density.run(pool[rows], sample_ids=torch.tensor(rows)).logp
+    alone = torch.cat([density.run(pool[i:i + 1], first_index=i).logp for i in rows])
+    torch.testing.assert_close(logp, alone, rtol=1e-10, atol=1e-10)
+    assert (density.run(pool[rows], first_index=0).logp - logp).abs().min() > 1e-3  # rows 0-2's probes
+
+
+def test_the_adjoint_tape_counts_in_the_chunk_estimate():
+    """A taped run holds every evaluation's state per path until the adjoint: its chunk of
+    paths is what the budget holds with the tape added to the per-path bytes."""
+    from diffsens_cli.core.integrate import memory_budget, tape_bytes
+
+    points, model, z0 = _empirical_problem(n_points=12, d=64, n_samples=512)
+    model.cpu_chunk_bytes = 1 << 20
+    s = solver_settings_with(num_steps=40, integrator="heun", density="closed_form", progress=False)
+    budget = memory_budget(model, z0.device)
+    per_path = model.memory_per_sample(64, 0, 8) + 8 * 64 * 6
+    assert Integrator(model, s)._chunk_sizes(z0, 0, 1)[0] == int(budget // per_path)
+    taped = Integrator(model, s, tape=True)._chunk_sizes(z0, 0, 1)[0]
+    assert taped == int(budget // (per_path + tape_bytes(64, 8, 40, 2))) < int(budget // per_path)

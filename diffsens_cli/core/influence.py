@@ -32,7 +32,7 @@ import torch
 
 from diffsens_cli import interrupt, progress
 from diffsens_cli.core.forcing import EmpiricalForcing
-from diffsens_cli.core.integrate import Integrator, SolverSettings, Tape
+from diffsens_cli.core.integrate import Integrator, SolverSettings, Tape, memory_budget, vectors_that_fit
 from diffsens_cli.core.schedule import Coefficients
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.core.score_sensitivity import WeightStats
@@ -46,21 +46,28 @@ def project(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omega: tor
     one reverse pass (one VJP per field evaluation with all m cotangents), the inner
     products formed for each weight clamp in ``clamps`` (the path is shared).
 
-    The cotangents are independent: ``chunk`` of them go through one pass (None: all,
-    halved while memory runs out), which changes nothing but memory and time."""
+    The cotangents are independent: ``chunk`` of them go through one pass (None: as many as
+    the memory budget allows, ``integrate.memory_budget``, the forward tangents' rule, and
+    halved while memory still runs out), which changes nothing but memory and time."""
     stats = stats if stats is not None else [WeightStats() for _ in clamps]
-    size = chunk or len(omega)
+    budget = memory_budget(model, omega.device)
+    size = chunk or vectors_that_fit(model, omega.shape[1], omega[0, 0].numel(), len(omega), omega.element_size(),
+                                     budget)
     parts, start = [], 0
     while start < len(omega):
         stop = min(start + size, len(omega))
         label = desc if size >= len(omega) else f"{desc} {start + 1}-{stop}/{len(omega)}"
+        counted = [WeightStats(per_row=s.per_row) for s in stats]  # every chunk sees the same weights: once
         try:
-            parts.append(_reverse_pass(model, tape, forcing, omega[start:stop], clamps, stats, label, show_progress))
+            parts.append(_reverse_pass(model, tape, forcing, omega[start:stop], clamps, counted, label, show_progress))
         except torch.OutOfMemoryError:
             if chunk is not None or size == 1:
                 raise
             size = max(1, size // 2)
             continue
+        if start == 0:
+            for total, part in zip(stats, counted, strict=True):
+                total.merge(part)
         start = stop
     return torch.cat(parts, 1)
 
@@ -236,11 +243,13 @@ class InfluenceResult:
 
 def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor, z0: torch.Tensor,
               cfg: InfluenceSettings, clamps: list[tuple[float, float] | None],
-              first_index: int = 0, block: int | None = None) -> InfluenceResult:
+              first_index: int = 0, block: int | None = None,
+              sample_ids: torch.Tensor | None = None) -> InfluenceResult:
     """Influence scores of every training point in ``points`` [N, *event] on the samples
-    from ``z0`` [B, *event] (the rows from ``first_index`` of a run: the key of their
-    random numbers), under each weight clamp in ``clamps``, and the top singular triples
-    of each sample's sensitivity matrix under the first, by ``cfg.method``.  With the
+    from ``z0`` [B, *event] (the rows from ``first_index`` of a run, or the rows
+    ``sample_ids``: the key of their random numbers), under each weight clamp in
+    ``clamps``, and the top singular triples of each sample's sensitivity matrix under
+    the first, by ``cfg.method``.  With the
     sketch and fewer projections than dimensions the singular triples are randomised
     (the range finder takes the first ``min(rank + oversample, projections // 2)``
     projections) and the scores and Frobenius norm are estimates, exact in the span of
@@ -250,11 +259,12 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
     counted = CountingModel(model)
     b, d, event = len(z0), z0[0].numel(), z0.shape[1:]
     rank = min(cfg.rank, len(points), d)
-    stats = [WeightStats() for _ in clamps]
+    stats = [WeightStats(per_row=cfg.method == "sketch") for _ in clamps]  # the adjoint's: per model sample
 
     def forward(clamp, forcing: EmpiricalForcing, stat: WeightStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         out = Integrator(counted, replace(settings, weight_clamp=clamp),
-                         forcing.to(z0.device, z0.dtype)).run(z0, first_index=first_index)
+                         forcing.to(z0.device, z0.dtype)).run(z0, first_index=first_index,
+                                                                        sample_ids=sample_ids)
         if stat is not None:
             for w in out.weights:
                 stat.merge(w)
@@ -270,7 +280,7 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
         coordinates = torch.stack([p.permute(2, 1, 0) for p in psis])  # [C, d, B, N]: on the standard basis
         return _result(samples, scores, sv[:, :rank], vh[:, :rank], True, counted, stats, event, coordinates)
 
-    primal = Integrator(counted, settings, tape=True).run(z0, first_index=first_index)
+    primal = Integrator(counted, settings, tape=True).run(z0, first_index=first_index, sample_ids=sample_ids)
     forcing = EmpiricalForcing(points, block=block).to(z0.device, z0.dtype)
     m = min(cfg.projections, d)
     q = orthogonal_directions(d, m, torch.Generator().manual_seed(cfg.seed), z0.dtype).to(z0.device)  # [m, d]

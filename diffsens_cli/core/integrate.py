@@ -209,14 +209,17 @@ class Integrator:
 
     @torch.no_grad()  # forward-mode JVPs only: no graph is kept for network parameters
     def run(self, z0: torch.Tensor, logp0: torch.Tensor | None = None, replicas: int = 1,
-            psi0: torch.Tensor | None = None, first_index: int = 0) -> IntegrationResult:
+            psi0: torch.Tensor | None = None, first_index: int = 0,
+            sample_ids: torch.Tensor | None = None) -> IntegrationResult:
         """Integrate from ``z0`` [B, *event] at ``t0``; ``logp0`` defaults to the model's
         ``base_log_density``.
 
         ``psi0`` [K, B, *event] are initial tangents (default zero, one per perturbation
         measure); without a perturbation they follow ``d psi/dt = J_z v psi`` alone, so
         ``psi0 = I`` gives the flow map's Jacobian.  ``first_index`` is the index of
-        ``z0``'s first row among all samples of the run (the key of its random numbers).
+        ``z0``'s first row among all samples of the run (the key of its random numbers);
+        ``sample_ids`` [B / replicas], where given, are each row's index instead (rows that
+        are not consecutive in the run, such as a batch of chosen samples).
         ``replicas = R`` says that ``z0`` is ``R`` equal, consecutive groups of paths (a
         model family such as ``GaussianMixture.mix`` with several etas): chunks keep the
         groups aligned, and the groups share Wiener increments and Hutchinson probes.
@@ -227,6 +230,8 @@ class Integrator:
             raise ValueError(f"a batch of {z0.shape[0]} is not {replicas} equal groups")
         if self.tape and replicas != 1:
             raise ValueError("a tape is kept for paths without replicas")
+        if sample_ids is not None and sample_ids.shape != (z0.shape[0] // replicas,):
+            raise ValueError(f"sample_ids of shape {tuple(sample_ids.shape)} do not fit {z0.shape[0] // replicas} rows")
         num_k = len(self.perturbation) if self.perturbation is not None else 0
         if psi0 is not None:
             if psi0.shape[1:] != z0.shape or (num_k and psi0.shape[0] != num_k):
@@ -251,7 +256,8 @@ class Integrator:
         while begin < inner:
             sl = slice(begin, min(begin + chunk_b, inner))
             num = math.ceil((inner - begin) / chunk_b) + index
-            ids = torch.arange(sl.start, sl.stop, device=z0.device) + first_index
+            ids = (torch.arange(sl.start, sl.stop, device=z0.device) + first_index if sample_ids is None
+                   else sample_ids[sl].to(z0.device))
             try:
                 parts = []
                 for kb in range(0, max(num_k, 1), max(chunk_k, 1)):
@@ -340,17 +346,17 @@ class Integrator:
         inner = z0.shape[0] // replicas
         numel, itemsize = z0[0].numel(), z0.element_size()
 
+        tape = tape_bytes(numel, itemsize, len(self._times()) - 1, self.rule.evaluations) if self.tape else 0
+
         def per_row(k: int) -> int:
             tangents = self.num_probes + k
             b = self.model.memory_per_sample(numel, tangents, itemsize)
-            b += itemsize * numel * (6 + 2 * tangents)  # the state, its derivatives, probes
+            b += itemsize * numel * (6 + 2 * tangents) + tape  # the state, its derivatives, probes; the tape
             if self.perturbation is not None:
                 b += self.perturbation.memory_per_sample(itemsize) + itemsize * numel * 2 * k  # the forcing
             return b * replicas
 
-        budget = 0.5 * _free_memory(z0.device)
-        if z0.device.type == "cpu" and self.model.cpu_chunk_bytes:
-            budget = min(budget, self.model.cpu_chunk_bytes)
+        budget = memory_budget(self.model, z0.device)
         chunk_k = self.cfg.tangent_batch_size or num_k
         if self.cfg.tangent_batch_size is None:
             while chunk_k > 1 and per_row(chunk_k) > budget:
@@ -382,6 +388,30 @@ def _to_host(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _coefficients_at(co: Coefficients, k: int) -> Coefficients:
     return Coefficients(alpha=co.alpha[k], sigma=co.sigma[k], a=co.a[k], c=co.c[k])
+
+
+def memory_budget(model: ScoreModel, device: torch.device) -> float:
+    """Bytes one chunk of work may take on ``device``: about half of its free memory, and on a
+    CPU at most the model's ``cpu_chunk_bytes`` (the rule both the forward tangents and the
+    adjoint's cotangents are chunked by)."""
+    budget = 0.5 * _free_memory(device)
+    if device.type == "cpu" and model.cpu_chunk_bytes:
+        budget = min(budget, model.cpu_chunk_bytes)
+    return budget
+
+
+def tape_bytes(numel: int, itemsize: int, steps: int, evaluations: int) -> int:
+    """What an adjoint's tape keeps per path: the state and log-density at every evaluation."""
+    return itemsize * (numel + 1) * steps * evaluations
+
+
+def vectors_that_fit(model: ScoreModel, rows: int, numel: int, count: int, itemsize: int, budget: float) -> int:
+    """How many of ``count`` tangents or cotangents one network call over ``rows`` paths may
+    carry within ``budget`` bytes: all, halved until they fit (at least one)."""
+    size = count
+    while size > 1 and rows * model.memory_per_sample(numel, size, itemsize) > budget:
+        size = (size + 1) // 2
+    return size
 
 
 def _free_memory(device: torch.device) -> int:

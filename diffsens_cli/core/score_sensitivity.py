@@ -19,24 +19,38 @@ import torch
 
 @dataclass
 class WeightStats:
-    """Running counts of how the weights ``nu_t / rho_t`` were treated (kept on device)."""
+    """Running counts of how the weights ``nu_t / rho_t`` were treated (kept on device); with
+    ``per_row``, one count per row of the batch (the weights' first axis), for runs whose
+    rows are separate results (several model samples' influence in one pass)."""
 
-    total: int = 0
+    total: int = 0  # weights evaluated (per row, with per_row)
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_row: bool = False
+
+    def evaluated(self, values: torch.Tensor) -> None:
+        self.total += values.numel() // values.shape[0] if self.per_row else values.numel()
 
     def add(self, name: str, mask: torch.Tensor) -> None:
-        n = mask.sum()
+        n = mask.flatten(1).sum(1) if self.per_row else mask.sum()
         self.counts[name] = self.counts[name] + n if name in self.counts else n
 
     def merge(self, other: WeightStats) -> None:
+        """Add ``other``'s counts (of the same rows, with per_row)."""
+        if other.per_row != self.per_row:
+            raise ValueError("weight counts per row and in all cannot be merged")
         self.total += other.total
         for k, v in other.counts.items():
             self.counts[k] = self.counts[k] + v.to(self.counts[k].device) if k in self.counts else v
 
-    def as_dict(self) -> dict[str, int]:
-        out = {"evaluated": self.total}
+    def as_dict(self, row: int | None = None) -> dict[str, int]:
+        """The counts, of one ``row`` (per_row only) or of all."""
+        if row is not None and not self.per_row:
+            raise ValueError("these weights were counted in all, not per row")
+        rows = len(next(iter(self.counts.values()))) if self.per_row and self.counts else 1
+        out = {"evaluated": self.total if row is not None else self.total * rows}
         for k in ("clamped_low", "clamped_high", "nonfinite", "underflow", "overflow"):
-            out[k] = int(self.counts[k].item()) if k in self.counts else 0
+            v = self.counts.get(k)
+            out[k] = 0 if v is None else int((v[row] if row is not None else v.sum()).item())
         return out
 
 
@@ -48,7 +62,7 @@ def log_weight(log_nu: torch.Tensor, log_rho: torch.Tensor, clamp: tuple[float, 
     lw = log_nu - log_rho
     bad = torch.isnan(lw) | (lw == math.inf)
     if stats is not None:
-        stats.total += lw.numel()
+        stats.evaluated(lw)
         stats.add("nonfinite", bad)
     lw = torch.where(bad, torch.full_like(lw, -math.inf), lw)
     if clamp is not None:

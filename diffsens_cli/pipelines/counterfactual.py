@@ -298,11 +298,10 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     models = exact_models(cfg, rows) if influence.closed_form(cfg) else image_models(cfg, run, rows)
     source, shard = models.source, Shard.of(cfg)
     # every job of a sharded run needs every sample's scores: each computes its own first
-    found = {j: run.cache.arrays("influence", influence.stage_depends(cfg, source, rows[j]),
-                                 lambda i=rows[j]: influence.sample_stage(cfg, source, i))
-             for j in progress.bar(shard.mine_first(range(len(rows))), desc="influence: model samples",
-                                   enabled=bool(cfg.solver.progress))}
-    per_sample = [found[j] for j in range(len(rows))]
+    groups = influence.query_groups(cfg, rows)
+    found = influence.sample_stages(cfg, run, source, shard.mine(groups))
+    found |= influence.sample_stages(cfg, run, source, [g for g in groups if g[0] not in found], compute=False)
+    per_sample = [found[i] for i in rows]
     columns, ks = removal_columns(cfg), removal_sizes(cfg, len(source.points))
     sets, _ = attribution.score_sets(cfg, run, source, rows, per_sample,  # all: each has its LDS
                                      [influence.stage_depends(cfg, source, i) for i in rows])

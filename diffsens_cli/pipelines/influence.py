@@ -7,8 +7,9 @@ The model is a trained image experiment's base model (its stage is reused), a mo
 brought with ``model=pretrained`` (``cifar10_crossclass``), or the exact score of N
 points drawn from a synthetic data set (``influence_closed_form``).  Model
 samples are rows ``influence.samples`` of the experiment's ``influence.pool`` starting
-points (the same z0 as the experiment's own samples).  Each model sample is its own
-cached stage, so an interrupted run resumes from the finished ones.
+points (the same z0 as the experiment's own samples), several at a time
+(``influence.query_batch``).  Each model sample is its own cached stage, so an
+interrupted run resumes from the finished ones.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def check(cfg: DictConfig) -> None:
     num_train = whole(ic.num_train, "influence.num_train", null=True, at_least=1)
     if ic.train_block != "auto":
         whole(ic.train_block, "influence.train_block", null=True, at_least=1)
+    whole(ic.query_batch, "influence.query_batch", at_least=1)
     whole(ic.shown, "influence.shown", at_least=1)
     listed(ic.ray_amplitudes, "influence.ray_amplitudes", number)
     attribution.check(cfg, closed_form(cfg), labelled=not closed_form(cfg))
@@ -246,39 +248,82 @@ def residuals(l2: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 SHOWN_BLOCKS = ("top_score", "bottom_score", "top_residual", "bottom_residual")
 
 
-def sample_stage(cfg: DictConfig, source: Source, i: int) -> ArrayDict:
-    """One model sample's influence: scores and projections of the sensitivities with the
-    weights clamped (``influence.clamp``) and exact, from one pass (``attribution.clamps``),
-    the top singular triples under ``influence.weights``, and the sensitivities psi^n of the
-    images the figures show (``SHOWN_BLOCKS``; computed with one forward tangent each, not
-    counted in the cost)."""
+def query_groups(cfg: DictConfig, rows: list[int]) -> list[list[int]]:
+    """``rows`` in consecutive groups of ``influence.query_batch`` (the exact method: one
+    each), the model samples that go through one pass together. The groups depend on the
+    sample list only, never on what is cached or on a shard, so every run computes each
+    sample in the same group: a sharded run (which splits by group) gives an unsharded
+    run's arrays bit for bit."""
+    size = 1 if cfg.influence.method == "exact" else whole(cfg.influence.query_batch, "influence.query_batch",
+                                                             at_least=1)
+    return [rows[k:k + size] for k in range(0, len(rows), size)]
+
+
+def sample_stages(cfg: DictConfig, run: RunDir, source: Source, groups: list[list[int]], compute: bool = True,
+                  desc: str = "influence: model samples") -> dict[int, ArrayDict]:
+    """Each model sample's influence stage (``group_stage``) for the groups of
+    ``query_groups``, by row of the pool. With ``compute``, a group with a sample not yet
+    cached is computed whole and its missing samples stored, each as its own stage (an
+    interrupted run keeps the finished groups); else (a sharded run's other jobs' groups)
+    each stage is waited for on its lock, and its group computed only if no one has."""
+    forced = bool({"influence", "all"} & run.cache.force)
+    depends = {i: stage_depends(cfg, source, i) for group in groups for i in group}
+    computed: dict[int, dict[int, ArrayDict]] = {}
+
+    def results(g: int) -> dict[int, ArrayDict]:
+        if g not in computed:
+            computed[g] = group_stage(cfg, source, groups[g])
+        return computed[g]
+
+    for g in progress.bar(range(len(groups)) if compute else [], desc=desc, enabled=bool(cfg.solver.progress)):
+        for i in [i for i in groups[g] if forced or not run.cache.is_done("influence", depends[i])]:
+            run.cache.arrays("influence", depends[i], lambda i=i, g=g: results(g)[i])
+        computed.pop(g, None)
+    return {i: run.cache.arrays("influence", depends[i], lambda i=i, g=g: results(g)[i])
+            for g, group in enumerate(groups) for i in group}
+
+
+def group_stage(cfg: DictConfig, source: Source, rows: list[int]) -> dict[int, ArrayDict]:
+    """The influence of model samples ``rows`` from one pass (their paths, tapes and adjoint
+    cotangents side by side; the same as one at a time to round-off, their random numbers
+    keyed by row), per row: scores and projections of the sensitivities with the weights
+    clamped (``influence.clamp``) and exact (``attribution.clamps``), the top singular
+    triples under ``influence.weights``, and the sensitivities psi^n of the images the
+    figures show (``SHOWN_BLOCKS``; one forward tangent each, not counted in the cost).
+    ``wall_time_s`` is each row's share of the pass, ``network_calls`` the pass's calls."""
     settings = solver_settings(cfg.solver)
     clamps = attribution.clamps(cfg)  # name -> clamp, influence.weights first
     names = list(clamps)
-    z0 = source.z0[i:i + 1]
+    index = torch.tensor(rows)
+    z0 = source.z0[index.to(source.z0.device)]
     start = time.perf_counter()
     res = influence(source.model, settings, source.points, z0, influence_settings(cfg), list(clamps.values()),
-                    first_index=i, block=source.block)
-    wall = time.perf_counter() - start
-    scores = res.scores[:, 0]  # [C, N], influence.weights first
-    l2 = (source.points.flatten(1).cpu() - res.samples.flatten(1)).norm(dim=1)
-    k = min(int(cfg.influence.shown), len(l2))
-    shown = torch.cat([*_extremes(scores[0], k), *_extremes(residuals(l2[None], scores[:1])[0], k)])
-    unique, where = torch.unique(shown, return_inverse=True)
-    psi = Integrator(source.model, replace(settings, weight_clamp=clamps[names[0]]),
-                     EmpiricalForcing(source.points, index=unique.to(source.points.device), block=source.block))
-    shown_psi = psi.run(z0, first_index=i).psi[:, 0][where]
+                    block=source.block, sample_ids=index)
+    wall = (time.perf_counter() - start) / len(rows)
     order = [names.index(w) for w in attribution.WEIGHTS]  # stored in WEIGHTS' order
-    counts = [res.weights[c].as_dict() for c in order]
-    return {"sample": res.samples[0].numpy(), "l2": l2.numpy(),
+    out = {}
+    for b, i in enumerate(rows):
+        counts = [res.weights[c].as_dict(b if res.weights[c].per_row else None) for c in order]
+        scores = res.scores[:, b]  # [C, N], influence.weights first
+        l2 = (source.points.flatten(1).cpu() - res.samples[b].flatten()).norm(dim=1)
+        k = min(int(cfg.influence.shown), len(l2))
+        shown = torch.cat([*_extremes(scores[0], k), *_extremes(residuals(l2[None], scores[:1])[0], k)])
+        unique, where = torch.unique(shown, return_inverse=True)
+        psi = Integrator(source.model, replace(settings, weight_clamp=clamps[names[0]]),
+                         EmpiricalForcing(source.points, index=unique.to(source.points.device), block=source.block))
+        shown_psi = psi.run(z0[b:b + 1], first_index=i).psi[:, 0][where]
+        out[i] = {
+            "sample": res.samples[b].numpy(), "l2": l2.numpy(),
             **{f"scores/{w}": scores[c].numpy() for w, c in zip(attribution.WEIGHTS, order, strict=True)},
-            **{f"projections/{w}": res.projections[c, :, 0].numpy()
+            **{f"projections/{w}": res.projections[c, :, b].numpy()
                for w, c in zip(attribution.WEIGHTS, order, strict=True)},
-            "singular_values": res.singular_values[0].numpy(), "singular_vectors": res.singular_vectors[0].numpy(),
-            "frobenius_sq": res.frobenius_sq[0].numpy(), "exact": np.array(res.exact),
-            "shown_index": shown.numpy(), "shown_psi": shown_psi.numpy(), "network_calls": np.array(res.network_calls),
-            "network_vectors": np.array(res.network_vectors), "wall_time_s": np.array(wall),
+            "singular_values": res.singular_values[b].numpy(), "singular_vectors": res.singular_vectors[b].numpy(),
+            "frobenius_sq": res.frobenius_sq[b].numpy(), "exact": np.array(res.exact),
+            "shown_index": shown.numpy(), "shown_psi": shown_psi.numpy(),
+            "network_calls": np.array(res.network_calls), "network_vectors": np.array(res.network_vectors),
+            "wall_time_s": np.array(wall),
             **{f"weights/{key}": np.array([c[key] for c in counts]) for key in counts[0]}}
+    return out
 
 
 def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
@@ -308,11 +353,12 @@ def run(cfg: DictConfig, run: RunDir) -> None:
         source = replace(source, z0=asked.z0, queries=asked)
     samples = sample_indices(cfg) if asked is None else list(range(len(asked.z0)))
     shard = Shard.of(cfg)
-    todo = shard.mine(samples)  # all of them unless sharded
-    per_sample = []
-    for i in progress.bar(todo, desc="influence: model samples", enabled=bool(cfg.solver.progress)):
-        per_sample.append(run.cache.arrays("influence", stage_depends(cfg, source, i),
-                                           lambda i=i: sample_stage(cfg, source, i)))
+    groups = shard.mine(query_groups(cfg, samples))  # all of them unless sharded
+    todo = [i for group in groups for i in group]
+    if shard.partial and not todo:  # more jobs than groups: this one has none
+        return finish_partial(run, shard, 0, len(samples))
+    stages = sample_stages(cfg, run, source, groups)
+    per_sample = [stages[i] for i in todo]
     sets, cost = attribution.score_sets(cfg, run, source, todo, per_sample,
                                         [stage_depends(cfg, source, i) for i in todo])
     if shard.partial:  # the unsharded run assembles

@@ -6,7 +6,7 @@ more influential (ranked first):
 
 - ``ours_clamped``, ``ours_exact``: ``|psi^n|`` with the weights ``nu_t / rho_t`` clamped to
   ``influence.clamp`` (the paper's [0.1, 10]) or exact (log space, unclamped); one adjoint
-  pass gives both (``pipelines.influence.sample_stage``).  ``ours`` is whichever
+  pass gives both (``pipelines.influence.group_stage``).  ``ours`` is whichever
   ``influence.weights`` selects.
 - ``ours_set``: the greedy order for removing images together (``core.attribution.set_order``)
   on ``ours``' sensitivities, as scores N (first) .. 1 (last).
