@@ -117,6 +117,12 @@ def test_the_fused_optimizer_and_ema_train_the_same_network_as_the_loops(tmp_pat
     torch.testing.assert_close(_weights(fused), _weights(loops), rtol=1e-12, atol=1e-14)
 
 
+def test_bf16_autocast_of_a_float64_network_is_refused(tmp_path, float64_default):
+    """CPU autocast leaves float64 alone: bf16 would silently train in float64."""
+    with pytest.raises(DiffsensError, match="^train.mixed_precision: bf16 autocast leaves a float64 network"):
+        _trainer(tmp_path, mixed_precision="bf16")
+
+
 def test_bf16_autocast_trains_near_float32_and_samples_in_float32(tmp_path):
     """train.mixed_precision=bf16 changes the training by bf16's rounding (about 2^-8
     relative per operation), not more; the sampling model computes in float32 outside
@@ -151,14 +157,14 @@ def test_a_stop_signal_mid_training_saves_the_step_it_ended_and_resumes_from_it(
     previous = {s: signal.getsignal(s) for s in interrupt.STOP_SIGNALS}
     monkeypatch.setattr(interrupt, "_requested", None)
     stopped = _trainer(tmp_path / "b", steps=9, checkpoint_every=100)
-    step = stopped._train_step
+    step = stopped.train_step
 
     def signalled_step():  # the signal lands in the middle of step 5 (0-based 4)
         if stopped.step == 4:
             os.kill(os.getpid(), sig)
         return step()
 
-    monkeypatch.setattr(stopped, "_train_step", signalled_step)
+    monkeypatch.setattr(stopped, "train_step", signalled_step)
     try:
         interrupt.install()
         with pytest.raises(KeyboardInterrupt) as raised:

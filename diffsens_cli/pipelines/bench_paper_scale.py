@@ -155,8 +155,8 @@ def measure_network(spec: dict[str, Any], schedule, device: torch.device, dtype:
                              grad_clip=1.0, checkpoint_every=10**9, keep_checkpoints=1, seed=seed, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(train_model, data, tuple(shape), settings, Path(tmp), cpu=device.type == "cpu")
-        seconds["train"] = median_time(trainer._train_step)
-        memory["train"] = peak_memory(device, trainer._train_step)
+        seconds["train"] = median_time(trainer.train_step)
+        memory["train"] = peak_memory(device, trainer.train_step)
     per_item = {name: s / batch for name, s in seconds.items()}
     jvp = linear_fit(tangents, [per_item[f"jvp{k}"] for k in tangents])
     vjp = linear_fit(cotangents, [per_item[f"vjp{k}"] for k in cotangents])
@@ -246,6 +246,7 @@ def workload(cfg: DictConfig, sizes: dict[str, int], dim: int) -> list[Work]:
     if task == "influence":
         return [*base, *_influence_work(cfg, samples, n_rho, dim)]
     require(task == "counterfactual", "bench.experiments", f"no workload is known for the task {task!r}")
+    from diffsens_cli.core.counterfactual import PREDICTIONS
     from diffsens_cli.pipelines import counterfactual
 
     queries = counterfactual.removal_queries(cfg)
@@ -253,8 +254,10 @@ def workload(cfg: DictConfig, sizes: dict[str, int], dim: int) -> list[Work]:
     subsets = int(cfg.datamodel.subsets)
     # the full data, each removal set (equal sets train once: an upper bound), each subset, the noise floor
     trainings = 1 + queries * removals + subsets + int(cfg.counterfactual.floor_seeds)
-    forcings = [removals + subsets if m < queries else subsets for m in range(samples)]
-    return [*base, *_influence_work(cfg, samples, n_rho, dim),
+    # each removal set's prediction under every weighting of PREDICTIONS, one tangent each
+    forcings = [len(PREDICTIONS) * (removals + subsets if m < queries else subsets) for m in range(samples)]
+    # its full-data model is the retraining that removes nothing: no train_base
+    return [*_influence_work(cfg, samples, n_rho, dim),
             Work(f"train_counterfactual: {trainings} trainings", "train", trainings * _train_items(cfg.train, n_rho)),
             Work("samples_counterfactual", "eval", trainings * samples * evals),
             *(Work("predictions_counterfactual", "jvp", evals, k + h) for k in forcings)]

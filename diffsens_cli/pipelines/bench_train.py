@@ -24,6 +24,8 @@ from diffsens_cli.builders import build_schedule, device_and_dtype
 from diffsens_cli.errors import plain, positive_whole, require
 from diffsens_cli.rundir import RunDir
 
+MATMUL_SIDE = 2048  # the matmul whose rate a compute-bound step is compared with
+
 
 def _variants(cfg: DictConfig) -> dict[str, DictConfig]:
     """``bench.variants``: name -> the ``train`` group with that variant's overrides."""
@@ -93,7 +95,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
             seconds[name].append(wall)
             if repeat == 0:
                 losses[name] = np.asarray(trainer.losses)
-                weights[name] = torch.cat([p.detach().flatten().double().cpu() for p in trainer.net.parameters()])
+                weights[name] = torch.cat([p.detach().flatten().double().cpu()  # the EMA's, where kept
+                                           for p in trainer.sampling_model().net.parameters()])
         print(f"bench_train: repeat {repeat + 1}/{repeats}: " + ", ".join(
             f"{name} {steps / s[-1]:.2f} steps/s" for name, s in seconds.items()), flush=True)
     steps_per_epoch = epoch_size / batch
@@ -133,16 +136,12 @@ def run(cfg: DictConfig, run: RunDir) -> None:
               f"from {reference}'s (relative)")
 
 
-
-MATMUL_SIDE = 2048
-
-
 def step_flops(trainer) -> float:
     """Floating-point operations of one training step's forward and backward (torch's count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        trainer._train_step()
+        trainer.train_step()
     return float(counter.get_total_flops())
 
 

@@ -191,6 +191,9 @@ class Trainer:
         self.ema = EMAModel(self.net.parameters(), decay=settings.ema_decay,
                             foreach=settings.fused) if settings.ema_decay else None
         dtype = next(net.parameters()).dtype
+        if settings.mixed_precision == "bf16" and dtype == torch.float64:
+            raise DiffsensError("train.mixed_precision: bf16 autocast leaves a float64 network in float64; "
+                                "train in float32 (solver.dtype=float32) or set train.mixed_precision=no")
         self.source = source.to(self.device, dtype)
         self.event_shape = event_shape
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -214,7 +217,8 @@ class Trainer:
             x0 = torch.where(flip.view(-1, *([1] * len(self.event_shape))), x0.flip(-1), x0)
         return x0
 
-    def _train_step(self) -> torch.Tensor:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on a fresh batch (step ``self.step``'s draws); its loss, on the device."""
         gen = self._generator()
         x0 = self._batch(gen)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16"):
@@ -249,7 +253,7 @@ class Trainer:
                 while self.step < until:
                     interrupt.check()
                     whole_steps = False
-                    pending.append(self._train_step())
+                    pending.append(self.train_step())
                     whole_steps = True
                     bar.update(1)
                     due_callback = callback is not None and every and (self.step % every == 0 or self.step == until)
