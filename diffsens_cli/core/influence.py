@@ -50,9 +50,8 @@ def project(model: ScoreModel, tape: Tape, forcing: EmpiricalForcing, omega: tor
     the memory budget allows, ``integrate.memory_budget``, the forward tangents' rule, and
     halved while memory still runs out), which changes nothing but memory and time."""
     stats = stats if stats is not None else [WeightStats() for _ in clamps]
-    budget = memory_budget(model, omega.device)
     size = chunk or vectors_that_fit(model, omega.shape[1], omega[0, 0].numel(), len(omega), omega.element_size(),
-                                     budget)
+                                     memory_budget(model, omega.device))
     parts, start = [], 0
     while start < len(omega):
         stop = min(start + size, len(omega))
@@ -262,9 +261,8 @@ def influence(model: ScoreModel, settings: SolverSettings, points: torch.Tensor,
     stats = [WeightStats(per_row=cfg.method == "sketch") for _ in clamps]  # the adjoint's: per model sample
 
     def forward(clamp, forcing: EmpiricalForcing, stat: WeightStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out = Integrator(counted, replace(settings, weight_clamp=clamp),
-                         forcing.to(z0.device, z0.dtype)).run(z0, first_index=first_index,
-                                                                        sample_ids=sample_ids)
+        integrator = Integrator(counted, replace(settings, weight_clamp=clamp), forcing.to(z0.device, z0.dtype))
+        out = integrator.run(z0, first_index=first_index, sample_ids=sample_ids)
         if stat is not None:
             for w in out.weights:
                 stat.merge(w)

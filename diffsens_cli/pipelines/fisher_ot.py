@@ -228,7 +228,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
             "released code computes it,\nmean over paths; min eig sym(A): smallest eigenvalue of (A + A^T)/2 over the "
             "paths; OT: every path symmetric with a positive definite symmetric part.")
     figures = run.save_figure(plots.text_table(labels, columns, table, "Is the PF-ODE map optimal transport? "
-                                                   "Asymmetry of its Jacobian (related paper, Table 3)", note),
+                                               "Asymmetry of its Jacobian (related paper, Table 3)", note),
                               "table3_fisher_ot")
     run.write_summary(metrics, definitions=DEFINITIONS, device=str(dev), dtype=str(dt),
                       num_paths=setup.num_paths, num_steps={s: n for s, (_, n) in setup.schedules.items()},
