@@ -21,6 +21,7 @@ from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.pipelines import bench_paper_scale as bench
 from diffsens_cli.pipelines.influence import influence_settings
+from diffsens_cli.pipelines.shared.timing import peak_memory
 
 SIZES = {"digits": 1797, "celeba": 162770, "mnist": 60000, "tmnist": 29900, "cifar10": 50000}
 
@@ -99,5 +100,5 @@ def test_cpu_peak_memory_sees_a_known_allocation():
     freed = [torch.ones(50_000_000) for _ in range(4)]
     del freed
     for _ in range(2):
-        peak = bench.peak_memory(torch.device("cpu"), lambda: torch.ones(25_000_000).sum())
+        peak = peak_memory(torch.device("cpu"), lambda: torch.ones(25_000_000).sum())
         assert 95e6 < peak < 110e6

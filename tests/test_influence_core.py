@@ -295,4 +295,4 @@ def test_the_adjoint_tape_counts_in_the_chunk_estimate():
     per_path = model.memory_per_sample(64, 0, 8) + 8 * 64 * 6
     assert Integrator(model, s)._chunk_sizes(z0, 0, 1)[0] == int(budget // per_path)
     taped = Integrator(model, s, tape=True)._chunk_sizes(z0, 0, 1)[0]
-    assert taped == int(budget // (per_path + tape_bytes(64, 8, 40, 2))) < int(budget // per_path)
+    assert taped == int(budget // (per_path + tape_bytes(64, 8, 40 * 2))) < int(budget // per_path)

@@ -65,6 +65,10 @@ class SolverSettings:
     def grid(self) -> tuple[float, float, int]:
         return time_grid(self.t_min, self.num_steps, self.step_size)
 
+    def evaluations(self) -> int:
+        """Score evaluations along one path: the steps times the step rule's evaluations per step."""
+        return self.grid()[2] * step_rule(self.method, self.integrator).evaluations
+
     def times(self, schedule: Schedule) -> torch.Tensor:
         """The grid times (float64, on the CPU) of these settings for ``schedule``."""
         t0, t1, n = self.grid()
@@ -346,7 +350,7 @@ class Integrator:
         inner = z0.shape[0] // replicas
         numel, itemsize = z0[0].numel(), z0.element_size()
 
-        tape = tape_bytes(numel, itemsize, len(self._times()) - 1, self.rule.evaluations) if self.tape else 0
+        tape = tape_bytes(numel, itemsize, self.cfg.evaluations()) if self.tape else 0
 
         def per_row(k: int) -> int:
             tangents = self.num_probes + k
@@ -400,9 +404,9 @@ def memory_budget(model: ScoreModel, device: torch.device) -> float:
     return budget
 
 
-def tape_bytes(numel: int, itemsize: int, steps: int, evaluations: int) -> int:
-    """What an adjoint's tape keeps per path: the state and log-density at every evaluation."""
-    return itemsize * (numel + 1) * steps * evaluations
+def tape_bytes(numel: int, itemsize: int, evaluations: int) -> int:
+    """What an adjoint's tape keeps per path: the state and log-density at each of its ``evaluations``."""
+    return itemsize * (numel + 1) * evaluations
 
 
 def vectors_that_fit(model: ScoreModel, rows: int, numel: int, count: int, itemsize: int, budget: float) -> int:

@@ -15,7 +15,6 @@ networks are freshly initialised: their cost does not depend on their weights.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -29,20 +28,8 @@ from diffsens_cli.core.integrate import Integrator, SolverSettings
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.score_model import ScoreModel
 from diffsens_cli.errors import listed, plain, positive_whole, require, whole
+from diffsens_cli.pipelines.shared.timing import median_seconds, timer
 from diffsens_cli.rundir import RunDir
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    def timed(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    return timed
 
 
 def _unets(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -82,7 +69,7 @@ def measure(model: ScoreModel, z0: torch.Tensor, nu: GaussianMixture, solver: So
         "likelihood": Integrator(model, base, track_density=True),
         "sensitivity": Integrator(model, base, Perturbation([nu])),
     }
-    timed = _timer(dev)
+    timed = timer(dev)
     times: dict[str, list[float]] = {k: [] for k in modes}
     with torch.no_grad():
         for integ in modes.values():  # warm-up
@@ -96,8 +83,7 @@ def measure(model: ScoreModel, z0: torch.Tensor, nu: GaussianMixture, solver: So
         v = torch.randn(most, *z0.shape, generator=gen, dtype=dt, device=dev)
 
         def median_time(fn: Callable[[], object]) -> float:
-            fn()  # warm-up
-            return statistics.median(timed(fn) for _ in range(3 * repeats))
+            return median_seconds(dev, fn, 3 * repeats)
 
         forward = median_time(lambda: model.score(z0, t))
         jvp_times = {n: median_time(lambda: model.score_and_jvp(z0, t, v[:n])) for n in sorted({h, h + 1, *tangents})}

@@ -20,9 +20,7 @@ work is hours).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings
-from diffsens_cli.core.steppers import step_rule
 from diffsens_cli.errors import listed, plain, positive_whole, require, whole
+from diffsens_cli.pipelines.shared.timing import median_seconds, peak_memory
 from diffsens_cli.rundir import RunDir
 
 OPS = ("eval", "jvp", "vjp", "train")
@@ -51,62 +49,7 @@ class Work:
     k: int = 0
 
 
-# -- timing ---------------------------------------------------------------------------
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call takes (synchronised on a GPU)."""
-
-    def timed(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    return timed
-
-
-def peak_memory(device: torch.device, fn: Callable[[], object]) -> int | None:
-    """Bytes ``fn`` needs at its peak beyond what was in use before: CUDA's allocator peak,
-    or on Linux the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
-    over its resident set before; None where neither can be read."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
-    try:
-        _release_free_memory()
-        before = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        fn()
-        return max(0, (_status_kb("VmHWM") - before) * 1024)
-    except OSError:
-        return None
-
-
-def _release_free_memory() -> None:
-    """Hand memory freed by earlier work back to the system (glibc keeps it resident, where
-    a later peak would reuse it unseen)."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak is then a lower bound
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
-
-
+# -- measuring -------------------------------------------------------------------------
 def linear_fit(counts: list[int], seconds: list[float]) -> tuple[float, float]:
     """``(a, b)`` of ``seconds ~ a + b k`` by least squares (``b`` alone from one count)."""
     if len(counts) == 1:
@@ -131,20 +74,13 @@ def measure_network(spec: dict[str, Any], schedule, device: torch.device, dtype:
     t = torch.tensor(0.5, device=device, dtype=dtype)
     most = max(*tangents, *cotangents)
     v = torch.randn(most, batch, *shape, generator=gen, device=device, dtype=dtype)
-    timed = timer(device)
-
-    def median_time(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        return statistics.median(timed(fn) for _ in range(repeats))
 
     calls: dict[str, Callable[[], object]] = {"eval": lambda: model.score(z, t)}
     calls |= {f"jvp{k}": (lambda k=k: model.score_with_derivatives(z, t, v[:k])) for k in tangents}
     calls |= {f"vjp{k}": (lambda k=k: model.score_and_vjp(z, t, v[:k])) for k in cotangents}
-    with torch.no_grad():
-        seconds = {name: median_time(fn) for name, fn in calls.items() if not name.startswith("vjp")}
-        memory = {name: peak_memory(device, fn) for name, fn in calls.items() if not name.startswith("vjp")}
-    seconds |= {name: median_time(fn) for name, fn in calls.items() if name.startswith("vjp")}
-    memory |= {name: peak_memory(device, fn) for name, fn in calls.items() if name.startswith("vjp")}
+    with torch.no_grad():  # score_and_vjp turns on the gradients it needs
+        seconds = {name: median_seconds(device, fn, repeats) for name, fn in calls.items()}
+        memory = {name: peak_memory(device, fn) for name, fn in calls.items()}
 
     train_model = build_network_model(spec["model"], shape, schedule, dtype=dtype, forward_ad=False)
     train_model.net.train()
@@ -155,7 +91,7 @@ def measure_network(spec: dict[str, Any], schedule, device: torch.device, dtype:
                              grad_clip=1.0, checkpoint_every=10**9, keep_checkpoints=1, seed=seed, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(train_model, data, tuple(shape), settings, Path(tmp), cpu=device.type == "cpu")
-        seconds["train"] = median_time(trainer.train_step)
+        seconds["train"] = median_seconds(device, trainer.train_step, repeats)
         memory["train"] = peak_memory(device, trainer.train_step)
     per_item = {name: s / batch for name, s in seconds.items()}
     jvp = linear_fit(tangents, [per_item[f"jvp{k}"] for k in tangents])
@@ -174,11 +110,12 @@ def item_seconds(measured: dict[str, Any], op: str, k: int) -> float:
 
 
 # -- what each experiment does --------------------------------------------------------
-def _evaluations(solver: DictConfig) -> tuple[int, int]:
-    """Score evaluations per path, and the Hutchinson probes each carries (0: none)."""
+def _evaluations(solver: DictConfig, dim: int) -> tuple[int, int]:
+    """Score evaluations per path, and the density's tangents each carries: the Hutchinson
+    probes, or ``dim`` basis vectors for the exact trace (0 without CCoV)."""
     s = solver_settings(solver)
-    probes = s.hutchinson_samples if s.density == "ccov" and s.divergence == "hutchinson" else 0
-    return s.grid()[2] * step_rule(s.method, s.integrator).evaluations, probes
+    probes = 0 if s.density != "ccov" else s.hutchinson_samples if s.divergence == "hutchinson" else dim
+    return s.evaluations(), probes
 
 
 def _train_items(train: DictConfig, epoch_size: int) -> int:
@@ -203,7 +140,8 @@ def dataset_size(cfg_dataset: DictConfig, sizes: dict[str, int]) -> int:
 
 def _influence_work(cfg: DictConfig, samples: int, n_train: int, dim: int) -> list[Work]:
     """The influence sketch of ``samples`` model samples (``core.influence.influence``)."""
-    evals, h = _evaluations(cfg.solver)
+    require(cfg.influence.method == "sketch", "influence.method", "only the sketch's work is counted here")
+    evals, h = _evaluations(cfg.solver, dim)
     ic = cfg.influence
     m = min(int(ic.projections), dim)
     rank = min(int(ic.rank), n_train, dim)
@@ -228,18 +166,17 @@ def workload(cfg: DictConfig, sizes: dict[str, int], dim: int) -> list[Work]:
     task = str(cfg.task)
     n_rho = dataset_size(cfg.dataset, sizes)
     base = [] if cfg.model.kind == "pretrained" else [Work("train_base", "train", _train_items(cfg.train, n_rho))]
-    evals, h = _evaluations(cfg.solver)
+    evals, h = _evaluations(cfg.solver, dim)
     if task == "predict_change":
         n_s = dataset_size(cfg.perturbation.source, sizes)
         if cfg.perturbation.get("num_samples") is not None:
             n_s = min(n_s, int(cfg.perturbation.num_samples))
         n = int(cfg.predict.num_samples)
-        return [*base,
-                Work("sensitivity", "jvp", n * evals, 1 + h),
-                Work("train_retrain", "train", _train_items(OmegaConf.merge(cfg.train, {"mode": "retrain"}), n_rho)),
-                Work("samples_retrain", "eval", n * evals),
-                Work("train_finetune", "train", _train_items(finetune_config(cfg), n_s)),
-                Work("samples_finetune", "eval", n * evals)]
+        trains = {"retrain": _train_items(OmegaConf.merge(cfg.train, {"mode": "retrain"}), n_rho),
+                  "finetune": _train_items(finetune_config(cfg), n_s)}
+        return [*base, Work("sensitivity", "jvp", n * evals, 1 + h),
+                *(w for mode in cfg.predict.modes for w in (Work(f"train_{mode}", "train", trains[mode]),
+                                                            Work(f"samples_{mode}", "eval", n * evals)))]
     from diffsens_cli.pipelines import influence
 
     samples = len(influence.sample_indices(cfg))

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.builders import build_schedule, device_and_dtype
 from diffsens_cli.errors import plain, positive_whole, require
+from diffsens_cli.pipelines.shared.timing import median_seconds
 from diffsens_cli.rundir import RunDir
 
 MATMUL_SIDE = 2048  # the matmul whose rate a compute-bound step is compared with
@@ -147,10 +148,5 @@ def step_flops(trainer) -> float:
 
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype) -> float:
     """What one large matmul achieves here: the rate a compute-bound step cannot beat by much."""
-    from diffsens_cli.pipelines.bench_paper_scale import timer
-
     a = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device, dtype=dtype)
-    timed = timer(device)
-    a @ a  # warm-up
-    seconds = statistics.median(timed(lambda: a @ a) for _ in range(5))
-    return 2 * MATMUL_SIDE**3 / seconds
+    return 2 * MATMUL_SIDE**3 / median_seconds(device, lambda: a @ a, 5)

@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.core import compare
-from diffsens_cli.core.steppers import step_rule
 from diffsens_cli.errors import ConfigError, listed, require, whole
 from diffsens_cli.pipelines.shared.image_stages import ImageStages, check_training
 from diffsens_cli.plots import images as plots
@@ -72,7 +71,7 @@ def cost(solver: DictConfig, num_tangents: int, dim: int) -> dict[str, int]:
     """Per sample: score evaluations, and evaluations x tangents (psi's plus the probes,
     or ``dim`` basis vectors for the exact trace)."""
     s = solver_settings(solver)
-    evaluations = s.grid()[2] * step_rule(s.method, s.integrator).evaluations
+    evaluations = s.evaluations()
     extra = s.hutchinson_samples if s.divergence == "hutchinson" else dim
     return {"score_evaluations": evaluations, "tangent_evaluations": evaluations * (num_tangents + extra)}
 
