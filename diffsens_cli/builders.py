@@ -9,6 +9,8 @@ run directory).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from omegaconf import DictConfig
 
@@ -23,6 +25,7 @@ from diffsens_cli.errors import ConfigError, flag, listed, number, one_of, plain
 from diffsens_cli.models import VECTOR_KINDS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NETWORK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_STEP_SIZE = 1e-6  # of the solver: a million steps at most (a smaller step is a typo, not a setting)
 
 
@@ -103,6 +106,30 @@ def naive_sampler_settings(cfg: DictConfig) -> SolverSettings:
     return solver_settings(cfg)
 
 
+@dataclass(frozen=True)
+class NetworkPrecision:
+    """``solver.network_dtype`` and its check: the network evaluated in ``dtype``, offered
+    once psi of ``check_samples`` model samples is within ``tolerance`` (median relative
+    distance) of psi with the network in ``solver.dtype``."""
+
+    dtype: torch.dtype
+    check_samples: int
+    tolerance: float
+
+
+def network_precision(cfg: DictConfig) -> NetworkPrecision | None:
+    """The ``solver`` group's half-precision setting, checked; None for ``network_dtype: null``."""
+    name = cfg.get("network_dtype")
+    if name is None:
+        return None
+    require(name in NETWORK_DTYPES, "solver.network_dtype", f"{name!r} is not one of null, {', '.join(NETWORK_DTYPES)}")
+    dtype = NETWORK_DTYPES[name]
+    check = cfg.network_dtype_check
+    tolerance = number(check.tolerance, "solver.network_dtype_check.tolerance")
+    require(tolerance > 0, "solver.network_dtype_check.tolerance", f"must be > 0, got {tolerance}")
+    return NetworkPrecision(dtype, whole(check.samples, "solver.network_dtype_check.samples", at_least=1), tolerance)
+
+
 def device_and_dtype(cfg: DictConfig) -> tuple[torch.device, torch.dtype]:
     dtype = DTYPES[one_of(cfg.dtype, sorted(DTYPES), "solver.dtype")]
     name = str(cfg.device)
@@ -145,6 +172,9 @@ class Components:
             fits_dtype(measure, self.dtype, "perturbation")
         self.model = build_model(cfg.model, self.target, self.schedule)
         self.solver = solver_settings(cfg.solver, self.model)
+        require(network_precision(cfg.solver) is None, "solver.network_dtype",
+                "half-precision network evaluations are for image experiments; synthetic ones run in solver.dtype "
+                "(set it to null)")
 
     def on_device(self) -> Components:
         """Move measures and model to the run's device and dtype."""

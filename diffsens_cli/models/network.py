@@ -9,6 +9,7 @@ the two fixes that make a diffusers UNet with attention differentiable in forwar
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -81,6 +82,26 @@ class NetworkScore(ScoreModel):
     def score(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = self.net(z, self.schedule.model_time(t).expand(z.shape[0]))
         return self.prediction.to_score(out, z, self.schedule.alpha(t), self.schedule.sigma(t))
+
+    def evaluated_in(self, dtype: torch.dtype) -> NetworkScore:
+        """The same score model with its network evaluated in ``dtype`` (a half-precision
+        copy, ``HalfPrecisionNet``); everything around the network (the map to a score, the
+        engine's tangents, log-densities and sensitivities) stays in the inputs' dtype."""
+        return NetworkScore(HalfPrecisionNet(self.net, dtype), self.schedule, self.prediction)
+
+
+class HalfPrecisionNet(nn.Module):
+    """A copy of ``net`` with its weights in ``dtype`` (float16 or bfloat16): inputs (and,
+    under ``torch.func.jvp``, their tangents) are cast in, outputs cast back to the inputs'
+    dtype.  An explicit copy rather than ``torch.autocast``: autocast casts the weights but
+    not forward-mode tangents, and a JVP through it fails on mixed dtypes (torch 2.13)."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = copy.deepcopy(net).to(dtype), dtype
+
+    def forward(self, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.net(z.to(self.dtype), timestep).to(z.dtype)
 
 
 class FourierMLP(ModelMixin, ConfigMixin):

@@ -78,7 +78,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
 
     def timed(points: torch.Tensor, **changes: Any) -> tuple[InfluenceResult, dict[str, float]]:
         start = time.perf_counter()
-        res = influence(source.model, solver, points, z0, replace(base, **changes), clamps, first_index=sample,
+        res = influence(source.integrated, solver, points, z0, replace(base, **changes), clamps, first_index=sample,
                         block=source.block)
         if z0.device.type == "cuda":
             torch.cuda.synchronize(z0.device)

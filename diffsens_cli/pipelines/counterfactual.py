@@ -218,10 +218,12 @@ def image_models(cfg: DictConfig, run: RunDir, rows: list[int]) -> Models:
     nothing = torch.zeros(len(rho), dtype=torch.bool)
     model_key, model_dir = trained(nothing, int(cfg.train.seed))
     model = stages.score_model(model_dir)
+    integrated = stages.integration_model((model_key, model_dir))
     everything = torch.arange(len(rho))
     source = influence.Source(model, rho.images.to(stages.device, stages.dtype), rho.labels, everything,
                               stages.z0(model, pool), {"model": model_key, "dataset": data_depends(cfg.dataset)},
-                              influence.training_names(cfg, rho.names, everything))
+                              influence.training_names(cfg, rho.names, everything),
+                              half=integrated if integrated is not model else None)
     return Models(source, lambda removed, seed: stages.samples_of_rows(trained(removed, seed), pool, rows)["samples"],
                   losses, rows)
 
@@ -258,7 +260,7 @@ def _predictions(cfg: DictConfig, run: RunDir, source: influence.Source, i: int,
     def compute() -> ArrayDict:
         points = source.points
         mix = torch.cat([removal_mix(removed, w) for w in PREDICTIONS]).to(points.device, points.dtype)
-        out = Integrator(source.model, solver_settings(cfg.solver), EmpiricalForcing(points, mix=mix[:, None]))
+        out = Integrator(source.integrated, solver_settings(cfg.solver), EmpiricalForcing(points, mix=mix[:, None]))
         psi = out.run(source.z0[i:i + 1], first_index=i).psi[:, 0]
         return {"psi": psi.view(len(PREDICTIONS), len(removed), *psi.shape[1:]).numpy()}
 

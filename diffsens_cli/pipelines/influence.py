@@ -149,6 +149,13 @@ class Source:
     names: list[str]  # of the training points: file names where the data set has them
     queries: queries.Queries | None = None  # the user's, in place of the pool's samples
     block: int | None = None  # points kept in host memory, moved to the device this many at a time
+    half: ScoreModel | None = None  # ``model`` with its network in solver.network_dtype, where set
+
+    @property
+    def integrated(self) -> ScoreModel:
+        """The model the engine integrates (paths, tangents, the adjoint): ``half`` where
+        set; ``model`` itself is what the training-side attributions differentiate."""
+        return self.half or self.model
 
     @property
     def device(self) -> torch.device:
@@ -182,6 +189,7 @@ def image_source(cfg: DictConfig, run: RunDir) -> Source:
     subset = rho.subset(index)
     model_key, model_dir = stages.base()  # the user's, or trained on rho (or reused from the stage cache)
     model = stages.score_model(model_dir)
+    integrated = stages.integration_model((model_key, model_dir))
     names = training_names(cfg, subset.names, index)
     block = training_block(cfg.influence.train_block, subset.images, stages.device, stages.dtype)
     if block is None:
@@ -190,7 +198,8 @@ def image_source(cfg: DictConfig, run: RunDir) -> Source:
         points = subset.images.to(stages.dtype)
         points = points.pin_memory() if stages.device.type == "cuda" else points
     return Source(model, points, subset.labels, index, stages.z0(model, int(cfg.influence.pool)),
-                  {"model": model_key, "dataset": data_depends(cfg.dataset)}, names, block=block)
+                  {"model": model_key, "dataset": data_depends(cfg.dataset)}, names, block=block,
+                  half=integrated if integrated is not model else None)
 
 
 # Training images are kept on the device when they take at most this share of its free
@@ -297,7 +306,7 @@ def group_stage(cfg: DictConfig, source: Source, rows: list[int]) -> dict[int, A
     index = torch.tensor(rows)
     z0 = source.z0[index.to(source.z0.device)]
     start = time.perf_counter()
-    res = influence(source.model, settings, source.points, z0, influence_settings(cfg), list(clamps.values()),
+    res = influence(source.integrated, settings, source.points, z0, influence_settings(cfg), list(clamps.values()),
                     block=source.block, sample_ids=index)
     wall = (time.perf_counter() - start) / len(rows)
     order = [names.index(w) for w in attribution.WEIGHTS]  # stored in WEIGHTS' order
@@ -309,7 +318,7 @@ def group_stage(cfg: DictConfig, source: Source, rows: list[int]) -> dict[int, A
         k = min(int(cfg.influence.shown), len(l2))
         shown = torch.cat([*_extremes(scores[0], k), *_extremes(residuals(l2[None], scores[:1])[0], k)])
         unique, where = torch.unique(shown, return_inverse=True)
-        psi = Integrator(source.model, replace(settings, weight_clamp=clamps[names[0]]),
+        psi = Integrator(source.integrated, replace(settings, weight_clamp=clamps[names[0]]),
                          EmpiricalForcing(source.points, index=unique.to(source.points.device), block=source.block))
         shown_psi = psi.run(z0[b:b + 1], first_index=i).psi[:, 0][where]
         out[i] = {
@@ -348,7 +357,7 @@ def stage_depends(cfg: DictConfig, source: Source, i: int) -> dict[str, Any]:
 def run(cfg: DictConfig, run: RunDir) -> None:
     check(cfg)
     source = closed_form_source(cfg) if closed_form(cfg) else image_source(cfg, run)
-    asked = queries.load(cfg, run, source.model, source.model_key, source.z0)
+    asked = queries.load(cfg, run, source.integrated, source.model_key, source.z0)
     if asked is not None:  # every query is a sample, in place of the pool's
         source = replace(source, z0=asked.z0, queries=asked)
     samples = sample_indices(cfg) if asked is None else list(range(len(asked.z0)))

@@ -10,6 +10,7 @@ keys of the stages it reads, so experiments that share a base model share its tr
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.builders import build_schedule, device_and_dtype, solver_settings
+from diffsens_cli.builders import (
+    NetworkPrecision,
+    build_schedule,
+    device_and_dtype,
+    network_precision,
+    solver_settings,
+)
 from diffsens_cli.core.forcing import Perturbation
 from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
@@ -32,7 +39,7 @@ from diffsens_cli.data import (
     load_images,
     perturbation_set,
 )
-from diffsens_cli.errors import plain, require
+from diffsens_cli.errors import ConfigError, plain, require, warn
 from diffsens_cli.models.network import NetworkScore
 from diffsens_cli.models.unet import check_network
 from diffsens_cli.sharding import Shard
@@ -40,8 +47,10 @@ from diffsens_cli.stages import ArrayDict, StageCache, checksums, stage_key
 from diffsens_cli.training.settings import TrainSettings, train_settings, training_depends
 from diffsens_cli.training.source import BatchSource, training_measure
 
-# Keys of the solver group that change no result.
-_SOLVER_DISPLAY = ("progress", "record_every", "batch_size", "tangent_batch_size")
+# Keys of the solver group that change no result (the half-precision check refuses a run or not).
+_SOLVER_DISPLAY = ("progress", "record_every", "batch_size", "tangent_batch_size", "network_dtype_check")
+# Images of rho that give the half-precision check its direction where the experiment has no S.
+CHECK_DIRECTION_IMAGES = 256
 # The engine's random numbers: "keyed" draws them per sample (keyed_random); stages
 # computed before, with one stream per chunk, are not reused.
 RANDOM_STREAMS = "keyed"
@@ -55,8 +64,9 @@ def finetune_config(cfg: DictConfig) -> DictConfig:
 def solver_depends(solver: DictConfig) -> dict[str, Any]:
     """What of the ``solver`` group a stage's result depends on (not batch sizes or display)."""
     device, _ = device_and_dtype(solver)
-    return {k: v for k, v in plain(solver).items() if k not in _SOLVER_DISPLAY} | {"device": device.type,
-                                                                                  "random": RANDOM_STREAMS}
+    kept = {k: v for k, v in plain(solver).items()
+            if k not in _SOLVER_DISPLAY and not (k == "network_dtype" and v is None)}  # keys as before it existed
+    return kept | {"device": device.type, "random": RANDOM_STREAMS}
 
 
 def check_data_and_model(cfg: DictConfig, with_s: bool = True) -> tuple[int, int, int]:
@@ -86,9 +96,15 @@ class ImageStages:
         self.cfg, self.cache = cfg, cache
         self.device, self.dtype = device_and_dtype(cfg.solver)
         self.solver = solver_settings(cfg.solver)
+        precision = network_precision(cfg.solver)  # checked before any work
+        if precision is not None and precision.dtype == torch.float16 and self.device.type == "cpu":
+            warn("solver.network_dtype=float16 on a CPU is slower than float32 (6x on the digits UNet: CPUs have no "
+                 "fast float16 convolutions); it is meant for GPUs")
         self.shard = Shard.of(cfg)
         self.blocks_mine, self.blocks_all = 0, 0  # block stages this job computed, of all there are
         self._loaded: tuple[Path, NetworkScore] | None = None
+        self._half: dict[tuple[Path, torch.dtype], NetworkScore] = {}
+        self._checked: set[str] = set()  # network_dtype_check stages passed in this process
 
     # -- data --------------------------------------------------------------------------
     @cached_property
@@ -198,6 +214,63 @@ class ImageStages:
             self._loaded = (model_dir, model)
         return self._loaded[1]
 
+    def integration_model(self, model: tuple[str, Path], solver: DictConfig | None = None) -> NetworkScore:
+        """``score_model`` of ``model`` for integrating with ``solver`` (default the
+        experiment's): its network in ``solver.network_dtype`` where set, once
+        ``network_dtype_check`` has passed."""
+        solver = solver or self.cfg.solver
+        full = self.score_model(model[1])
+        precision = network_precision(solver)
+        if precision is None:
+            return full
+        if (model[1], precision.dtype) not in self._half:
+            self._half[model[1], precision.dtype] = full.evaluated_in(precision.dtype)
+        half = self._half[model[1], precision.dtype]
+        check = stage_key([model[0], solver_depends(solver), plain(solver.network_dtype_check)])
+        if check not in self._checked:
+            self.network_dtype_check(model, solver, precision, full, half)
+            self._checked.add(check)
+        return half
+
+    def network_dtype_check(self, model: tuple[str, Path], solver: DictConfig, precision: NetworkPrecision,
+                            full: NetworkScore, half: NetworkScore) -> None:
+        """Stage: psi of the first ``precision.check_samples`` model samples with the network
+        in ``solver.dtype`` and in ``precision.dtype``, toward S (rho's first
+        ``CHECK_DIRECTION_IMAGES`` images where the experiment has no S); a ConfigError if
+        the half-precision psi is not finite or its median relative distance exceeds
+        ``precision.tolerance``, else one line saying what was measured."""
+        n = precision.check_samples
+        with_s = self.cfg.perturbation.get("kind") == "image_set"
+        depends = {"model": model[0], "solver": solver_depends(solver), "num_samples": n, "seed": int(self.cfg.seed),
+                   "direction": data_depends(self.cfg.perturbation, "perturbation") if with_s
+                   else {"dataset": data_depends(self.cfg.dataset), "first": CHECK_DIRECTION_IMAGES}}
+        name = str(precision.dtype).removeprefix("torch.")
+        key = "solver.network_dtype"
+
+        def compute() -> dict[str, np.ndarray]:
+            images = self.S.images if with_s else self.rho.images[:CHECK_DIRECTION_IMAGES]
+            nu = Perturbation([GaussianMixture.empirical(images)]).to(self.device, self.dtype)
+            settings = solver_settings(OmegaConf.merge(solver, {"progress": False}))
+            z0 = self.z0(full, n)
+            ref, out = (Integrator(m, settings, nu).run(z0) for m in (full, half))
+            if not bool(torch.isfinite(out.psi).all() and torch.isfinite(out.logp).all()):
+                wider = "null or bfloat16 (float16's range is +-65504)" if name == "float16" else "null"
+                raise ConfigError(key, f"psi or the log-densities of {n} model samples are not finite with the "
+                                       f"network in {name}; use {wider}")
+            psi = ref.psi.flatten(2)
+            return {"psi_distance": ((out.psi.flatten(2) - psi).norm(dim=-1) / psi.norm(dim=-1)).flatten().numpy(),
+                    "logp_distance": (out.logp - ref.logp).abs().numpy()}
+
+        found = self.cache.arrays("network_dtype_check", depends, compute)
+        median, largest = np.median(found["psi_distance"]), found["psi_distance"].max()
+        measured = (f"psi of {n} model samples with the network in {name} is {median:.2%} (median; largest "
+                    f"{largest:.2%}) from psi in solver.dtype={solver.dtype}")
+        if not median <= precision.tolerance:
+            raise ConfigError(key, f"{measured}, above solver.network_dtype_check.tolerance={precision.tolerance:g}; "
+                                   "use null, another dtype, or a larger tolerance")
+        print(f"diffsens: {key}={name} checked: {measured} (tolerance {precision.tolerance:g})",
+              file=sys.stderr, flush=True)
+
     # -- integration ---------------------------------------------------------------------
     def z0(self, model: NetworkScore, n: int) -> torch.Tensor:
         """``n`` starting points from ``model``'s base distribution, drawn on the CPU in
@@ -225,7 +298,7 @@ class ImageStages:
             sets = [self.perturbation_set(p) for p in perturbations]
             signs = [1.0 if p.get("direction", "add") == "add" else -1.0 for p in perturbations]
             nu = Perturbation([GaussianMixture.empirical(s.images) for s in sets], signs).to(self.device, self.dtype)
-            score = self.score_model(model[1])
+            score = self.integration_model(model, solver)
             out = Integrator(score, settings, nu).run(self.z0(score, n)[start:stop], first_index=start)
             counts = [w.as_dict() for w in out.weights]
             return {"z0": out.z0.numpy(), "samples": out.samples.numpy(), "psi": out.psi.numpy(),
@@ -245,7 +318,7 @@ class ImageStages:
         stage, depends = self._samples_depends(model, n)
 
         def compute(start: int, stop: int) -> ArrayDict:
-            score = self.score_model(model[1])
+            score = self.integration_model(model)
             return {"samples": Integrator(score, self.solver).run(self.z0(score, n)[start:stop], first_index=start)
                     .samples.numpy()}
 
@@ -256,7 +329,7 @@ class ImageStages:
         stage, depends = self._samples_depends(model, n)
 
         def compute() -> ArrayDict:
-            score = self.score_model(model[1])
+            score = self.integration_model(model)
             return {"samples": Integrator(score, self.solver).run(self.z0(score, n)[rows]).samples.numpy()}
 
         return self.cache.arrays(stage, depends | {"rows": rows}, compute)
