@@ -24,6 +24,9 @@ TASK_NAMES = ("attribute_sensitivity", "bench_engine", "bench_influence", "bench
               "gtv_variance_prediction", "influence", "predict_change", "psi_convergence", "score_error", "toy2d",
               "train")
 
+# The tasks that integrate image networks, where solver.network_dtype may be set (docs/accuracy.md).
+HALF_PRECISION_TASKS = ("attribute_sensitivity", "bench_influence", "counterfactual", "influence", "predict_change",
+                        "psi_convergence")
 # The tasks whose per-sample stages split over jobs (shard.index, shard.count).
 SHARDED_TASKS = ("attribute_sensitivity", "counterfactual", "influence", "predict_change")
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it, with room for the seeds derived from it
@@ -41,6 +44,7 @@ def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
             f"the task {task} of {cfg.name} does not split over jobs (these do: {', '.join(SHARDED_TASKS)})")
     module = importlib.import_module(f"diffsens_cli.pipelines.{task}")
     _stage_cache(cfg, getattr(module, "STAGES", ()))
+    _check_network_dtype(cfg, task)
     if hasattr(module, "check"):
         module.check(cfg)
     else:
@@ -49,6 +53,16 @@ def check_task(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
         Components(cfg)
     if run_dir is not None and hasattr(module, "check_run_dir"):
         module.check_run_dir(cfg, Path(run_dir))
+
+
+def _check_network_dtype(cfg: DictConfig, task: str) -> None:
+    """``solver.network_dtype`` is a valid setting, and set only where a task integrates an
+    image network (elsewhere it would be ignored)."""
+    from diffsens_cli.builders import network_precision
+
+    require(network_precision(cfg.solver) is None or task in HALF_PRECISION_TASKS, "solver.network_dtype",
+            f"half-precision network evaluations are for the tasks that integrate image networks "
+            f"({', '.join(HALF_PRECISION_TASKS)}); {task} runs in solver.dtype (set it to null)")
 
 
 def _check_name(name: object) -> None:

@@ -20,7 +20,7 @@ from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.sharding import finish_partial
 
-STAGES = ("train_base", "sensitivity")
+STAGES = ("train_base", "sensitivity", "network_dtype_check")
 
 
 def _sets(cfg: DictConfig) -> list[str]:
@@ -65,4 +65,5 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     totals = {k: sum(w[k] for w in weights.values()) for k in next(iter(weights.values()))}
     run.warn_if_zero_psi([psi for _, psi in rows], totals)
     run.write_summary({"median_psi_norm": norms}, sizes=sizes, weights=totals, weights_by_set=weights, num_samples=n,
-                      device=str(stages.device), dtype=str(stages.dtype), figures=figures)
+                      device=str(stages.device), dtype=str(stages.dtype), network_dtype=cfg.solver.network_dtype,
+                      figures=figures)

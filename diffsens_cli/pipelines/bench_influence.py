@@ -29,7 +29,7 @@ from diffsens_cli.pipelines import influence as task
 from diffsens_cli.plots import influence as plots
 from diffsens_cli.rundir import RunDir
 
-STAGES = ("train_base",)
+STAGES = ("train_base", "network_dtype_check")
 TOP = 10  # the top-k overlap and singular values compared
 
 
@@ -115,6 +115,6 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     figures = run.save_figure(plots.influence_cost(sizes, accuracy), "bench_influence")
     run.write_summary({"speedup_sketch_vs_exact": speedup, "runs": sizes, "accuracy_vs_projections": accuracy},
                       figures=figures, sample=sample, accuracy_size=len(points),
-                      device=str(z0.device), dtype=str(z0.dtype),
+                      device=str(z0.device), dtype=str(z0.dtype), network_dtype=cfg.solver.network_dtype,
                       settings={"rank": base.rank, "oversample": base.oversample,
                                 "power_iterations": base.power_iterations, "projections": base.projections})

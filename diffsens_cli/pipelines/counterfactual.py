@@ -63,7 +63,7 @@ from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict, content_key
 
 STAGES = ("influence", "attribution_features", "attribution", "train_counterfactual", "samples_counterfactual",
-          "loss_counterfactual", "predictions_counterfactual")
+          "loss_counterfactual", "predictions_counterfactual", "network_dtype_check")
 
 
 # -- settings --------------------------------------------------------------------------

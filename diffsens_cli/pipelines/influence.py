@@ -41,7 +41,7 @@ from diffsens_cli.sharding import Shard, finish_partial
 from diffsens_cli.stages import ArrayDict, content_key
 from diffsens_cli.training.settings import train_settings
 
-STAGES = ("train_base", "influence", "attribution_features", "attribution")
+STAGES = ("train_base", "influence", "attribution_features", "attribution", "network_dtype_check")
 METHODS = ("exact", "sketch")
 
 

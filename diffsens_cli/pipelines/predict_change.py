@@ -27,7 +27,7 @@ from diffsens_cli.sharding import finish_partial
 
 MODES = ("retrain", "finetune")
 STAGES = ("train_base", "train_retrain", "train_finetune", "sensitivity", "samples_retrain", "samples_finetune",
-          "ot_retrain", "ot_finetune")
+          "ot_retrain", "ot_finetune", "network_dtype_check")
 FIGURES = {"retrain": ("fig5_retrain_correlations", "fig7_retrain_changes"),
            "finetune": ("fig6_finetune_correlations", "fig7_finetune_changes")}
 
@@ -82,7 +82,8 @@ def run(cfg: DictConfig, run: RunDir) -> None:
     paper = OmegaConf.to_container(cfg.predict.paper) if cfg.predict.get("paper") else None
     run.warn_if_zero_psi(psi.numpy(), weights)
     run.write_summary(metrics, _reasons(metrics), paper=paper, num_samples=n, sizes=sizes, weights=weights,
-                      device=str(stages.device), dtype=str(stages.dtype), figures=figures)
+                      device=str(stages.device), dtype=str(stages.dtype), network_dtype=cfg.solver.network_dtype,
+                      figures=figures)
     for mode, m in metrics.items():
         print(f"{cfg.name} {mode}: median correlation {m['median_corr']:.3f} (OT baseline {m['median_corr_ot']:.3f}) "
               f"over {m['num_samples']} samples; after removing the mean shift {m['median_corr_centered']:.3f} "

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from diffsens_cli.builders import solver_settings
+from diffsens_cli.builders import network_precision, solver_settings
 from diffsens_cli.core import compare
 from diffsens_cli.errors import ConfigError, listed, require, whole
 from diffsens_cli.pipelines.shared.image_stages import ImageStages, check_training
 from diffsens_cli.plots import images as plots
 from diffsens_cli.rundir import RunDir
 
-STAGES = ("train_base", "sensitivity")
+STAGES = ("train_base", "sensitivity", "network_dtype_check")
 
 
 def _solvers(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -58,6 +58,7 @@ def check(cfg: DictConfig) -> None:
     for label, solver in solvers.items():
         try:
             solver_settings(solver)
+            network_precision(solver)
         except ConfigError as e:  # which variant, as well as which key
             raise ConfigError(f"convergence.{'reference' if label == 'reference' else 'variants: ' + label}",
                               str(e)) from None
@@ -107,7 +108,7 @@ def run(cfg: DictConfig, run: RunDir) -> None:
             "wall_time_s": float(outs[0]["wall_time_s"]),
             "settings": {k: v for k, v in OmegaConf.to_container(solver, resolve=True).items()
                          if k in ("integrator", "num_steps", "step_size", "spacing", "divergence",
-                                  "hutchinson_samples", "probe")},
+                                  "hutchinson_samples", "probe", "network_dtype")},
         }
         if len(outs) > 1:
             row["median_rel_diff_psi_between_seeds"] = float(np.median(relative_difference(outs[1]["psi"],

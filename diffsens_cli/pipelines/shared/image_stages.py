@@ -103,7 +103,7 @@ class ImageStages:
         self.shard = Shard.of(cfg)
         self.blocks_mine, self.blocks_all = 0, 0  # block stages this job computed, of all there are
         self._loaded: tuple[Path, NetworkScore] | None = None
-        self._half: dict[tuple[Path, torch.dtype], NetworkScore] = {}
+        self._half: tuple[tuple[Path, torch.dtype], NetworkScore] | None = None
         self._checked: set[str] = set()  # network_dtype_check stages passed in this process
 
     # -- data --------------------------------------------------------------------------
@@ -217,48 +217,57 @@ class ImageStages:
     def integration_model(self, model: tuple[str, Path], solver: DictConfig | None = None) -> NetworkScore:
         """``score_model`` of ``model`` for integrating with ``solver`` (default the
         experiment's): its network in ``solver.network_dtype`` where set, once
-        ``network_dtype_check`` has passed."""
-        solver = solver or self.cfg.solver
+        ``checked_precision`` has passed (the last copy made is kept, as ``score_model`` keeps
+        the last model)."""
         full = self.score_model(model[1])
-        precision = network_precision(solver)
+        precision = self.checked_precision(model, solver)
         if precision is None:
             return full
-        if (model[1], precision.dtype) not in self._half:
-            self._half[model[1], precision.dtype] = full.evaluated_in(precision.dtype)
-        half = self._half[model[1], precision.dtype]
-        check = stage_key([model[0], solver_depends(solver), plain(solver.network_dtype_check)])
-        if check not in self._checked:
-            self.network_dtype_check(model, solver, precision, full, half)
-            self._checked.add(check)
-        return half
+        if self._half is None or self._half[0] != (model[1], precision.dtype):
+            self._half = ((model[1], precision.dtype), full.evaluated_in(precision.dtype))
+        return self._half[1]
 
-    def network_dtype_check(self, model: tuple[str, Path], solver: DictConfig, precision: NetworkPrecision,
-                            full: NetworkScore, half: NetworkScore) -> None:
+    def checked_precision(self, model: tuple[str, Path], solver: DictConfig | None = None) -> NetworkPrecision | None:
+        """``solver.network_dtype`` (default the experiment's solver) for ``model``, after its
+        check (the stage ``network_dtype_check``, read when cached; once per process): called
+        before any stage that integrates with it is read, so a cached stage is not reused
+        past a check that fails now (e.g. at a smaller tolerance)."""
+        solver = solver or self.cfg.solver
+        precision = network_precision(solver)
+        if precision is not None:
+            check = stage_key([model[0], solver_depends(solver), plain(solver.network_dtype_check)])
+            if check not in self._checked:
+                self.network_dtype_check(model, solver, precision)
+                self._checked.add(check)
+        return precision
+
+    def network_dtype_check(self, model: tuple[str, Path], solver: DictConfig, precision: NetworkPrecision) -> None:
         """Stage: psi of the first ``precision.check_samples`` model samples with the network
-        in ``solver.dtype`` and in ``precision.dtype``, toward S (rho's first
-        ``CHECK_DIRECTION_IMAGES`` images where the experiment has no S); a ConfigError if
-        the half-precision psi is not finite or its median relative distance exceeds
-        ``precision.tolerance``, else one line saying what was measured."""
+        in ``solver.dtype`` and in ``precision.dtype``, toward rho's first
+        ``CHECK_DIRECTION_IMAGES`` images (a direction every image experiment has; rounding
+        in the network's JVPs does not depend on it); a ConfigError if the half-precision
+        psi is not finite or its median relative distance exceeds ``precision.tolerance``,
+        else one line saying what was measured."""
         n = precision.check_samples
-        with_s = self.cfg.perturbation.get("kind") == "image_set"
         depends = {"model": model[0], "solver": solver_depends(solver), "num_samples": n, "seed": int(self.cfg.seed),
-                   "direction": data_depends(self.cfg.perturbation, "perturbation") if with_s
-                   else {"dataset": data_depends(self.cfg.dataset), "first": CHECK_DIRECTION_IMAGES}}
+                   "direction": {"dataset": data_depends(self.cfg.dataset), "first": CHECK_DIRECTION_IMAGES}}
         name = str(precision.dtype).removeprefix("torch.")
         key = "solver.network_dtype"
 
         def compute() -> dict[str, np.ndarray]:
-            images = self.S.images if with_s else self.rho.images[:CHECK_DIRECTION_IMAGES]
+            images = self.rho.images[:CHECK_DIRECTION_IMAGES]
             nu = Perturbation([GaussianMixture.empirical(images)]).to(self.device, self.dtype)
             settings = solver_settings(OmegaConf.merge(solver, {"progress": False}))
+            full = self.score_model(model[1])
             z0 = self.z0(full, n)
-            ref, out = (Integrator(m, settings, nu).run(z0) for m in (full, half))
+            ref, out = (Integrator(m, settings, nu).run(z0) for m in (full, full.evaluated_in(precision.dtype)))
             if not bool(torch.isfinite(out.psi).all() and torch.isfinite(out.logp).all()):
                 wider = "null or bfloat16 (float16's range is +-65504)" if name == "float16" else "null"
                 raise ConfigError(key, f"psi or the log-densities of {n} model samples are not finite with the "
                                        f"network in {name}; use {wider}")
             psi = ref.psi.flatten(2)
-            return {"psi_distance": ((out.psi.flatten(2) - psi).norm(dim=-1) / psi.norm(dim=-1)).flatten().numpy(),
+            size = psi.norm(dim=-1).clamp_min(torch.finfo(psi.dtype).tiny)  # a psi of 0 (no weight): any change is far
+            return {"psi_distance": ((out.psi.flatten(2) - psi).norm(dim=-1) / size).flatten().numpy(),
                     "logp_distance": (out.logp - ref.logp).abs().numpy()}
 
         found = self.cache.arrays("network_dtype_check", depends, compute)
@@ -290,6 +299,7 @@ class ImageStages:
         job of a sharded run (``_in_blocks``)."""
         perturbations = perturbations or [self.cfg.perturbation]
         settings = solver_settings(solver) if solver is not None else self.solver
+        self.checked_precision(model, solver)
         depends = {"model": model[0], "perturbations": [data_depends(p, "perturbation") for p in perturbations],
                    "dataset": data_depends(self.cfg.dataset), "solver": solver_depends(solver or self.cfg.solver),
                    "num_samples": n, "seed": int(self.cfg.seed)}
@@ -316,6 +326,7 @@ class ImageStages:
         """Stage: PF-ODE samples of a (perturbed) model from the same ``n`` starting points
         ``z0``, same solver, in blocks (None in one job of a sharded run: ``_in_blocks``)."""
         stage, depends = self._samples_depends(model, n)
+        self.checked_precision(model)
 
         def compute(start: int, stop: int) -> ArrayDict:
             score = self.integration_model(model)
@@ -327,6 +338,7 @@ class ImageStages:
     def samples_of_rows(self, model: tuple[str, Path], n: int, rows: list[int]) -> ArrayDict:
         """Stage: like ``samples``, from the ``rows`` of the ``n`` starting points only, in one stage."""
         stage, depends = self._samples_depends(model, n)
+        self.checked_precision(model)
 
         def compute() -> ArrayDict:
             score = self.integration_model(model)
