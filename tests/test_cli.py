@@ -58,6 +58,12 @@ for _e in ("celeba_attributes", "celeba_attributes_paper"):
                                             if _e == "celeba_attributes"))
 
 
+# What every run directory must hold beyond its arrays: figures (PNG and PDF), but for the
+# engine benchmark's tables; the forcing's weight counts where a task integrates psi.
+TASKS_WITHOUT_FIGURES = ("bench_engine",)
+TASKS_WITH_WEIGHTS = ("attribute_sensitivity", "first_order", "predict_change", "toy2d")
+
+
 def test_every_experiment_has_tiny_settings():
     """size=tiny selects configs/experiment_size/tiny_<experiment>.yaml, which must exist
     for every experiment and change what it says (it is optional to Hydra)."""
@@ -93,15 +99,21 @@ def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path, fake_
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
         task = compose("config", overrides=[f"experiment={experiment}"]).task
     assert f"task: {task}\n" in (out / "config.yaml").read_text()
-    for fig in summary.get("figures", []):
+    figures = summary.get("figures", [])
+    assert bool(figures) == (task not in TASKS_WITHOUT_FIGURES), figures
+    pngs = {f.removesuffix(".png") for f in figures if f.endswith(".png")}
+    assert {f.removesuffix(".pdf") for f in figures if f.endswith(".pdf")} == pngs and len(figures) == 2 * len(pngs)
+    for fig in figures:
         assert (out / fig).stat().st_size > 1000
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".tmp-*"))
     assert plt.get_fignums() == []  # every figure closed once saved (a sweep's jobs share a process)
     with np.load(out / "arrays.npz") as arrays:
         for key in ARRAYS.get(experiment, ("z0", "samples", "psi", "logp")):
             assert np.isfinite(arrays[key]).all(), key
-    if "weights" in summary:
-        assert summary["weights"]["nonfinite"] == 0
+    assert ("weights" in summary) == (task in TASKS_WITH_WEIGHTS)
+    if task in TASKS_WITH_WEIGHTS:  # the forcing's weights nu_t / rho_t, counted: none was NaN or infinite
+        counts = summary["weights"]
+        assert counts["evaluated"] > 0 and counts["nonfinite"] == 0, counts
 
 
 

@@ -5,10 +5,13 @@ share, the L2-kernel baseline by hand, the experiment end to end on the closed-f
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from helpers import run_tiny, solver_settings_with
+from scipy.stats import spearmanr
 
 from diffsens_cli.core.attribution import denoising_loss
 from diffsens_cli.core.closed_form import MixtureScore
@@ -113,6 +116,24 @@ def test_kernel_baseline_by_hand_and_random_halves_keep_their_earlier_subsets():
     assert torch.equal(top_k_mask(torch.tensor([2, 0, 1]), 2), torch.tensor([True, False, True]))
 
 
+def test_kernel_baseline_for_several_removals_and_samples_equals_a_plain_loop():
+    """Each removal r and sample m: the Gaussian-kernel mean of the kept points minus that of
+    all points, one pair at a time in plain float64 (a removal of every near point moves
+    the mean to the far ones instead of dividing by zero)."""
+    g = torch.Generator().manual_seed(0)
+    points, x = torch.randn(12, 3, generator=g), torch.randn(4, 3, generator=g)
+    removed = torch.rand(5, 12, generator=g) < 0.4
+    removed[0] = torch.cdist(x[:1], points)[0] < 2.5  # every near point of sample 0
+    got = kernel_removal_prediction(x, points, removed, 0.7)
+    for r in range(5):
+        for m in range(4):
+            w = [math.exp(-float((x[m] - p).pow(2).sum()) / (2 * 0.7**2)) for p in points.double()]
+            mean = lambda keep: sum(wi * p for wi, p, k in zip(w, points.double(), keep) if k) / sum(
+                wi for wi, k in zip(w, keep) if k)
+            expected = mean(~removed[r]) - mean(torch.ones(12, dtype=torch.bool))
+            torch.testing.assert_close(got[r, m], expected, rtol=1e-9, atol=1e-12)
+
+
 def _run(tmp_path, name: str, *overrides: str, experiment: str = "counterfactual_closed_form"):
     return run_tiny(tmp_path, name, experiment, *overrides)
 
@@ -156,7 +177,12 @@ def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_pa
         settings = solver_settings_with(step_size=0.02, density="closed_form", progress=False)
         psi = Integrator(model, settings, EmpiricalForcing(model.measure.means, mix=mix)).run(z0).psi
         np.testing.assert_allclose(a["datamodel/predicted"][0], psi.transpose(0, 1).numpy(), rtol=1e-6, atol=1e-12)
-    assert dm["subsets"] == 3 and np.isfinite(dm["lds"])
+        # the LDS by hand: per sample, scipy's Spearman over subsets of |predicted| and |actual| moves
+        moved = np.linalg.norm((a["datamodel/retrained"] - a["base"][:, None]).reshape(2, 3, -1), axis=2)
+        predicted = np.linalg.norm(a["datamodel/predicted"][0].reshape(2, 3, -1), axis=2)
+        per_sample = [spearmanr(predicted[m], moved[m]).statistic for m in range(2)]
+    assert dm["subsets"] == 3 and dm["lds_per_sample"] == pytest.approx(per_sample)
+    assert dm["lds"] == pytest.approx(np.median(per_sample))
     # no clamp, exact score: the two kinds of removal weights agree
     assert cf["ours"]["k3"]["median_corr_pred_measure"] == pytest.approx(cf["ours"]["k3"]["median_corr_pred"])
 

@@ -168,7 +168,9 @@ def test_sde_sensitivity_needs_the_drift_not_the_velocity():
 
 def test_ccov_log_density_converges_to_exact_density():
     """log rho_t(z_t) by CCoV with the exact trace against the closed-form density at
-    the path's end; the error falls with the step size (first order)."""
+    the path's end; the error falls with the step size (first order), and it is the
+    step's alone: extrapolated to h -> 0 (Richardson, 2 e_200 - e_100) it is within 5% of
+    the 100-step error (1.5% measured; the errors are 1.03, 0.49 and 0.24 nats)."""
     rho, _, z0 = _setup(d=5, n=32)
     model = MixtureScore(rho, SCHED)
     errs = []
@@ -178,7 +180,7 @@ def test_ccov_log_density_converges_to_exact_density():
         exact = model.log_density(res.samples, torch.tensor(s.grid()[1]))
         errs.append((res.logp - exact).abs().median().item())
     assert errs[0] / errs[1] > 1.7 and errs[1] / errs[2] > 1.7, errs  # first order
-    assert errs[-1] < 0.3  # of log-densities of order -10 to 10
+    assert abs(2 * errs[2] - errs[1]) < 0.05 * errs[1], errs
 
 
 @pytest.mark.parametrize("probe", ["gaussian", "rademacher"])

@@ -56,15 +56,22 @@ def test_jacobian_matches_a_central_difference_of_the_flow_map():
 
 
 def test_gaussian_and_affine_maps_are_symmetric_and_three_points_are_not():
-    """A single isotropic Gaussian: J_z v is a multiple of I, so A is symmetric to round-off.  Collinear
-    points: A is far from a multiple of I (eigenvalue ratio < 0.1) yet symmetric, as every J_z v
-    along the path is diagonal in the same basis.  The three non-affine points: clearly asymmetric."""
+    """A single isotropic Gaussian N(m, s^2 I): the flow map is affine, A = sqrt(V_1 / V_0) I with
+    V_t = alpha_t^2 s^2 + sigma_t^2, for every start, so A is symmetric to round-off and its
+    eigenvalues are that value (to Heun's error at 400 steps).  Collinear points: A is far from
+    a multiple of I (eigenvalue ratio < 0.1) yet symmetric, as every J_z v along the path is
+    diagonal in the same basis.  The three non-affine points: clearly asymmetric."""
     solver, n = settings(400), 64
     out = {}
     for name, measure in (("gaussian", points(torch.tensor([[0.5, 0.5]], dtype=F64), 0.3)),
                           ("affine", points(AFFINE)), ("non_affine", points(NON_AFFINE))):
         model = MixtureScore(measure, VPLinear())
         out[name] = path_metrics(flow_jacobians(model, solver, start(model, n))[1], 1e-9)
+    sched, (t0, t1, _) = VPLinear(), solver.grid()
+    var = lambda t: sched.alpha(torch.tensor(t, dtype=F64)) ** 2 * 0.3**2 + sched.sigma(torch.tensor(t, dtype=F64)) ** 2
+    factor = (var(t1) / var(t0)).sqrt()
+    # Heun at 400 steps is 7e-5 off (it falls as h^2: test_closed_form_paths)
+    torch.testing.assert_close(out["gaussian"]["eig_sym"], factor.expand(n, 2), rtol=1e-4, atol=0)
     assert out["gaussian"]["asymmetry"].max() < 1e-12
     assert out["affine"]["asymmetry"].max() < 1e-12
     eig = out["affine"]["eig_sym"]

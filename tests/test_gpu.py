@@ -26,9 +26,9 @@ def _problem(device, dtype, d=20, n=256):
 
 @pytest.mark.parametrize("method", ["ode", "sde"])
 def test_closed_form_cuda_matches_cpu(method):
-    """Same result on both devices in float64 (SDE: the same seeded generator stream is
-    not shared across devices, so only the ODE compares paths; the SDE checks psi's
-    derivative property on the GPU itself)."""
+    """Same paths and psi on both devices in float64: the keyed Wiener increments are the
+    same numbers on every device (``keyed_random``), so the SDE compares too; on the GPU
+    the SDE's psi is also the derivative of its samples (a finite difference in eta)."""
     out = {}
     for dev in ("cpu", "cuda"):
         rho, nu, z0 = _problem(dev, torch.float64)
@@ -40,9 +40,8 @@ def test_closed_form_cuda_matches_cpu(method):
             fd = (pert - out[dev].samples) / eta
             rel = ((fd - out[dev].psi[0]).norm(dim=1) / fd.norm(dim=1).clamp_min(1e-12)).median()
             assert rel < 1e-3
-    if method == "ode":
-        torch.testing.assert_close(out["cuda"].psi, out["cpu"].psi, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(out["cuda"].samples, out["cpu"].samples, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out["cuda"].psi, out["cpu"].psi, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out["cuda"].samples, out["cpu"].samples, rtol=1e-10, atol=1e-10)
 
 
 def test_network_jvp_on_cuda_matches_finite_difference_and_cpu():
@@ -62,15 +61,17 @@ def test_network_jvp_on_cuda_matches_finite_difference_and_cpu():
     torch.testing.assert_close(results["cuda"], results["cpu"], rtol=1e-9, atol=1e-9)
 
 
-def test_fused_sensitivity_run_on_cuda_float32():
-    """A neural model, CCoV with the exact divergence (CPU and CUDA generators draw
-    different Hutchinson probes), float32 on the GPU: psi matches the float64 CPU run."""
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_fused_sensitivity_run_on_cuda_float32(divergence):
+    """A neural model, CCoV with the exact trace or with Hutchinson probes (the same keyed
+    probes on both devices), float32 on the GPU: psi matches the float64 CPU run."""
     net = FourierMLP(20, hidden=64, num_frequencies=32)
     psis = {}
     for dev, dtype in (("cpu", torch.float64), ("cuda", torch.float32)):
         rho, nu, z0 = _problem(dev, dtype)
         model = NetworkScore(net.to(dev, dtype), SCHED)
-        s = solver_settings_with(num_steps=100, density="ccov", divergence="exact", progress=False)
+        s = solver_settings_with(num_steps=100, density="ccov", divergence=divergence, hutchinson_samples=2,
+                                 progress=False)
         res = Integrator(model, s, Perturbation([nu])).run(z0)
         assert torch.isfinite(res.psi[0]).all() and res.weights[0].as_dict()["nonfinite"] == 0
         psis[dev] = res.psi[0].double()

@@ -12,7 +12,9 @@ from helpers import influence_settings_with, run_tiny, solver_settings_with
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.compare import spearman
+from diffsens_cli.core.forcing import EmpiricalForcing
 from diffsens_cli.core.influence import influence
+from diffsens_cli.core.integrate import Integrator
 from diffsens_cli.core.measures import GaussianMixture
 from diffsens_cli.core.schedule import VPLinear
 from diffsens_cli.pipelines.influence import residuals
@@ -40,7 +42,25 @@ def test_sketch_and_exact_agree_and_match_the_shown_sensitivities(tmp_path):
             np.testing.assert_allclose(shown, s["influence/scores"][m][s["influence/shown_index"][m]], rtol=1e-9)
         assert s["train_points"].shape == (30, 10) and s["influence/scores"].shape == (2, 30)
     assert sketch["r2_l2"]["per_sample"] == pytest.approx(exact["r2_l2"]["per_sample"], rel=1e-9)
-    assert 0 < sketch["top10_variance"]["median"] <= 1 + 1e-12
+    # d = 10 = the rank kept: the top 10 directions hold all of |Psi|_F^2
+    assert sketch["top10_variance"]["per_sample"] == pytest.approx([1.0, 1.0], rel=1e-12)
+
+
+def test_the_top_10_share_of_psi_equals_a_direct_svds_where_psi_has_more_directions(tmp_path):
+    """d = 32 (m = d: exact): the summary's share of |Psi_b|_F^2 in the top 10 singular
+    directions against the SVD of Psi_b computed here, one forward tangent per training
+    point along the same path."""
+    out, metrics = _run(tmp_path, "wide", "dataset.dim=32", "influence.projections=32",
+                        "influence.num_train=200")
+    with np.load(out / "arrays.npz") as arrays:
+        points, z0 = torch.from_numpy(arrays["train_points"]), torch.from_numpy(arrays["z0"])
+    model = MixtureScore(GaussianMixture.empirical(points), VPLinear())
+    s = solver_settings_with(step_size=0.02, density="closed_form", progress=False)
+    psi = Integrator(model, s, EmpiricalForcing(points)).run(z0).psi  # [N, B, d]
+    sv = torch.linalg.svdvals(psi.movedim(1, 0))
+    expected = (sv[:, :10] ** 2).sum(1) / (sv**2).sum(1)
+    assert expected.max() < 0.999, expected  # not 1 by construction
+    np.testing.assert_allclose(metrics["top10_variance"]["per_sample"], expected.numpy(), rtol=1e-9)
 
 
 def test_the_sketch_costs_the_same_network_passes_for_any_number_of_training_points():
@@ -100,15 +120,16 @@ def test_a_rerun_reuses_the_finished_model_samples(tmp_path):
 
 
 def test_residuals_are_what_the_line_on_distance_leaves():
-    """A score exactly linear in distance but for one image raised by 3: that image has
-    a residual near 3, the others near 0 (the line bends a little towards the outlier),
-    and the residuals sum to zero."""
+    """A score exactly linear in distance but for one image raised by 3: the line absorbs
+    the linear part, so the residuals are 3 (I - H) e_7 with H the hat matrix of the fit
+    on [1, x]: r_i = 3 (delta_i7 - 1/n - (x_i - mean x)(x_7 - mean x) / S_xx)."""
     l2 = torch.linspace(1, 5, 20, dtype=torch.float64)[None]
     scores = 2 * l2 + 1
     scores[0, 7] += 3.0
     r = residuals(l2, scores)[0]
-    assert float(r[7]) > 2.5 and float(torch.cat([r[:7], r[8:]]).abs().max()) < 0.5
-    assert abs(float(r.sum())) < 1e-12
+    x = l2[0] - l2[0].mean()
+    expected = 3 * (torch.eye(20, dtype=torch.float64)[7] - 1 / 20 - x * x[7] / (x * x).sum())
+    torch.testing.assert_close(r, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_spearman_is_the_rank_correlation():

@@ -56,22 +56,43 @@ def test_log_density_score_jvp_trace_against_autograd(std, chunk):
     torch.testing.assert_close(st.quadratic, torch.einsum("nbi,bij,nbj->nb", v, hess, v), rtol=1e-9, atol=1e-9)
 
 
-def test_far_points_stay_finite_in_log_space():
-    """Points where every component density underflows in linear space."""
+def test_far_points_are_exact_in_log_space():
+    """Points where every component density underflows in linear space (log-density below
+    -1e5): the log-density, score, JVP and trace still equal the direct per-component
+    reference (logsumexp) and its autograd derivatives."""
     m = mixture(d=50)
-    z = torch.full((3, 50), 40.0)
-    st = m.diffused(z, torch.tensor(1.0), torch.tensor(0.05), tangents=torch.ones(1, 3, 50), trace=True)
-    assert torch.isfinite(st.log_density).all() and st.log_density.max() < -1e5
-    for x in (st.score, st.jvp, st.trace):
-        assert torch.isfinite(x).all()
+    z = torch.full((3, 50), 40.0) + torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(1, 3, 50, generator=torch.Generator().manual_seed(4))
+    alpha, sigma = torch.tensor(1.0), torch.tensor(0.05)
+    st = m.diffused(z, alpha, sigma, tangents=v, trace=True)
+    ref = reference_log_density(m, z, alpha, sigma)
+    assert ref.max() < -1e5 and torch.exp(ref).max() == 0  # underflows in linear space
+    torch.testing.assert_close(st.log_density, ref, rtol=1e-12, atol=0)
+    zr = z.clone().requires_grad_()
+    grad = torch.autograd.grad(reference_log_density(m, zr, alpha, sigma).sum(), zr)[0]
+    torch.testing.assert_close(st.score, grad, rtol=1e-10, atol=1e-8)
+    hess = torch.stack([torch.autograd.functional.hessian(lambda x: reference_log_density(m, x[None], alpha, sigma)[0],
+                                                          zi) for zi in z])
+    torch.testing.assert_close(st.jvp, torch.einsum("bij,nbj->nbi", hess, v), rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(st.trace, hess.diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-9, atol=1e-7)
 
 
-def test_mix_weights():
+@pytest.mark.parametrize("eta", [0.25, [0.5, 1e-3, 0.9]])
+def test_mix_weights_and_densities(eta):
+    """``a.mix(b, eta)``: weights (1 - eta) w_a and eta w_b, one row per eta of a family, and
+    each group of points has the density (1 - eta) a_t + eta b_t of its own eta."""
     a, b = mixture(k=2), mixture(k=3, seed=5)
-    mixed = a.mix(b, 0.25)
-    w = mixed.log_weights.exp()
-    torch.testing.assert_close(w[:2].sum(), torch.tensor(0.75))
-    torch.testing.assert_close(w[2:], 0.25 * b.log_weights.exp())
+    mixed = a.mix(b, eta)
+    etas = torch.atleast_1d(torch.tensor(eta, dtype=torch.float64))
+    w = mixed.log_weights.exp().reshape(len(etas), 5)
+    torch.testing.assert_close(w[:, :2], (1 - etas[:, None]) * a.log_weights.exp(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(w[:, 2:], etas[:, None] * b.log_weights.exp(), rtol=1e-12, atol=0)
+    z = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    alpha, sigma = torch.tensor(0.8), torch.tensor(0.6)
+    got = mixed.diffused(z.repeat(len(etas), 1), alpha, sigma).log_density.view(len(etas), 4)
+    la, lb = a.diffused(z, alpha, sigma).log_density, b.diffused(z, alpha, sigma).log_density
+    expected = torch.log((1 - etas[:, None]) * la.exp() + etas[:, None] * lb.exp())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
 
 
 def test_default_vmapped_jvp_matches_closed_form_and_finite_difference():

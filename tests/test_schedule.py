@@ -55,3 +55,20 @@ def test_coefficients_against_finite_differences(sched):
 def test_time_grid_rounds_step_size():
     assert time_grid(1e-3, None, 5e-3) == (0.0, 0.999, 200)
     assert time_grid(1e-3, 17, None) == (0.0, 0.999, 17)
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "subvp", "ve", "edm"])
+def test_alpha_and_sigma_are_the_published_formulas(name):
+    """In diffusion time tau = 1 - t: VP (Song et al. 2021) alpha = exp(-(b0 tau + (b1 - b0)
+    tau^2 / 2) N / 2), sigma^2 = 1 - alpha^2; sub-VP the same alpha, sigma = 1 - alpha^2; VE
+    alpha = 1, sigma = s_min (s_max / s_min)^tau; EDM alpha = 1, sigma = s_max tau."""
+    tau = 1 - T
+    vp_alpha = torch.exp(-0.5 * 1000 * (1e-4 * tau + 0.5 * (0.02 - 1e-4) * tau**2))
+    expected = {"vp_linear": (VPLinear(), vp_alpha, (1 - vp_alpha**2).sqrt()),
+                "subvp": (SubVP(), vp_alpha, 1 - vp_alpha**2),
+                "ve": (VE(sigma_min=0.02, sigma_max=30.0), torch.ones_like(tau), 0.02 * (30.0 / 0.02) ** tau),
+                "edm": (EDM(sigma_max=60.0), torch.ones_like(tau), 60.0 * tau)}
+    sched, alpha, sigma = expected[name]
+    torch.testing.assert_close(sched.alpha(T), alpha, rtol=1e-12, atol=0)
+    torch.testing.assert_close(sched.sigma(T), sigma, rtol=1e-10, atol=1e-15)
+

@@ -41,18 +41,20 @@ def test_exact_sensitivities_of_the_paper_problem_lie_on_the_diagonal():
 
 def test_learned_sensitivities_approach_the_exact_ones_as_training_proceeds(tmp_path):
     """From the untrained network (step 0) to the end of a short run: the loss falls and
-    the median correlation with the exact sensitivities rises from about 0 (measured
-    0.47-0.88 at the end over seeds 0-2; single evaluations in between are noisy)."""
-    cfg = _cfg("train.steps=1200", "train.batch_size=512", "solver.num_steps=25", "solver.progress=false",
-               "score_error.num_samples=64", "score_error.eval_every=400", "score_error.omit_first=0",
+    the median correlation with the exact sensitivities rises from about 0. Over training
+    seeds 0-5 it ends at 0.32-0.98 after 3000 steps (0.83 at this seed), from -0.08-0.00;
+    after 1200 steps it ended anywhere in 0.07-0.88, too wide to test on another machine's
+    round-off."""
+    cfg = _cfg("train.steps=3000", "train.batch_size=512", "solver.num_steps=25", "solver.progress=false",
+               "score_error.num_samples=64", "score_error.eval_every=1000", "score_error.omit_first=0",
                f"stages.dir={tmp_path / 'stages'}")  # not the working directory's outputs/
     run_task(cfg, str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     history = summary["metrics"]["history"]
-    assert [h["step"] for h in history] == [0, 400, 800, 1200]
+    assert [h["step"] for h in history] == [0, 1000, 2000, 3000]
     assert history[0]["loss"] is None and history[-1]["loss"] < history[1]["loss"]
     first, last = history[0]["median_corr"], history[-1]["median_corr"]
-    assert abs(first) < 0.2 and last > 0.4 and last > first + 0.4, history
+    assert abs(first) < 0.2 and last > 0.25 and last > first + 0.25, history
     assert summary["metrics"]["final_median_corr"] == last
 
 

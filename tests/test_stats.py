@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffsens_cli.core.compare import spearman, spearman_rows
+from diffsens_cli.core.compare import linear_fit, spearman, spearman_rows
 from diffsens_cli.core.stats import bootstrap_interval, lds, paired, sign_test, spearman_difference, spearman_interval
 
 
@@ -82,3 +82,17 @@ def test_spearman_interval_and_paired_difference():
     assert np.isnan(spearman_interval(np.ones(200), y, 200, 0)["value"])
     diff = spearman_difference(y, y + rng.normal(0, 0.3, 200), y, 200, 0)
     assert 0 < diff["ci_low"] <= diff["value"] <= diff["ci_high"]
+
+
+def test_linear_fit_equals_numpys_least_squares_and_squared_correlation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 40))
+    y = 0.7 * x + rng.normal(scale=[[0.1], [1.0], [5.0]], size=(3, 40)) + 2.0
+    slope, intercept, r2 = linear_fit(torch.from_numpy(x), torch.from_numpy(y))
+    for i in range(3):
+        fit_slope, fit_intercept = np.polyfit(x[i], y[i], 1)
+        assert math.isclose(slope[i], fit_slope, rel_tol=1e-10) and math.isclose(intercept[i], fit_intercept,
+                                                                                   rel_tol=1e-10)
+        assert math.isclose(r2[i], np.corrcoef(x[i], y[i])[0, 1] ** 2, rel_tol=1e-10)
+    assert r2[0] > 0.95 and r2[2] < 0.2  # the three noise levels span the range
+

@@ -56,6 +56,32 @@ def test_keyed_normals_are_standard_normal_and_depend_on_the_key_only():
     assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(signs.mean()) < 4 / math.sqrt(n)
 
 
+def _lowbias32(x: int) -> int:
+    """Chris Wellons' lowbias32 in plain Python integers (hash-prospector's C, masked to 32 bits)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_keyed_uniforms_and_signs_equal_a_pure_python_reference_bit_for_bit():
+    """The tensor hash (int64 with products split into 16-bit halves) against plain
+    Python integers, for sample ids up to 2^32 - 1 where a product would overflow int64:
+    key = h(id + h(h(h(seed) + stream) + step)), word i = h(key ^ h(i)),
+    uniform = (word + 1/2) / 2^32, sign = 1 - 2 (word >> 31)."""
+    ids = torch.tensor([0, 1, 7, 123456, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1])
+    seed, stream, step, n = 12345, keyed_random.PROBES, 999, 6
+    k = 0
+    for part in (seed, stream, step):
+        k = _lowbias32((k + part) & 0xFFFFFFFF)
+    words = [[_lowbias32(_lowbias32((i + k) & 0xFFFFFFFF) ^ _lowbias32(j)) for j in range(n)] for i in ids.tolist()]
+    uniforms = keyed_random.uniform((n,), ids, seed=seed, stream=stream, step=step)
+    assert uniforms.tolist() == [[(w + 0.5) / 2**32 for w in row] for row in words]
+    signs = keyed_random.rademacher((n,), ids, seed=seed, stream=stream, step=step, dtype=torch.float64)
+    assert signs.tolist() == [[1.0 - 2 * (w >> 31) for w in row] for row in words]
+
+
 def test_three_measures_in_one_pass_equal_three_separate_runs_closed_form():
     """K = 3 tangents along one path (CCoV density from a Hutchinson probe, clamped weights,
     one measure removed) against one run per measure: equal to round-off, and each
