@@ -24,7 +24,7 @@ run: $(STAMP)
 
 ## The default test suite (CPU, a few minutes; a worker per core).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto $(ARGS)
+	$(BIN)/python -m pytest -q -n auto -m 'not slow and not gpu' $(ARGS)
 
 ## Lint the code (ruff; CI runs it before the tests).
 lint: $(STAMP)

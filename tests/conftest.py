@@ -1,6 +1,10 @@
 """Shared test fixtures, and one CPU thread per pytest-xdist worker."""
 
+import fcntl
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +147,36 @@ def own_model_and_images(root):
     (root / "own_S").mkdir()
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "own_S" / f"s_{i}.jpg")
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, worker_id):
+    """``shared_run(experiment, *overrides) -> (run_dir, summary)``: the experiment at tiny
+    size, run once per test session for every test (and every xdist worker) that asks for
+    the same arguments, each in a folder of its own (its stage cache is
+    ``run_dir.parent / "outputs" / "stages"``). Read-only: a test that changes a run, or
+    needs a fresh cache (reuse, resume), runs its own."""
+    from helpers import diffsens
+
+    from diffsens_cli.stages import stage_key
+
+    # xdist's workers share the session's base folder's parent; a lone process has its own
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "shared_runs"
+    root.mkdir(exist_ok=True)
+
+    def run(experiment: str, *overrides: str) -> tuple[Path, dict]:
+        key = stage_key([experiment, *overrides])
+        cwd, out = root / f"{experiment}-{key}", root / f"{experiment}-{key}" / "run"
+        with open(root / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait for it
+            if not (out / "summary.json").exists():
+                shutil.rmtree(cwd, ignore_errors=True)
+                cwd.mkdir()
+                r = diffsens("run", f"experiment={experiment}", "size=tiny", "hydra.run.dir=run",
+                             "solver.progress=false", *overrides, cwd=cwd)
+                assert r.returncode == 0, r.stderr[-3000:]
+        return out, json.loads((out / "summary.json").read_text())
+
+    return run
+

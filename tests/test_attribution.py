@@ -5,8 +5,6 @@ influence run's score sets against the same finite differences."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -129,16 +127,13 @@ def test_affine_r2_by_construction():
     assert attribution.top_k_overlap(torch.tensor([5.0, 4, 3, 2, 1]), torch.tensor([1.0, 5, 4, 3, 2]), 2) == 0.5
 
 
-def test_the_influence_run_scores_both_weights_against_finite_differences(tmp_path):
+def test_the_influence_run_scores_both_weights_against_finite_differences(shared_run):
     """experiment=influence_closed_form (tiny): ``influence/ours_exact/scores`` and
     ``ours_clamped/scores`` of sample 0 against |finite differences| of the flows from its
     z0 with the solver of the run's own config; ``ours`` is the exact one there, and the
     clamp diagnosis sees the clamp's floor only with the clamp."""
-    out = tmp_path / "run"
-    r = diffsens("run", "experiment=influence_closed_form", "size=tiny", f"hydra.run.dir={out}",
-                 "solver.progress=false", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())["metrics"]["influence"]
+    out, summary = shared_run("influence_closed_form")
+    summary = summary["metrics"]["influence"]
     s = solver_settings(OmegaConf.load(out / "config.yaml").solver)
     with np.load(out / "arrays.npz") as a:
         points, z0 = torch.from_numpy(a["train_points"]), torch.from_numpy(a["z0"][:1])

@@ -88,13 +88,9 @@ def test_experiment_config_composes_and_builds(experiment, fake_data):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_tiny_run_writes_a_self_describing_directory(experiment, tmp_path, fake_data):
-    """Smoke test of each pipeline end to end, plus checks on what it wrote."""
-    out = tmp_path / "run"
-    r = diffsens("run", f"experiment={experiment}", f"hydra.run.dir={out}", "solver.progress=false",
-                 *(a.format(data=fake_data) for a in TINY[experiment]), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+def test_tiny_run_writes_a_self_describing_directory(experiment, fake_data, shared_run):
+    """Each pipeline end to end (the run other modules read too), and what it wrote."""
+    out, summary = shared_run(experiment, *(a.format(data=fake_data) for a in TINY[experiment] if a != "size=tiny"))
     assert summary["metrics"] and summary["versions"]["torch"]
     with initialize_config_module("diffsens_cli.configs", version_base="1.3"):
         task = compose("config", overrides=[f"experiment={experiment}"]).task
@@ -185,6 +181,7 @@ def test_cfg_job_and_help(tmp_path):
     assert diffsens("--help", cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.packaging
 def test_configs_ship_in_a_non_editable_install(tmp_path):
     """Build the wheel, install it into a plain folder, and compose from there."""
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"

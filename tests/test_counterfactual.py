@@ -138,13 +138,13 @@ def _run(tmp_path, name: str, *overrides: str, experiment: str = "counterfactual
     return run_tiny(tmp_path, name, experiment, *overrides)
 
 
-def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(tmp_path):
+def test_closed_form_experiment_predicts_removals_and_ranks_by_the_scores(shared_run):
     """N = 30 exact-score points, k = 3 and 6: the retrained model is exact, so there is
     no noise floor; removing our top images moves the samples, our bottom ones hardly,
     and there the prediction is exact (its error is second order); each ranking removes
     its own top k (ours: the largest scores, least: the smallest, l2: the nearest)."""
-    out, metrics = _run(tmp_path, "cf")
-    cf, dm = metrics["counterfactual"], metrics["datamodeling"]
+    out, summary = shared_run("counterfactual_closed_form")
+    cf, dm = summary["metrics"]["counterfactual"], summary["metrics"]["datamodeling"]
     assert cf["noise_floor"] == 0 and cf["k"] == [3, 6] and cf["num_train"] == 30
     # far from the sample (random, our least), removals act in the linear regime
     for name in ("random", "least"):
@@ -216,13 +216,14 @@ def test_datamodel_predictions_sum_the_removed_scores_and_the_floor_share_is_one
     np.testing.assert_allclose(variance_above_floor(outputs, floor).numpy(), [0.75, 1.0])
 
 
-def test_the_lds_scores_each_method_on_the_exact_retrained_loss_and_move(tmp_path):
+def test_the_lds_scores_each_method_on_the_exact_retrained_loss_and_move(shared_run):
     """On the closed-form model the retrained model is the exact score of the kept points:
     each subset's loss of each query is that model's denoising loss of the full-data
     sample at the fixed pairs, every training seed gives the same model (all of the
     variance is above the floor), and each LDS is the mean Spearman of the summed removed
     scores with the actual output."""
-    out, metrics = _run(tmp_path, "cf")
+    out, summary = shared_run("counterfactual_closed_form")
+    metrics = summary["metrics"]
     with np.load(out / "arrays.npz") as a:
         points, base, removed = (torch.from_numpy(a[k]) for k in ("train_points", "base", "datamodel/removed"))
         times, noises = output_pairs(10, 1, tuple(base.shape[1:]), 0, base.dtype, "cpu")

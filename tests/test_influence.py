@@ -25,12 +25,13 @@ def _run(tmp_path, name: str, *overrides: str, experiment: str = "influence_clos
     return out, metrics["influence"]
 
 
-def test_sketch_and_exact_agree_and_match_the_shown_sensitivities(tmp_path):
+def test_sketch_and_exact_agree_and_match_the_shown_sensitivities(shared_run):
     """Closed-form model, m = d projections: the adjoint's scores and SVD equal the
     forward tangents' (float64), and the norms of the sensitivities computed for the
     figures (forward, one tangent per shown image) equal the scores at those images."""
-    sketch_dir, sketch = _run(tmp_path, "sketch")
-    exact_dir, exact = _run(tmp_path, "exact", "influence.method=exact")
+    (sketch_dir, sketch), (exact_dir, exact) = (shared_run("influence_closed_form", *args) for args in
+                                                ((), ("influence.method=exact",)))
+    sketch, exact = sketch["metrics"]["influence"], exact["metrics"]["influence"]
     assert sketch["exact"] and exact["exact"] and sketch["method"] == "sketch"
     with np.load(sketch_dir / "arrays.npz") as s, np.load(exact_dir / "arrays.npz") as e:
         np.testing.assert_allclose(s["influence/scores"], e["influence/scores"], rtol=1e-9)

@@ -3,11 +3,8 @@ relative differences, and what a tiny run reports."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from helpers import diffsens
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -39,23 +36,20 @@ def test_relative_difference_is_per_sample_and_per_measure():
     np.testing.assert_allclose(relative_difference(a, b), [0.0, 0.5, 0.0])
 
 
-def test_a_tiny_study_reports_each_variant_against_the_reference(tmp_path):
+def test_a_tiny_study_reports_each_variant_against_the_reference(shared_run):
     """The study's numbers against psi computed here with the engine alone, from the same
     base model, S and starting points: each variant (its overrides merged on the
     experiment's solver, probes of seeds 0 and 1) against the reference, and the cost
     columns by hand."""
-    out = tmp_path / "run"
-    r = diffsens("run", "experiment=digits_psi_convergence", "size=tiny", f"hydra.run.dir={out}",
-                 "solver.progress=false", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((out / "summary.json").read_text())["metrics"]["variants"]
+    out, summary = shared_run("digits_psi_convergence")
+    rows = summary["metrics"]["variants"]
     assert set(rows) == {"reference", "paper", "heun_rademacher", "heun_exact"}
     assert "median_rel_diff_psi_between_seeds" not in rows["heun_exact"]  # the exact trace draws no probes
     assert rows["heun_exact"]["tangent_evaluations"] == 2 * 3 * (1 + 64)
 
     with initialize_config_module("diffsens_cli.configs", version_base=None):
         cfg = compose("config", overrides=["experiment=digits_psi_convergence", "size=tiny"])
-    stages = ImageStages(cfg, StageCache(tmp_path / "outputs" / "stages"))
+    stages = ImageStages(cfg, StageCache(out.parent / "outputs" / "stages"))  # read only: every stage is there
     model = stages.score_model(stages.base()[1])
     z0, nu = stages.z0(model, 3), Perturbation([GaussianMixture.empirical(stages.S.images)])
     base = OmegaConf.merge(cfg.solver, {"progress": False})  # solver=paper_images: Euler, 1 Gaussian probe, clamp

@@ -16,8 +16,8 @@ def _run(tmp_path, name: str, *overrides: str, experiment: str = "influence_clos
     return out, metrics
 
 
-def test_the_pools_own_noise_as_query_z0_gives_its_scores_bit_for_bit(tmp_path):
-    pool_dir, _ = _run(tmp_path, "pool")  # samples [0, 1] of the pool
+def test_the_pools_own_noise_as_query_z0_gives_its_scores_bit_for_bit(tmp_path, shared_run):
+    pool_dir, _ = shared_run("influence_closed_form")  # samples [0, 1] of the pool
     with np.load(pool_dir / "arrays.npz") as a:
         np.save(tmp_path / "z0.npy", a["z0"])
         expected = {k: a[k] for k in ("influence/scores", "samples", "influence/singular_values")}
@@ -67,8 +67,9 @@ def test_bad_queries_are_one_line(tmp_path, cli_error):
         assert got.startswith(message), (message, got)
 
 
-def test_each_sample_has_a_table_of_every_training_image_ranked_by_its_score(tmp_path):
-    out, metrics = _run(tmp_path, "pool")
+def test_each_sample_has_a_table_of_every_training_image_ranked_by_its_score(shared_run):
+    out, summary = shared_run("influence_closed_form")
+    metrics = summary["metrics"]
     assert metrics["tables"] == ["tables/sample_0.csv", "tables/sample_1.csv"]
     with np.load(out / "arrays.npz") as a:
         scores, l2 = a["influence/scores"], a["influence/l2"]
