@@ -150,32 +150,39 @@ def own_model_and_images(root):
 
 
 @pytest.fixture(scope="session")
-def shared_run(tmp_path_factory, worker_id):
+def shared_run(tmp_path_factory):
     """``shared_run(experiment, *overrides) -> (run_dir, summary)``: the experiment at tiny
     size, run once per test session for every test (and every xdist worker) that asks for
     the same arguments, each in a folder of its own (its stage cache is
     ``run_dir.parent / "outputs" / "stages"``). Read-only: a test that changes a run, or
     needs a fresh cache (reuse, resume), runs its own."""
+    import matplotlib.pyplot as plt
     from helpers import diffsens
 
     from diffsens_cli.stages import stage_key
 
     # xdist's workers share the session's base folder's parent; a lone process has its own
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / "shared_runs"
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_runs"
     root.mkdir(exist_ok=True)
 
     def run(experiment: str, *overrides: str) -> tuple[Path, dict]:
         key = stage_key([experiment, *overrides])
-        cwd, out = root / f"{experiment}-{key}", root / f"{experiment}-{key}" / "run"
+        cwd, out, failed = (root / f"{experiment}-{key}", root / f"{experiment}-{key}" / "run",
+                            root / f"{experiment}-{key}.failed")
         with open(root / f".{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait for it
+            assert not failed.exists(), failed.read_text()  # failed once: say why, do not run it again
             if not (out / "summary.json").exists():
+                assert torch.get_default_dtype() == torch.float32, "a shared run runs as users run it"
                 shutil.rmtree(cwd, ignore_errors=True)
                 cwd.mkdir()
                 r = diffsens("run", f"experiment={experiment}", "size=tiny", "hydra.run.dir=run",
                              "solver.progress=false", *overrides, cwd=cwd)
+                if r.returncode != 0:
+                    failed.write_text(r.stderr[-3000:])
                 assert r.returncode == 0, r.stderr[-3000:]
+                assert plt.get_fignums() == []  # every figure closed once saved (a sweep's jobs share a process)
         return out, json.loads((out / "summary.json").read_text())
 
     return run

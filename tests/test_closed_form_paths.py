@@ -43,8 +43,8 @@ def test_reverse_sde_samples_have_the_targets_mean_and_variance(name):
     ``s = -(z - alpha mu) / V`` is linear, so from z0 ~ N(alpha_0 mu, V_0 I) its iterates
     stay Gaussian with ``m' = m + h (a m - 2 c (m - alpha mu) / V)`` and
     ``v' = (1 + h (a - 2 c / V))^2 v + 2 c h``: the end samples' mean and variance (pooled
-    over 8 coordinates of 4000 paths) must match these to 4 standard errors (1.1%), which
-    a noise scale off by 1.1x (variance 20% off here) misses. The recursion in
+    over 8 coordinates of 4000 paths) must match these to 4 standard errors (3.2% for the
+    variance), which a noise scale off by 1.1x (variance 20% off here) misses by far. The recursion in
     turn lands within the step's bias (3%) of the continuous law, alpha_1 mu and V_1."""
     schedule, d, n, std = SCHEDULES[name], 8, 4000, 0.5
     mu = torch.linspace(-1, 1, d)
@@ -106,7 +106,7 @@ def test_the_pf_ode_flow_map_its_jacobian_and_psi_match_the_gaussian_closed_form
     """Samples, the flow map's Jacobian (psi0 = I) and psi toward nu against the closed form
     of ``_exact_flow``: each error falls at the rule's order as the steps halve (so the
     limit is the closed form: a wrong one would stall the rate), and Heun's is 3e-4 or less
-    relative at 160 steps."""
+    relative at 160 steps (4e-4 allowed)."""
     schedule, model, z0, mu, mu_nu, std = _flow_problem()
     t1 = 0.99
     exact_samples, factor, exact_psi = _exact_flow(schedule, z0, mu, mu_nu, std, t1)
@@ -137,7 +137,8 @@ def test_ccov_with_hutchinson_probes_errs_by_the_variance_the_probes_predict():
     rho = GaussianMixture(torch.stack([-torch.ones(d), torch.ones(d)]), torch.tensor([0.5, 0.5]), torch.ones(2))
     model = MixtureScore(rho, VPLinear())
     z0 = model.sample_base(3, (d,), torch.tensor(0.0), torch.Generator().manual_seed(2))
-    s = solver_settings_with(num_steps=30, t_min=0.05, density="ccov", divergence="exact", progress=False)
+    s = solver_settings_with(num_steps=30, t_min=0.05, density="ccov", divergence="exact", probe="gaussian",
+                             progress=False)  # Rademacher's variance would be 2 (|J|_F^2 - sum J_ii^2) / H
     exact = Integrator(model, s, tape=True).run(z0)
     s.divergence, s.hutchinson_samples = "hutchinson", probes
     copies = z0.repeat(draws, 1)  # row b + 3 r: path b, probe draw r

@@ -116,21 +116,30 @@ def test_kernel_baseline_by_hand_and_random_halves_keep_their_earlier_subsets():
     assert torch.equal(top_k_mask(torch.tensor([2, 0, 1]), 2), torch.tensor([True, False, True]))
 
 
-def test_kernel_baseline_for_several_removals_and_samples_equals_a_plain_loop():
+@pytest.mark.parametrize("bandwidth", [0.7, 0.03])
+def test_kernel_baseline_for_several_removals_and_samples_equals_a_plain_loop(bandwidth):
     """Each removal r and sample m: the Gaussian-kernel mean of the kept points minus that of
-    all points, one pair at a time in plain float64 (a removal of every near point moves
-    the mean to the far ones instead of dividing by zero)."""
+    all points, one pair at a time in plain Python with the weights normalised by their
+    largest log (at bandwidth 0.03 every far weight underflows in linear space, and removing
+    every near point of sample 0 leaves only such far ones)."""
     g = torch.Generator().manual_seed(0)
-    points, x = torch.randn(12, 3, generator=g), torch.randn(4, 3, generator=g)
+    points, x = torch.randn(12, 3, generator=g).double(), torch.randn(4, 3, generator=g).double()
     removed = torch.rand(5, 12, generator=g) < 0.4
-    removed[0] = torch.cdist(x[:1], points)[0] < 2.5  # every near point of sample 0
-    got = kernel_removal_prediction(x, points, removed, 0.7)
+    removed[0] = torch.cdist(x[:1], points)[0] < 1.5  # every near point of sample 0
+    got = kernel_removal_prediction(x, points, removed, bandwidth)
+
+    def mean(m: int, keep: list[bool]) -> torch.Tensor:
+        logs = [-float((x[m] - p).pow(2).sum()) / (2 * bandwidth**2) for p in points]
+        top = max(lg for lg, k in zip(logs, keep) if k)
+        w = [math.exp(lg - top) if k else 0.0 for lg, k in zip(logs, keep)]
+        return sum(wi * p for wi, p in zip(w, points)) / sum(w)
+
+    if bandwidth < 0.1:  # the case the log space is for: no kept weight survives exp() unnormalised
+        assert max(math.exp(-float((x[0] - p).pow(2).sum()) / (2 * bandwidth**2))
+                   for p, r in zip(points, removed[0]) if not r) == 0.0
     for r in range(5):
         for m in range(4):
-            w = [math.exp(-float((x[m] - p).pow(2).sum()) / (2 * 0.7**2)) for p in points.double()]
-            mean = lambda keep: sum(wi * p for wi, p, k in zip(w, points.double(), keep) if k) / sum(
-                wi for wi, k in zip(w, keep) if k)
-            expected = mean(~removed[r]) - mean(torch.ones(12, dtype=torch.bool))
+            expected = mean(m, (~removed[r]).tolist()) - mean(m, [True] * 12)
             torch.testing.assert_close(got[r, m], expected, rtol=1e-9, atol=1e-12)
 
 

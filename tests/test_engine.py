@@ -170,7 +170,7 @@ def test_ccov_log_density_converges_to_exact_density():
     """log rho_t(z_t) by CCoV with the exact trace against the closed-form density at
     the path's end; the error falls with the step size (first order), and it is the
     step's alone: extrapolated to h -> 0 (Richardson, 2 e_200 - e_100) it is within 5% of
-    the 100-step error (1.5% measured; the errors are 1.03, 0.49 and 0.24 nats)."""
+    the 100-step error (2% measured; the errors are 1.03, 0.49 and 0.24 nats)."""
     rho, _, z0 = _setup(d=5, n=32)
     model = MixtureScore(rho, SCHED)
     errs = []

@@ -27,8 +27,8 @@ def _problem(device, dtype, d=20, n=256):
 @pytest.mark.parametrize("method", ["ode", "sde"])
 def test_closed_form_cuda_matches_cpu(method):
     """Same paths and psi on both devices in float64: the keyed Wiener increments are the
-    same numbers on every device (``keyed_random``), so the SDE compares too; on the GPU
-    the SDE's psi is also the derivative of its samples (a finite difference in eta)."""
+    same numbers on every device (``keyed_random``), so the SDE compares too; on each
+    device the SDE's psi is also the derivative of its samples (a finite difference in eta)."""
     out = {}
     for dev in ("cpu", "cuda"):
         rho, nu, z0 = _problem(dev, torch.float64)

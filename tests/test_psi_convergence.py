@@ -49,7 +49,8 @@ def test_a_tiny_study_reports_each_variant_against_the_reference(shared_run):
 
     with initialize_config_module("diffsens_cli.configs", version_base=None):
         cfg = compose("config", overrides=["experiment=digits_psi_convergence", "size=tiny"])
-    stages = ImageStages(cfg, StageCache(out.parent / "outputs" / "stages"))  # read only: every stage is there
+    cache = StageCache(out.parent / "outputs" / "stages")  # the shared run's: read only, every stage is there
+    stages = ImageStages(cfg, cache)
     model = stages.score_model(stages.base()[1])
     z0, nu = stages.z0(model, 3), Perturbation([GaussianMixture.empirical(stages.S.images)])
     base = OmegaConf.merge(cfg.solver, {"progress": False})  # solver=paper_images: Euler, 1 Gaussian probe, clamp
@@ -70,3 +71,4 @@ def test_a_tiny_study_reports_each_variant_against_the_reference(shared_run):
             assert rows[label]["median_rel_diff_psi_between_seeds"] == pytest.approx(
                 float(np.median(relative_difference(psi(1, **overrides), ours))), rel=1e-5, abs=1e-12), label
     assert rows["paper"]["median_rel_diff_psi_to_reference"] > 0.01  # a number that tells the variants apart
+    assert cache.log and all(entry["reused"] for entry in cache.log)  # the run's base model, not a new one

@@ -40,21 +40,23 @@ def test_exact_sensitivities_of_the_paper_problem_lie_on_the_diagonal():
 
 
 def test_learned_sensitivities_approach_the_exact_ones_as_training_proceeds(tmp_path):
-    """From the untrained network (step 0) to the end of a short run: the loss falls and
-    the median correlation with the exact sensitivities rises from about 0. Over training
-    seeds 0-5 it ends at 0.32-0.98 after 3000 steps (0.83 at this seed), from -0.08-0.00;
-    after 1200 steps it ended anywhere in 0.07-0.88, too wide to test on another machine's
-    round-off."""
-    cfg = _cfg("train.steps=3000", "train.batch_size=512", "solver.num_steps=25", "solver.progress=false",
-               "score_error.num_samples=64", "score_error.eval_every=1000", "score_error.omit_first=0",
-               f"stages.dir={tmp_path / 'stages'}")  # not the working directory's outputs/
+    """From the untrained network (step 0) to the end of a short run of a narrower MLP
+    (128 wide, lr 5e-3): the loss falls and the median correlation with the exact
+    sensitivities rises from about 0. Over training seeds 0-5 it started at -0.09-0.01 and
+    ended at 0.39-0.97 (0.83 at this seed), its best after step 0 at 0.41-0.97: the bounds
+    leave room for another machine's round-off, which moves a run as a seed does (at 1200
+    steps of the 512-wide default the end ranged over 0.07-0.88)."""
+    cfg = _cfg("train.steps=4000", "train.batch_size=512", "train.lr=5e-3", "model.hidden=128", "solver.num_steps=25",
+               "solver.progress=false", "score_error.num_samples=64", "score_error.eval_every=1000",
+               "score_error.omit_first=0", f"stages.dir={tmp_path / 'stages'}")  # not the working directory's outputs/
     run_task(cfg, str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     history = summary["metrics"]["history"]
-    assert [h["step"] for h in history] == [0, 1000, 2000, 3000]
+    assert [h["step"] for h in history] == [0, 1000, 2000, 3000, 4000]
     assert history[0]["loss"] is None and history[-1]["loss"] < history[1]["loss"]
     first, last = history[0]["median_corr"], history[-1]["median_corr"]
-    assert abs(first) < 0.2 and last > 0.25 and last > first + 0.25, history
+    best = max(h["median_corr"] for h in history[1:])
+    assert abs(first) < 0.2 and last > 0.2 and best > 0.3 and best > first + 0.3, history
     assert summary["metrics"]["final_median_corr"] == last
 
 

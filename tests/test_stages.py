@@ -22,6 +22,7 @@ from helpers import TINY, diffsens
 from hydra import compose, initialize_config_module
 
 from diffsens_cli.errors import DiffsensError
+from diffsens_cli.interrupt import Terminated
 from diffsens_cli.pipelines.shared.image_stages import ImageStages
 from diffsens_cli.rundir import RunDir
 from diffsens_cli.stages import StageCache, checksums, verify
@@ -41,10 +42,11 @@ def test_a_finished_stage_is_reused_by_a_new_cache(tmp_path):
     assert done["depends"] == {"a": 1} and done["stage"] == "s"
 
 
-@pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()])
+@pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt(), Terminated()])
 def test_an_interrupted_stage_is_not_finished_and_resumes_from_its_files(tmp_path, interrupt):
-    """work() writes a partial file, then fails: no done.json; the next attempt finds the
-    partial file (a training stage resumes from its checkpoints) and finishes."""
+    """work() writes a partial file, then fails (an error, Ctrl-C, or SIGTERM's Terminated):
+    no done.json, the lock released; the next attempt finds the partial file (a training
+    stage resumes from its checkpoints) and finishes."""
     seen = []
 
     def failing(path: Path) -> None:
@@ -190,7 +192,8 @@ def test_ctrl_c_during_training_leaves_the_cache_consistent_and_the_next_run_res
     """SIGINT while the retrained model trains (after the base model and the sensitivities
     finished): the retraining stage is not marked finished, the next run reuses what
     finished and completes the rest, and a plot-only change recomputes nothing. (SIGTERM
-    takes the same path; test_cluster kills a job with it and checks its exit and resume.)"""
+    raises Terminated, a KeyboardInterrupt, in the same place: the stage cache's handling of
+    it is tested above, a process killed with it in test_cluster.)"""
     proc = subprocess.Popen([sys.executable, "-m", "diffsens_cli", *SIGNALLED_RUN], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HYDRA_FULL_ERROR": "0"})
