@@ -6,19 +6,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffsens_cli.builders import solver_settings
 from diffsens_cli.cli import main
 from diffsens_cli.core.influence import InfluenceSettings
-from diffsens_cli.core.integrate import SolverSettings
+from diffsens_cli.core.integrate import Integrator, SolverSettings
+from diffsens_cli.core.steppers import State
 from diffsens_cli.pipelines.influence import influence_settings
 from diffsens_cli.training.settings import TrainSettings, train_settings
 
@@ -97,3 +101,20 @@ def diffsens_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``diffsens <args>`` in a process of its own, as a shell runs it."""
     return subprocess.run([sys.executable, "-m", "diffsens_cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=600)
+
+
+def watch_chunks(monkeypatch, integrator: Integrator, size: Callable[[State], int],
+                 fail_above: float = math.inf) -> list[int]:
+    """The ``size(state)`` of every chunk ``integrator`` goes on to integrate (its rows, or its
+    tangents), in order; chunks larger than ``fail_above`` raise a simulated out-of-memory
+    error instead."""
+    real, seen = integrator._chunk, []
+
+    def chunk(state: State, *args):
+        seen.append(size(state))
+        if seen[-1] > fail_above:
+            raise torch.OutOfMemoryError("simulated")
+        return real(state, *args)
+
+    monkeypatch.setattr(integrator, "_chunk", chunk)
+    return seen

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import influence_settings_with, solver_settings_with
+from helpers import influence_settings_with, solver_settings_with, watch_chunks
 
 from diffsens_cli.core import influence as influence_module
 from diffsens_cli.core.closed_form import MixtureScore
@@ -62,9 +62,7 @@ def test_tangents_split_by_the_memory_budget_give_the_unsplit_result(monkeypatch
     per_row = lambda k: 1000 * (k + 1) + 8 * 5 * (6 + 2 * k) + pert.memory_per_sample(8) + 8 * 5 * 2 * k
     monkeypatch.setattr(model, "cpu_chunk_bytes", per_row(2) - 1)  # two tangents do not fit, one does
     assert integ._chunk_sizes(z0, 3, 1) == (1, 1)
-    groups = []
-    real = integ._chunk
-    monkeypatch.setattr(integ, "_chunk", lambda state, *a: groups.append(state.psi.shape[0]) or real(state, *a))
+    groups = watch_chunks(monkeypatch, integ, lambda state: state.psi.shape[0])
     split = integ.run(z0)
     assert groups == [1, 1, 1] * 9
     _same(split.psi, whole.psi)
@@ -79,21 +77,13 @@ def test_out_of_memory_with_fixed_rows_halves_the_tangents(monkeypatch):
     s = solver_settings_with(num_steps=20, density="ccov", divergence="exact", progress=False, batch_size=9)
     whole = Integrator(model, s, pert).run(z0)
     integ = Integrator(model, s, pert)
-    real, seen = integ._chunk, []
-
-    def small_memory(state, *args):
-        seen.append(state.psi.shape[0])
-        if state.psi.shape[0] > 1:
-            raise torch.OutOfMemoryError("simulated")
-        return real(state, *args)
-
-    monkeypatch.setattr(integ, "_chunk", small_memory)
+    seen = watch_chunks(monkeypatch, integ, lambda state: state.psi.shape[0], fail_above=1)
     out = integ.run(z0)
     assert seen == [3, 1, 1, 1]
     _same(out.psi, whole.psi)
     s.tangent_batch_size = 3  # a size the user fixed is not changed: the error is theirs
     fixed = Integrator(model, s, pert)
-    monkeypatch.setattr(fixed, "_chunk", lambda state, *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    watch_chunks(monkeypatch, fixed, lambda state: state.psi.shape[0], fail_above=0)
     with pytest.raises(torch.OutOfMemoryError):
         fixed.run(z0)
 

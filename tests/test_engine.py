@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import solver_settings_with
+from helpers import solver_settings_with, watch_chunks
 
 from diffsens_cli.core.closed_form import MixtureScore
 from diffsens_cli.core.forcing import Perturbation
@@ -215,15 +215,7 @@ def test_chunked_integration_equals_one_batch_and_survives_out_of_memory(monkeyp
 
     s.batch_size = None
     integ = Integrator(model, s, Perturbation([nu]))
-    real_chunk, sizes = integ._chunk, []
-
-    def small_memory(state, *args):
-        sizes.append(state.z.shape[0])
-        if state.z.shape[0] > 10:
-            raise torch.OutOfMemoryError("simulated")
-        return real_chunk(state, *args)
-
-    monkeypatch.setattr(integ, "_chunk", small_memory)
+    sizes = watch_chunks(monkeypatch, integ, lambda state: state.z.shape[0], fail_above=10)
     out = integ.run(z0)
     assert sizes[:4] == [40, 20, 10, 10] and max(sizes[2:]) <= 10
     torch.testing.assert_close(out.psi[0], whole.psi[0], rtol=1e-12, atol=1e-12)
@@ -250,8 +242,7 @@ def test_on_a_cpu_chunks_stay_within_the_models_cpu_chunk_bytes_and_change_nothi
         monkeypatch.setattr(model, "cpu_chunk_bytes", mid)
         lo, hi = (mid + 1, hi) if integ._chunk_sizes(z0, 1, 1)[0] < 9 else (lo, mid)
     monkeypatch.setattr(model, "cpu_chunk_bytes", lo)
-    real_chunk, sizes = integ._chunk, []
-    monkeypatch.setattr(integ, "_chunk", lambda state, *a: sizes.append(state.z.shape[0]) or real_chunk(state, *a))
+    sizes = watch_chunks(monkeypatch, integ, lambda state: state.z.shape[0])
     capped = integ.run(z0)
     assert sizes == [9, 9, 9, 9, 4]
     assert (whole.logp is None) == (method == "sde")  # closed-form densities are not integrated

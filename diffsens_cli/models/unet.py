@@ -75,6 +75,17 @@ def _mlp_settings(cfg: dict) -> dict:
                 num_frequencies=positive_whole(cfg["num_frequencies"], "model.num_frequencies"), fourier_scale=scale)
 
 
+def bench_network(spec: object, key: str, fields: tuple[str, ...]) -> tuple[dict, tuple[int, int, int]]:
+    """A benchmark's network entry ``key`` (a mapping with ``model``, ``shape`` [C, H, W] and
+    ``fields``), checked: its model config and its image shape."""
+    require(isinstance(spec, dict) and {"model", "shape", *fields} <= set(spec), key,
+            f"needs model, shape and {', '.join(fields)}, got {spec!r}")
+    shape = tuple(listed(spec["shape"], f"{key}.shape", whole))
+    require(len(shape) == 3 and min(shape) >= 1, f"{key}.shape", f"must be [C, H, W], got {list(shape)}")
+    check_network(spec["model"], shape)
+    return spec["model"], shape
+
+
 def check_network(cfg_model: DictConfig | Mapping, event_shape: tuple[int, ...]) -> None:
     """Check a ``model`` config of kind unet, mlp or pretrained for samples of ``event_shape``
     without building or loading the network (run before a run directory exists)."""

@@ -34,17 +34,13 @@ from diffsens_cli.rundir import RunDir
 
 def _unets(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """``bench.unets``: name -> model config, event shape and batch size (checked)."""
-    from diffsens_cli.models.unet import check_network
+    from diffsens_cli.models.unet import bench_network
 
     out = {}
     for name, spec in (plain(cfg.bench.unets) or {}).items():
         key = f"bench.unets.{name}"
-        require(isinstance(spec, dict) and {"model", "shape", "batch_size"} <= set(spec), key,
-                f"needs model, shape and batch_size, got {spec!r}")
-        shape = tuple(listed(spec["shape"], f"{key}.shape", whole))
-        require(len(shape) == 3 and min(shape) >= 1, f"{key}.shape", f"must be [C, H, W], got {list(shape)}")
-        check_network(spec["model"], shape)
-        out[name] = {"model": spec["model"], "shape": shape,
+        model, shape = bench_network(spec, key, ("batch_size",))
+        out[name] = {"model": model, "shape": shape,
                      "batch_size": positive_whole(spec["batch_size"], f"{key}.batch_size")}
     return out
 

@@ -225,21 +225,16 @@ def compose_experiment(name: str) -> DictConfig:
 
 def _networks(cfg: DictConfig, device: torch.device) -> dict[str, dict[str, Any]]:
     """``bench.networks``: name -> model config, image shape and the batch measured on ``device``."""
-    from diffsens_cli.models.unet import check_network
+    from diffsens_cli.models.unet import bench_network
 
     out = {}
     for name, spec in (plain(cfg.bench.networks) or {}).items():
         key = f"bench.networks.{name}"
-        require(isinstance(spec, dict) and {"model", "shape", "batch"} <= set(spec), key,
-                f"needs model, shape and batch ({{cpu: n, cuda: n}}), got {spec!r}")
-        shape = tuple(listed(spec["shape"], f"{key}.shape", whole))
-        require(len(shape) == 3 and min(shape) >= 1, f"{key}.shape", f"must be [C, H, W], got {list(shape)}")
-        check_network(spec["model"], shape)
+        model, shape = bench_network(spec, key, ("batch",))
         batch = spec["batch"]
         kind = "cuda" if device.type == "cuda" else "cpu"
         require(isinstance(batch, dict) and kind in batch, f"{key}.batch", f"needs a {kind} batch, got {batch!r}")
-        out[name] = {"model": spec["model"], "shape": shape,
-                     "batch": positive_whole(batch[kind], f"{key}.batch.{kind}")}
+        out[name] = {"model": model, "shape": shape, "batch": positive_whole(batch[kind], f"{key}.batch.{kind}")}
     return out
 
 
